@@ -1,0 +1,38 @@
+"""hwprune: make a PyTorch model smaller and faster on a given piece of hardware.
+
+    >>> import hwprune
+    >>> target = hwprune.load_target("host-cpu")
+    >>> result = hwprune.fit(model, train_loader, target=target, sparsity=0.7, test_loader=test_loader)  # doctest: +SKIP
+
+Heavy backends (onnxruntime, TVM, matplotlib) are imported only when used, so ``import hwprune`` is fast.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_target": ("hwprune.target", "load_target"),
+    "list_targets": ("hwprune.target", "list_targets"),
+    "Target": ("hwprune.target", "Target"),
+    "discover_groups": ("hwprune.graph", "discover_groups"),
+    "Plan": ("hwprune.plan", "Plan"),
+    "apply_plan": ("hwprune.plan", "apply_plan"),
+    "slice_model": ("hwprune.slicing", "slice_model"),
+    "mask_model": ("hwprune.slicing", "mask_model"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hwprune' has no attribute '{name}'")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,231 @@
+"""Discover coupled groups: trace, follow channel ids through every op, take connected components.
+
+Example:
+    >>> from hwprune.graph import discover_groups
+    >>> groups = discover_groups(model, torch.zeros(1, 3, 32, 32))      # doctest: +SKIP
+    >>> print(groups[0].describe())
+    layer1.0.conv1: 16 channels (multiple 1); members: layer1.0.conv1.weight:0, ...
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.fx as fx
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import nn
+
+from ..errors import ModelError
+from ..groups import PRODUCER, Group, Member
+from . import ops
+from .ops import Ctx, Unsupported, Value
+from .trace import module_of, resolve_excludes, trace
+
+
+def _out_shape(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        return None
+    if hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    if isinstance(meta, (tuple, list)) and all(hasattr(m, "shape") for m in meta):
+        return tuple(tuple(int(s) for s in m.shape) for m in meta)
+    return None
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_module":
+        return str(node.target)
+    t = node.target
+    mod = getattr(t, "__module__", None) or ""
+    return f"{mod}.{getattr(t, '__name__', str(t))}".lstrip(".")
+
+
+def _getitem(ctx: Ctx, x, index, out_shape):
+    if isinstance(x, (tuple, list)):
+        return x[index]
+    if not isinstance(x, Value):
+        return None
+    if not x.tracked:
+        return Value(tuple(out_shape or ()), None, None)
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in index):
+        k = index.index(Ellipsis)
+        fill = len(x.shape) - (len(index) - 1 - sum(i is None for i in index))
+        index = index[:k] + (slice(None),) * fill + index[k + 1 :]
+    dim, axis = 0, None
+    out_pos = 0
+    for i in index:
+        if i is None:
+            out_pos += 1
+            continue
+        if dim == x.axis:
+            if not (isinstance(i, slice) and i == slice(None)):
+                raise Unsupported("indexing selects a part of the channel axis")
+            axis = out_pos
+        if isinstance(i, slice):
+            out_pos += 1
+        elif not isinstance(i, int):
+            raise Unsupported("advanced indexing")
+        dim += 1
+    if axis is None:
+        axis = out_pos + (x.axis - dim)
+    return Value(tuple(out_shape), axis, x.ids)
+
+
+def _walk(gm: fx.GraphModule, excluded: set[str]) -> Ctx:
+    ctx = Ctx()
+    values: dict[fx.Node, object] = {}
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        out_shape = _out_shape(node)
+        if node.op in ("placeholder", "get_attr"):
+            # Model inputs and constants: their channels are not ours to prune.
+            values[node] = Value(out_shape, None, None) if isinstance(out_shape, tuple) else None
+            continue
+        if node.op == "output":
+            for v in _flatten(fx.node.map_arg(node.args, lambda n: values.get(n))):
+                if isinstance(v, Value):
+                    ctx.block(v.ids, "model output")
+            continue
+        args = fx.node.map_arg(node.args, lambda n: values.get(n))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: values.get(n))
+        where = module_of(node)
+        try:
+            values[node] = _apply(ctx, node, modules, excluded, args, kwargs, out_shape)
+        except Unsupported as e:
+            layer = where or "(top level)"
+            fix = f"exclude the layer to keep its channels (--exclude {where})" if where else \
+                "move it into a submodule and exclude that submodule"
+            raise ModelError(f"layer '{layer}': op '{_op_name(node)}' is not supported: {e}; {fix}") from None
+    return ctx
+
+
+def _flatten(x):
+    if isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _flatten(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _flatten(y)
+    else:
+        yield x
+
+
+def _apply(ctx, node, modules, excluded, args, kwargs, out_shape):
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _getitem(ctx, args[0], args[1], out_shape)
+    if node.op == "call_module":
+        name = str(node.target)
+        module = modules[name]
+        if name in excluded:
+            reason = f"excluded layer '{name}'"
+            for v in _flatten((args, kwargs)):
+                if isinstance(v, Value):
+                    ctx.block(v.ids, reason)
+            if isinstance(out_shape, tuple) and out_shape and isinstance(out_shape[0], int):
+                return ctx.fresh(out_shape, 1 if len(out_shape) > 1 else 0, reason)
+            return None
+        handler = ops.module_handler(module)
+        if handler is None:
+            raise Unsupported(f"hwprune does not know how channels flow through {type(module).__name__}")
+        return handler(ctx, name, module, list(args), dict(kwargs), out_shape)
+    if node.op == "call_function":
+        handler = ops.FUNCTION_HANDLERS.get(node.target)
+    else:
+        handler = ops.METHOD_HANDLERS.get(node.target)
+    if handler is None:
+        if out_shape is None:  # shape queries and other non-tensor results carry no channels
+            return None
+        if any(isinstance(v, Value) and v.tracked for v in _flatten((args, kwargs))):
+            raise Unsupported("hwprune does not know how channels flow through it")
+        return Value(out_shape, None, None) if isinstance(out_shape[0], int) else None
+    return handler(ctx, _op_name(node), None, list(args), dict(kwargs), out_shape)
+
+
+def discover_groups(model: nn.Module, example_inputs, *, exclude=(), target=None) -> list[Group]:
+    """Find the coupled groups of ``model``: the units that must be pruned together.
+
+    ``example_inputs``: a tensor or a tuple of tensors of the model's input shape. ``exclude``: layer
+    names or globs whose input and output channels stay; a name that matches nothing is an error.
+    ``target``: a :class:`~hwprune.target.Target`, which sets each group's channel multiple.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> [g.name for g in discover_groups(net, torch.zeros(1, 1, 8, 8)) if g.prunable]
+        ['0']
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    excluded = resolve_excludes(model, exclude)
+    gm = trace(model, tuple(example_inputs), excluded)
+    ctx = _walk(gm, excluded)
+    groups = _build_groups(ctx)
+    if target is not None:
+        for g in groups:
+            g.multiple = target.group_multiple(g.layer_kinds)
+    return groups
+
+
+def _build_groups(ctx: Ctx) -> list[Group]:
+    n = ctx.n
+    if n == 0:
+        return []
+    if ctx.edges:
+        a = np.concatenate([e[0] for e in ctx.edges])
+        b = np.concatenate([e[1] for e in ctx.edges])
+    else:
+        a = b = np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+
+    blocked: dict[int, str] = {}
+    for ids, reason in ctx.blocked:
+        for lab in np.unique(label[ids]):
+            blocked.setdefault(int(lab), reason)
+
+    members = [((module, param, dim, role), label[ids]) for module, param, dim, role, ids in ctx.members]
+
+    sig: dict[int, list[int]] = defaultdict(list)
+    for j, (_, labs) in enumerate(members):
+        for lab in np.unique(labs):
+            sig[int(lab)].append(j)
+    by_signature: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for lab, js in sig.items():
+        by_signature[tuple(js)].append(lab)
+
+    groups: list[tuple[int, Group]] = []
+    names: dict[str, int] = defaultdict(int)
+    for js, labs in by_signature.items():
+        producers = [j for j in js if members[j][0][3] == PRODUCER]
+        if not producers:
+            continue
+        first = members[producers[0]][1]
+        lab_set = np.asarray(labs)
+        # Order units by where they first appear in the first producer (channel 0 is unit 0).
+        in_group = np.isin(first, lab_set)
+        order = list(dict.fromkeys(first[in_group].tolist()))
+        local = {lab: i for i, lab in enumerate(order)}
+        group_members = []
+        for j in js:
+            (module, param, dim, role), labs_j = members[j]
+            unit_of = np.array([local.get(int(l), -1) for l in labs_j], dtype=np.int64)
+            group_members.append(Member(module, param, dim, role, unit_of))
+        layers = tuple(dict.fromkeys(m.module for m in group_members))
+        kinds = frozenset(ctx.layer_kind[m] for m in layers if m in ctx.layer_kind)
+        reasons = [blocked[l] for l in order if l in blocked]
+        name = members[producers[0]][0][0] or "(model)"
+        names[name] += 1
+        if names[name] > 1:
+            name = f"{name}#{names[name]}"
+        kind = "channels" if "conv" in kinds else "neurons"
+        g = Group(name, len(order), group_members, kinds, 1, reasons[0] if reasons else None, kind, layers)
+        groups.append((producers[0], g))
+    groups.sort(key=lambda t: t[0])
+    return [g for _, g in groups]

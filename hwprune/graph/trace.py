@@ -1,0 +1,126 @@
+"""Tracing a model into an fx graph with shapes, with errors that name the module and the op.
+
+Built-in torch.nn layers and the user's excluded modules are leaves; everything else is traced
+through, so a custom block made of convs and adds is understood without help.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import ModelError
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that treats excluded modules as leaves and remembers where tracing failed."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+        self.path: list[tuple[str, str]] = []
+        self.failed_at: tuple[str, str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self.path.append((name, type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:  # the innermost module is where tracing broke
+                self.failed_at = self.path[-1]
+            raise
+        finally:
+            self.path.pop()
+
+
+def resolve_excludes(model: nn.Module, patterns) -> set[str]:
+    """Module names matched by the user's exclude patterns (exact names or shell globs).
+
+    Every pattern that matches no module is reported at once, with a few valid names.
+
+    Example:
+        >>> resolve_excludes(nn.Sequential(nn.Linear(2, 2)), ["0"])
+        {'0'}
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    matched: set[str] = set()
+    misses = []
+    for pat in patterns or ():
+        hits = [n for n in names if n == pat or fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            misses.append(pat)
+        matched.update(hits)
+    if misses:
+        sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise ModelError(
+            f"exclude: {len(misses)} name(s) match no layer of the model: {', '.join(misses)}. "
+            f"Layer names look like: {sample}"
+        )
+    # An excluded module hides everything inside it; keep only the outermost ones.
+    return {n for n in matched if not any(n.startswith(o + ".") for o in matched if o != n)}
+
+
+def trace(model: nn.Module, example_inputs: tuple, exclude: set[str] = frozenset()) -> fx.GraphModule:
+    """Symbolically trace ``model`` and propagate shapes from ``example_inputs`` (model untouched).
+
+    Example:
+        >>> gm = trace(nn.Sequential(nn.Conv2d(1, 4, 3)), (torch.zeros(1, 1, 8, 8),))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'output']
+    """
+    tracer = _Tracer(set(exclude))
+    try:
+        graph = tracer.trace(model)
+    except ModelError:
+        raise
+    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        where = tracer.failed_at or ("(top level)", type(model).__name__)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(
+            f"cannot trace layer '{where[0]}' ({where[1]}): {reason}. hwprune follows channels through "
+            f"torch.fx; data-dependent control flow is not traceable. Exclude the layer to keep it "
+            f"unpruned (--exclude {where[0]})"
+        ) from None
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _propagate_shapes(gm, model, example_inputs)
+    return gm
+
+
+def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> None:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    was_training = [(m, m.training) for m in model.modules()]
+    model.eval()  # BN must not update its running statistics during the shape pass
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:
+        node = getattr(e, "node", None)
+        raise ModelError(f"running the model on the example input failed{f' at {node}' if node else ''}: {e}") from None
+    finally:
+        for m, t in was_training:
+            m.train(t)
+
+
+def module_of(node: fx.Node) -> str:
+    """The innermost module a node was traced inside ('' for the top level)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        return list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) else list(stack)[-1]
+    return ""
+
+
+def shape_of(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return tuple(int(s) for s in meta.shape)
