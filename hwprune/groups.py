@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 PRODUCER = "producer"  # trainable entries that make the unit's output: regularized and masked
+# Weights followed directly by a BatchNorm: the BN undoes their scale, so shrinking them does nothing
+# to the function in training and only makes BN's running statistics stale. They live or die with the
+# unit (masked, sliced) but the regularizer acts on the BN's gamma/beta instead.
+NORMALIZED = "normalized"
 CONSUMER = "consumer"  # input slices of the layers that read the unit: masked and sliced, not regularized
 BUFFER = "buffer"  # running statistics: sliced only
 
@@ -58,7 +62,8 @@ class Group:
 
     @property
     def prunable(self) -> bool:
-        return self.blocked is None and self.size > 1
+        """Not blocked, and the hardware multiple leaves room to remove something."""
+        return self.blocked is None and self.min_keep < self.size
 
     @property
     def min_keep(self) -> int:
@@ -82,7 +87,7 @@ class Group:
         return [m.key for m in self.members]
 
     def producers(self) -> list[Member]:
-        return [m for m in self.members if m.role == PRODUCER]
+        return [m for m in self.members if m.role in (PRODUCER, NORMALIZED)]
 
     def describe(self) -> str:
         state = f"blocked: {self.blocked}" if self.blocked else f"multiple {self.multiple}"
@@ -114,7 +119,8 @@ class UnitIndex:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.n_units = int(self.offsets[-1])
         # (module, param, dim) -> global unit id per index (sentinel n_units when not in a unit), per role
-        self._entries: dict[str, dict[tuple[str, str, int], torch.Tensor]] = {PRODUCER: {}, CONSUMER: {}, BUFFER: {}}
+        self._entries: dict[str, dict[tuple[str, str, int], torch.Tensor]] = {
+            PRODUCER: {}, NORMALIZED: {}, CONSUMER: {}, BUFFER: {}}
         for g, off in zip(self.groups, self.offsets):
             for m in g.members:
                 key = (m.module, m.param, m.dim)
@@ -178,8 +184,8 @@ class UnitIndex:
 
     @torch.no_grad()
     def mask_(self, keep: torch.Tensor) -> None:
-        """Zero the producer and consumer entries of every unit with ``keep[unit] == False``."""
-        self.scale_(keep.to(torch.float32), roles=(PRODUCER, CONSUMER))
+        """Zero the trainable entries (producers, normalized weights, consumers) of every dropped unit."""
+        self.scale_(keep.to(torch.float32), roles=(PRODUCER, NORMALIZED, CONSUMER))
 
     def keep_from_plan(self, keep_by_group: dict[str, np.ndarray]) -> torch.Tensor:
         """A boolean per global unit from kept unit indices per group name (groups not named keep all)."""

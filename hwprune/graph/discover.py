@@ -20,7 +20,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from ..errors import ModelError
-from ..groups import PRODUCER, Group, Member
+from ..groups import NORMALIZED, PRODUCER, Group, Member
 from . import ops
 from .ops import Ctx, Unsupported, Value
 from .trace import module_of, resolve_excludes, trace
@@ -190,7 +190,12 @@ def _build_groups(ctx: Ctx) -> list[Group]:
         for lab in np.unique(label[ids]):
             blocked.setdefault(int(lab), reason)
 
-    members = [((module, param, dim, role), label[ids]) for module, param, dim, role, ids in ctx.members]
+    def role_of(module, param, role):
+        # A layer that feeds a BatchNorm directly is scale-invariant: its weights and bias are
+        # sliced and masked with the unit but not regularized (the BN's gamma/beta are).
+        return NORMALIZED if role == PRODUCER and module in ctx.normalized else role
+
+    members = [((module, param, dim, role_of(module, param, role)), label[ids]) for module, param, dim, role, ids in ctx.members]
 
     sig: dict[int, list[int]] = defaultdict(list)
     for j, (_, labs) in enumerate(members):
@@ -203,7 +208,7 @@ def _build_groups(ctx: Ctx) -> list[Group]:
     groups: list[tuple[int, Group]] = []
     names: dict[str, int] = defaultdict(int)
     for js, labs in by_signature.items():
-        producers = [j for j in js if members[j][0][3] == PRODUCER]
+        producers = [j for j in js if members[j][0][3] in (PRODUCER, NORMALIZED)]
         if not producers:
             continue
         first = members[producers[0]][1]

@@ -35,6 +35,7 @@ class Value:
     shape: tuple[int, ...]
     axis: int | None = None
     ids: np.ndarray | None = None
+    producer: str | None = None  # the conv/linear whose raw output this is (for BN scale invariance)
 
     @property
     def tracked(self) -> bool:
@@ -51,6 +52,7 @@ class Ctx:
         self.members: list[tuple[str, str, int, str, np.ndarray]] = []
         self._member_ids: dict[tuple[str, str, int, str], np.ndarray] = {}
         self.layer_kind: dict[str, str] = {}
+        self.normalized: set[str] = set()  # layers whose output goes straight into a BatchNorm
 
     def new(self, count: int) -> np.ndarray:
         ids = np.arange(self.n, self.n + count, dtype=np.int64)
@@ -255,7 +257,7 @@ def _conv(ctx, name, m, args, kwargs, out_shape):
     ctx.member(name, "weight", 0, out, PRODUCER)
     if m.bias is not None:
         ctx.member(name, "bias", 0, out, PRODUCER)
-    return Value(tuple(out_shape), 1, out)
+    return Value(tuple(out_shape), 1, out, producer=name)
 
 
 @for_modules(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -272,7 +274,7 @@ def _conv_transpose(ctx, name, m, args, kwargs, out_shape):
     ctx.member(name, "weight", 1, out, PRODUCER)
     if m.bias is not None:
         ctx.member(name, "bias", 0, out, PRODUCER)
-    return Value(tuple(out_shape), 1, out)
+    return Value(tuple(out_shape), 1, out, producer=name)
 
 
 @for_modules(nn.Linear)
@@ -287,7 +289,7 @@ def _linear(ctx, name, m, args, kwargs, out_shape):
     ctx.member(name, "weight", 0, out, PRODUCER)
     if m.bias is not None:
         ctx.member(name, "bias", 0, out, PRODUCER)
-    return Value(tuple(out_shape), len(out_shape) - 1, out)
+    return Value(tuple(out_shape), len(out_shape) - 1, out, producer=name)
 
 
 @for_modules(nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -300,6 +302,8 @@ def _batchnorm(ctx, name, m, args, kwargs, out_shape):
     if m.affine:
         ctx.member(name, "weight", 0, x.ids, PRODUCER)
         ctx.member(name, "bias", 0, x.ids, PRODUCER)
+        if x.producer and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            ctx.normalized.add(x.producer)
     if getattr(m, "running_mean", None) is not None:
         ctx.member(name, "running_mean", 0, x.ids, BUFFER)
         ctx.member(name, "running_var", 0, x.ids, BUFFER)

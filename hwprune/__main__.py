@@ -1,0 +1,5 @@
+import sys
+
+from hwprune.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,219 @@
+"""Budgets and the projection that meets them exactly.
+
+A :class:`Budget` says what the user asked for: remove a fraction of the prunable units
+(``sparsity``), keep a fraction of the FLOPs or parameters, or meet a latency. :func:`project` chooses
+which units to keep:
+
+* every group keeps a count its hardware multiple allows (a multiple, or the full width), never zero;
+* units are removed in those chunks, least important first: the chunk with the smallest
+  *score per unit of cost saved* goes next (score = unit norm / unit weight; for sparsity every unit
+  costs 1, for FLOPs the saving is the marginal MACs, recomputed after each removal);
+* it stops at the achievable cost closest to the target (ties: the one that meets the budget).
+
+With multiples of 1 a sparsity budget is met exactly: ``round(s·N)`` of the ``N`` units go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cost import CostModel
+from .errors import BudgetError
+from .groups import Group
+
+KINDS = ("sparsity", "flops", "params", "latency")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What to reach. ``sparsity``: fraction of units removed; ``flops``/``params``: fraction kept;
+    ``latency``: milliseconds.
+
+    Example:
+        >>> Budget("sparsity", 0.7).describe()
+        'remove 70% of the prunable units'
+    """
+
+    kind: str
+    value: float
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise BudgetError(f"budget kind '{self.kind}': expected one of {', '.join(KINDS)}")
+        v = self.value
+        if not isinstance(v, (int, float)) or v != v:
+            raise BudgetError(f"--{self.kind}: expected a number, got {v!r}")
+        if self.kind == "sparsity" and not 0.0 <= v < 1.0:
+            raise BudgetError(f"--sparsity {v}: expected a fraction of units to remove in [0, 1)")
+        if self.kind in ("flops", "params") and not 0.0 < v <= 1.0:
+            raise BudgetError(f"--{self.kind} {v}: expected the fraction to keep, in (0, 1]")
+        if self.kind == "latency" and not v > 0:
+            raise BudgetError(f"--latency-ms {v}: expected a positive number of milliseconds")
+
+    def describe(self) -> str:
+        if self.kind == "sparsity":
+            return f"remove {self.value:.0%} of the prunable units"
+        if self.kind == "latency":
+            return f"latency at most {self.value:g} ms"
+        return f"keep {self.value:.0%} of the {self.kind.upper() if self.kind == 'flops' else self.kind}"
+
+
+@dataclass
+class Projection:
+    """Which units stay, and how close the result is to the request."""
+
+    keep: dict[str, np.ndarray]
+    kind: str
+    requested: float
+    achieved: float
+    units: int
+    removed_units: int
+    keep_mask: np.ndarray = field(repr=False)
+
+    @property
+    def sparsity(self) -> float:
+        return self.removed_units / self.units if self.units else 0.0
+
+
+class _UnitCount:
+    """Cost = number of kept units; every unit saves 1."""
+
+    def __call__(self, keep):
+        return float(keep.sum())
+
+    def unit_savings(self, keep):
+        return np.ones(len(keep))
+
+
+def _target_and_cost(budget: Budget, n_units: int, cost: CostModel | None):
+    if budget.kind == "sparsity":
+        return n_units * (1.0 - budget.value), _UnitCount()
+    if cost is None:
+        raise BudgetError(f"a {budget.kind} budget needs a cost model")
+    if budget.kind == "latency":
+        return budget.value, cost
+    return budget.value * cost(np.ones(n_units)), cost
+
+
+def reachable(groups: list[Group], budget: Budget, cost: CostModel | None = None) -> tuple[float, float]:
+    """The (lowest, highest) value of the budget's measure that the groups can reach."""
+    prunable = [g for g in groups if g.prunable]
+    n = sum(g.size for g in prunable)
+    mins = np.concatenate([np.r_[np.ones(g.min_keep), np.zeros(g.size - g.min_keep)] for g in prunable]) if prunable else np.zeros(0)
+    if budget.kind == "sparsity":
+        return 0.0, (n - mins.sum()) / n if n else 0.0
+    full = cost(np.ones(n))
+    if budget.kind == "latency":
+        return cost(mins), full
+    return cost(mins) / full, 1.0
+
+
+def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = None) -> None:
+    """Reject a budget the model cannot meet, before any training, with the reachable range."""
+    prunable = [g for g in groups if g.prunable]
+    if not prunable and not (budget.kind == "sparsity" and budget.value == 0):
+        raise BudgetError("the model has no prunable groups (all channels are coupled to inputs, outputs or excluded layers)")
+    lo, hi = reachable(groups, budget, cost)
+    if budget.kind == "sparsity" and budget.value > hi + 1e-9:
+        raise BudgetError(
+            f"--sparsity {budget.value:g} cannot be met: every layer keeps at least one hardware multiple, so at "
+            f"most {hi:.4f} of the units can go. Reachable range: [0, {hi:.4f}]"
+        )
+    if budget.kind in ("flops", "params") and budget.value < lo - 1e-9:
+        raise BudgetError(
+            f"--{budget.kind} {budget.value:g} cannot be met: with every layer at its minimum width the model keeps "
+            f"{lo:.4f} of its {budget.kind}. Reachable range: [{lo:.4f}, 1]"
+        )
+    if budget.kind == "latency" and budget.value < lo:
+        raise BudgetError(
+            f"--latency-ms {budget.value:g} cannot be met: the predicted floor (every layer at its minimum width) is "
+            f"{lo:.4g} ms; the dense model is {hi:.4g} ms"
+        )
+
+
+def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostModel | None = None) -> Projection:
+    """Choose the kept units of every prunable group so that the budget is met as exactly as the
+    hardware multiples allow.
+
+    ``scores``: one importance value per unit, in the order of the prunable groups (as
+    :class:`~hwprune.groups.UnitIndex` numbers them); low scores go first.
+
+    Example:
+        >>> proj = project(groups, norms, Budget("sparsity", 0.7))             # doctest: +SKIP
+        >>> proj.achieved
+        0.7
+    """
+    check_budget(groups, budget, cost)
+    prunable = [g for g in groups if g.prunable]
+    offsets = np.concatenate([[0], np.cumsum([g.size for g in prunable])]).astype(np.int64)
+    n = int(offsets[-1])
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (n,):
+        raise ValueError(f"expected {n} scores, got {scores.shape}")
+    target, cost_fn = _target_and_cost(budget, n, cost)
+    keep = np.ones(n)
+    # Within a group, units go in ascending score order (ties: higher index first, stable).
+    order = [offsets[i] + np.argsort(scores[offsets[i] : offsets[i + 1]], kind="stable") for i in range(len(prunable))]
+    allowed = [g.allowed_keep_counts() for g in prunable]
+    kept = [g.size for g in prunable]
+
+    def chunk(i):
+        lower = [c for c in allowed[i] if c < kept[i]]
+        if not lower:
+            return None
+        removed = prunable[i].size - kept[i]
+        return order[i][removed : prunable[i].size - lower[-1]]
+
+    current = cost_fn(keep)
+    while current > target + 1e-9:
+        savings = cost_fn.unit_savings(keep)
+        best, best_ratio = None, np.inf
+        candidates = []
+        for i in range(len(prunable)):
+            c = chunk(i)
+            if c is None:
+                continue
+            saving = float(savings[c].sum())
+            if saving <= 0:
+                continue
+            candidates.append((i, c))
+            ratio = float(scores[c].sum()) / saving
+            if ratio < best_ratio:
+                best, best_ratio = (i, c), ratio
+        if best is None:
+            break
+        trial = keep.copy()
+        trial[best[1]] = 0
+        after = cost_fn(trial)
+        if after < target - 1e-9:
+            # The next chunk overshoots: land on the achievable cost closest to the target.
+            options = [(abs(current - target), 1, None)]
+            for i, c in candidates:
+                t = keep.copy()
+                t[c] = 0
+                v = cost_fn(t)
+                options.append((abs(v - target), 0 if v <= target + 1e-9 else 1, (i, c, v)))
+            _, _, pick = min(options, key=lambda o: (round(o[0], 9), o[1]))
+            if pick is not None:
+                i, c, after = pick
+                keep[c] = 0
+                kept[i] -= len(c)
+                current = after
+            break
+        keep[best[1]] = 0
+        kept[best[0]] -= len(best[1])
+        current = after
+
+    keep_by_group = {
+        g.name: np.flatnonzero(keep[offsets[i] : offsets[i + 1]]) for i, g in enumerate(prunable)
+    }
+    removed = int(n - keep.sum())
+    if budget.kind == "sparsity":
+        achieved = removed / n
+    elif budget.kind == "latency":
+        achieved = current
+    else:
+        achieved = current / cost_fn(np.ones(n))
+    return Projection(keep_by_group, budget.kind, budget.value, achieved, n, removed, keep.astype(bool))

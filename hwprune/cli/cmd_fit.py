@@ -1,0 +1,141 @@
+"""``hwprune fit``: prune a model to a budget on a target, export it, measure it, report.
+
+With no ``--model``/``--data`` it runs the embedded default: a small residual CNN on scikit-learn's
+real 8x8 digits. ``--resume RUN_DIR`` continues an interrupted run with the settings it started with.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import CheckpointError, HwpruneError
+from ..io import atomic_write_json
+
+DEFAULT_MODEL = "small-resnet"
+DEFAULT_DATA = "digits"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "fit", help="train with a structured regularizer, prune to the budget, export and measure",
+        description="Prune a model to exactly the budget on a hardware target. "
+        "Example: hwprune fit --target host-cpu.yaml --sparsity 0.7",
+    )
+    p.add_argument("--target", help="target YAML: a path, or the name of a shipped target (host-cpu, jetson.yaml, ...)")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--sparsity", type=float, help="fraction of the prunable units (channels, neurons) to remove, e.g. 0.7")
+    b.add_argument("--flops", type=float, help="fraction of the FLOPs to keep, e.g. 0.5")
+    b.add_argument("--params", type=float, help="fraction of the parameters to keep, e.g. 0.5")
+    p.add_argument("--model", default=None, help=f"built-in model or package.module:function (default: {DEFAULT_MODEL})")
+    p.add_argument("--data", default=None, help=f"built-in dataset or imagefolder:PATH (default: {DEFAULT_DATA})")
+    p.add_argument("--method", default="wgsef", help="regularizer (default: wgsef)")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the method, e.g. --method-option weighting=uniform (repeatable)")
+    p.add_argument("--epochs", type=int, nargs=3, metavar=("DENSE", "REGULARIZE", "FINETUNE"),
+                   help="epochs per stage (default 15 15 10); DENSE 0 keeps the model's weights as they are")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data order, init)")
+    p.add_argument("--exclude", action="append", default=[], metavar="LAYER",
+                   help="layer name or glob whose channels are kept (repeatable)")
+    p.add_argument("--image-size", type=int, default=None, help="image size for imagefolder data (default 32)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<time>-<model>-<data>-<target>-<budget>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run with its settings")
+    p.add_argument("--latency-batch-size", type=int, default=None, help="batch size for latency (default: the target's)")
+    p.add_argument("--latency-repeats", type=int, default=None, help="timed runs per model (default: the target's)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.set_defaults(command="fit")
+
+
+_SAVED = ["target", "sparsity", "flops", "params", "model", "data", "method", "method_option", "epochs", "lr",
+          "batch_size", "seed", "exclude", "image_size", "latency_batch_size", "latency_repeats", "no_latency"]
+
+
+def _parse_options(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise HwpruneError(f"--method-option {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    return out
+
+
+def _resume_args(args):
+    run_dir = Path(args.resume)
+    saved_path = run_dir / "run.json"
+    if not saved_path.is_file():
+        raise CheckpointError(f"--resume {run_dir}: no run.json there; is it a folder written by hwprune fit?")
+    import json
+
+    saved = json.loads(saved_path.read_text())
+    for key in _SAVED:
+        typed = getattr(args, key)
+        if key in saved["args"] and typed not in (None, [], False, 0) and typed != saved["args"][key] and key != "seed":
+            raise CheckpointError(f"--resume: --{key.replace('_', '-')} {typed!r} differs from the run's {saved['args'][key]!r}; "
+                                  "a resumed run keeps its settings (start a new run to change them)")
+        setattr(args, key, saved["args"].get(key))
+    args.out = str(run_dir)
+    return args
+
+
+def run(args) -> int:
+    from .. import fit as fit_module
+    from ..budget import Budget
+    from ..data import load_dataset
+    from ..fit import FitConfig, fit
+    from ..models import build_model
+    from ..target import load_target
+    from ..train import TrainSettings
+
+    if args.resume:
+        args = _resume_args(args)
+    if not args.target:
+        raise HwpruneError("--target is required, e.g. --target host-cpu.yaml (hwprune targets lists them)")
+    budgets = [(k, getattr(args, k)) for k in ("sparsity", "flops", "params") if getattr(args, k) is not None]
+    if len(budgets) != 1:
+        raise HwpruneError("give one budget: --sparsity S (fraction of units removed), --flops F or --params P (fraction kept)")
+    budget = Budget(*budgets[0])  # validates the value before anything is loaded
+    target = load_target(args.target)
+    data_name = args.data or DEFAULT_DATA
+    model_name = args.model or DEFAULT_MODEL
+    quiet = args.quiet
+    say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
+    say(f"target {target.name}: {target.description}")
+    bundle = load_dataset(data_name, seed=args.seed, image_size=args.image_size)
+    say(f"data {bundle.name}: {bundle.description}")
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes, input_size=bundle.input_size)
+    say(f"model {model_name}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    settings = TrainSettings()
+    if args.lr is not None:
+        settings.lr = args.lr
+    if args.batch_size is not None:
+        settings.batch_size = args.batch_size
+    config = FitConfig(budget=budget, method=args.method, method_options=_parse_options(args.method_option),
+                       train=settings, seed=args.seed, exclude=tuple(args.exclude),
+                       latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats)
+    if args.epochs:
+        config.epochs_dense, config.epochs_regularize, config.epochs_finetune = args.epochs
+    out = Path(args.out) if args.out else fit_module._default_dir(config, {"model": model_name, "data": data_name, "target": target.name})
+    command = "hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "hwprune" in sys.argv[0] else None
+    if not args.resume:
+        atomic_write_json(out / "run.json", {"args": {k: getattr(args, k) for k in _SAVED}, "command": command})
+    info = {"model": model_name, "data": data_name, "command": command}
+    try:
+        result = fit(model, bundle.train, test_data=bundle.test, target=target, config=config, out_dir=out,
+                     progress=say, run_info=info, measure=not args.no_latency)
+    except KeyboardInterrupt:
+        print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)
+        return 130
+    print()
+    print(result.report.table())
+    print(f"\nrun folder: {result.run_dir}  (report.md, report.json, plan.json, model.onnx, plots)")
+    return 0

@@ -1,0 +1,50 @@
+"""``hwprune``: the command-line entry point.
+
+Errors in the user's input print one line (``hwprune: error: ...``) and exit with status 2; no
+traceback. ``HWPRUNE_DEBUG=1`` shows the traceback for bug reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import HwpruneError
+from . import cmd_env, cmd_fit, cmd_targets
+
+COMMANDS = {"fit": cmd_fit, "targets": cmd_targets, "env": cmd_env}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hwprune",
+        description="Make a PyTorch model smaller and faster on a given piece of hardware.",
+        epilog="Example: hwprune fit --target host-cpu.yaml --sparsity 0.7",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(COMMANDS[args.command].run(args) or 0)
+    except HwpruneError as e:
+        if os.environ.get("HWPRUNE_DEBUG"):
+            raise
+        print(f"hwprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nhwprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Exporters: turn a (sliced) model into an artifact for the target's runtime."""

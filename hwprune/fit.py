@@ -1,0 +1,463 @@
+"""``hwprune.fit``: the whole job in one call, with checkpoints so that an interrupted run resumes.
+
+Stages: ``dense`` (train or keep a pretrained model) → ``regularize`` (the method pushes units to
+zero while λ is adapted towards the budget) → projection to exactly the budget and slicing →
+``finetune`` (the smaller dense model) → ``export`` (ONNX, checked with onnxruntime) → latency
+measured on the target's runtime → report. A checkpoint is written atomically after every epoch;
+calling ``fit`` again on the same run folder continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .budget import Budget, Projection, check_budget, project
+from .checkpoint import Checkpointer
+from .cost import count_flops, count_params, flops_model, params_model
+from .errors import BudgetError, CheckpointError, HwpruneError
+from .graph import discover_groups
+from .groups import UnitIndex
+from .plan import Plan, apply_plan
+from .regularizers import RegContext, SparsitySchedule, StrengthController, build_regularizer, make_config
+from .report import Report, layer_table, plot_history, plot_norms
+from .slicing import mask_model, slice_model
+from .target import Target, load_target
+from .train import (TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,
+                    recalibrate_bn, train_epoch)
+
+
+@dataclass
+class FitConfig:
+    """Everything that decides the result of a run (compared on resume)."""
+
+    budget: Budget
+    method: str = "wgsef"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    epochs_dense: int = 15
+    epochs_regularize: int = 15
+    epochs_finetune: int = 10
+    finetune_lr_scale: float = 0.4
+    train: TrainSettings = field(default_factory=TrainSettings)
+    seed: int = 0
+    exclude: tuple[str, ...] = ()
+    latency_batch_size: int | None = None
+    latency_repeats: int | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["budget"] = {"kind": self.budget.kind, "value": self.budget.value}
+        d["exclude"] = list(self.exclude)
+        return json.loads(json.dumps(d, default=str))
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the pruned model, its plan, the report and the run folder."""
+
+    model: nn.Module
+    plan: Plan
+    report: Report
+    run_dir: Path
+
+
+def _as_dataset(data) -> tuple[Dataset, Callable | None]:
+    if isinstance(data, DataLoader):
+        return data.dataset, data.collate_fn
+    return data, None
+
+
+def _say(progress, msg: str) -> None:
+    if progress:
+        progress(msg)
+
+
+def _env() -> dict[str, str]:
+    import onnxruntime
+
+    return {
+        "hwprune": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(), "machine": platform.machine(),
+    }
+
+
+def fit(
+    model: nn.Module,
+    train_data,
+    *,
+    target: Target | str,
+    sparsity: float | None = None,
+    flops: float | None = None,
+    params: float | None = None,
+    test_data=None,
+    out_dir: str | os.PathLike | None = None,
+    config: FitConfig | None = None,
+    method: str | None = None,
+    progress: Callable[[str], None] | None = print,
+    run_info: dict[str, Any] | None = None,
+    measure: bool = True,
+) -> FitResult:
+    """Train ``model`` with a structured regularizer, prune it to exactly the budget, fine-tune, export
+    ONNX, measure latency on the target and write a report into ``out_dir``.
+
+    Give exactly one budget: ``sparsity`` (fraction of prunable units removed), ``flops`` or ``params``
+    (fraction kept). ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
+    DataLoader its dataset and collate function are used, and hwprune draws the order itself (seeded
+    per epoch, so that a resumed run replays exactly). If ``out_dir`` holds a checkpoint of the same
+    configuration, the run continues from it.
+
+    Example:
+        >>> from hwprune.models import build_model
+        >>> from hwprune.data import load_dataset
+        >>> data = load_dataset("digits")
+        >>> net = build_model("small-resnet", in_channels=1, num_classes=10, input_size=8)
+        >>> result = hwprune.fit(net, data.train, test_data=data.test, target="host-cpu",
+        ...                      sparsity=0.7, out_dir="runs/demo")          # doctest: +SKIP
+        >>> print(result.report)                                              # doctest: +SKIP
+    """
+    budgets = [(k, v) for k, v in (("sparsity", sparsity), ("flops", flops), ("params", params)) if v is not None]
+    if config is None:
+        if len(budgets) != 1:
+            raise BudgetError("give exactly one budget: sparsity=, flops= or params=")
+        config = FitConfig(budget=Budget(*budgets[0]))
+    elif budgets:
+        raise BudgetError("give the budget either in config or as sparsity=/flops=/params=, not both")
+    if method is not None:
+        config.method = method
+    make_config(config.method, config.method_options)  # reject unknown methods/options before any work
+    target = load_target(target) if not isinstance(target, Target) else target
+    run = _Run(model, train_data, test_data, target, config, Path(out_dir or _default_dir(config, run_info)), progress, run_info or {}, measure)
+    return run.execute()
+
+
+def _default_dir(config: FitConfig, info: dict) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    b = config.budget
+    tag = "-".join(str(x) for x in (info.get("model"), info.get("data"), info.get("target")) if x)
+    return Path("runs") / f"{stamp}-{tag}-{b.kind}{b.value:g}".replace("--", "-")
+
+
+class _Run:
+    """One run's state machine: each stage reads and writes the checkpoint."""
+
+    def __init__(self, model, train_data, test_data, target, config: FitConfig, run_dir: Path, progress, info, measure):
+        self.template = copy.deepcopy(model).cpu()  # the untrained architecture, to rebuild from
+        self.model = model
+        self.train_set, self.collate = _as_dataset(train_data)
+        self.test_set = _as_dataset(test_data)[0] if test_data is not None else None
+        self.target, self.config, self.run_dir = target, config, run_dir
+        self.progress, self.info, self.measure = progress, info, measure
+        self.device = torch.device("cpu")
+        self.ckpt = Checkpointer(run_dir)
+        sample = self.train_set[0][0]
+        self.example = sample.unsqueeze(0) if isinstance(sample, torch.Tensor) else torch.as_tensor(sample).unsqueeze(0)
+        self.state: dict[str, Any] = {
+            "stage": "dense", "epoch": 0, "history": [], "acc": {}, "plan": None, "projection": None,
+            "norms_before": None, "norms_after": None, "dense_model": None, "regularizer": None,
+            "target_fraction": None, "zero_fraction": None,
+        }
+
+    # --- helpers -------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        fp = self.config.fingerprint()
+        fp["target"] = self.target.name
+        fp["model"] = self.info.get("model") or type(self.template).__name__
+        fp["data"] = self.info.get("data")
+        return fp
+
+    def test_accuracy(self, model) -> float | None:
+        if self.test_set is None:
+            return None
+        return evaluate(model, eval_loader(self.test_set, collate_fn=self.collate), self.device)[0]
+
+    def save(self, optimizer=None, regularizer=None, controller=None) -> None:
+        payload = dict(self.state)
+        payload["model"] = self.model.state_dict()
+        payload["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+        if regularizer is not None:
+            payload["regularizer"] = {"state": regularizer.state_dict(), "controller": controller.history if controller else []}
+        payload["rng"] = torch.get_rng_state()
+        payload["config"] = self.fingerprint()
+        self.ckpt.save(payload)
+
+    def groups(self, model):
+        return discover_groups(model, self.example, exclude=self.config.exclude, target=self.target)
+
+    def sliced_from_plan(self, plan: Plan) -> nn.Module:
+        return apply_plan(copy.deepcopy(self.template), plan, target=self.target)
+
+    # --- the run -------------------------------------------------------------------------------
+    def execute(self) -> FitResult:
+        t_start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        # Reject an impossible budget before any training (groups depend only on the architecture).
+        groups = self.groups(self.template)
+        check_budget(groups, self.config.budget, self.cost_model(self.template, groups))
+        _say(self.progress, f"run folder: {self.run_dir}" + (f" (resumed at stage '{self.state['stage']}', epoch {self.state['epoch']})" if resumed else ""))
+        if self.state["stage"] == "dense":
+            self.stage_dense()
+        if self.state["stage"] == "regularize":
+            self.stage_regularize()
+        if self.state["stage"] == "project":
+            self.stage_project()
+        if self.state["stage"] == "finetune":
+            self.stage_finetune()
+        if self.state["stage"] in ("export", "done"):
+            report = self.stage_export(time.perf_counter() - t_start)
+        plan = Plan.from_dict(self.state["plan"])
+        return FitResult(self.model, plan, report, self.run_dir)
+
+    def resume(self) -> bool:
+        payload = self.ckpt.load()
+        if payload is None:
+            return False
+        saved, now = payload.get("config"), self.fingerprint()
+        if saved != now:
+            diffs = [k for k in sorted(set(saved or {}) | set(now)) if (saved or {}).get(k) != now.get(k)]
+            raise CheckpointError(
+                f"{self.run_dir} holds a run with other settings ({', '.join(diffs)} differ). "
+                "Resume it with the same settings (hwprune fit --resume DIR), or choose another --out folder."
+            )
+        for k in self.state:
+            if k in payload:
+                self.state[k] = payload[k]
+        if self.state["plan"] is not None and self.state["stage"] in ("finetune", "export", "done"):
+            self.model = self.sliced_from_plan(Plan.from_dict(self.state["plan"]))
+        self.model.load_state_dict(payload["model"])
+        self._resume_payload = payload
+        torch.set_rng_state(payload["rng"])
+        return True
+
+    def _resume_optimizer(self, optimizer, regularizer=None, controller=None) -> None:
+        payload = getattr(self, "_resume_payload", None)
+        if payload is None:
+            return
+        if payload.get("optimizer") is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        if regularizer is not None and payload.get("regularizer"):
+            regularizer.load_state_dict(payload["regularizer"]["state"])
+            if controller is not None:
+                controller.history = [tuple(h) for h in payload["regularizer"]["controller"]]
+        self._resume_payload = None
+
+    def log_epoch(self, stage, epoch, total, stats, acc, extra: dict[str, Any] | None = None) -> None:
+        rec = {"stage": stage, "epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+               "test_accuracy": acc, "seconds": stats.seconds, "samples_per_s": stats.samples_per_s, "lr": stats.lr}
+        rec.update(extra or {})
+        self.state["history"].append(rec)
+        more = "".join(f"  {k} {v:.3g}" if isinstance(v, float) else f"  {k} {v}" for k, v in (extra or {}).items())
+        acc_s = f"  test acc {100 * acc:.2f}%" if acc is not None else ""
+        _say(self.progress, f"[{stage} {epoch + 1}/{total}] loss {stats.loss:.4f}{acc_s}{more}  ({stats.seconds:.1f}s, {stats.samples_per_s:.0f} samples/s)")
+
+    def recalibrate(self) -> None:
+        recalibrate_bn(self.model, self.train_set, self.config.train, self.config.seed, self.collate, self.device)
+
+    def run_epochs(self, stage, total, settings: TrainSettings, regularizer=None, controller=None, lr_scale=1.0,
+                   extra_fn=None, lr_floor=0.0):
+        optimizer = make_optimizer(
+            self.model, settings, regularizer.no_weight_decay() if regularizer else (),
+            regularizer.extra_parameters() if regularizer else (),
+        )
+        self._resume_optimizer(optimizer, regularizer, controller)
+        steps_per_epoch = -(-len(self.train_set) // settings.batch_size)
+        total_steps = total * steps_per_epoch
+        base = settings.lr * lr_scale
+
+        def on_step(step):
+            if controller is not None:
+                regularizer.strength = controller.update(step + 1, regularizer.zero_fraction(), regularizer.strength)
+
+        for epoch in range(self.state["epoch"], total):
+            loader = epoch_loader(self.train_set, settings, self.config.seed, stage, epoch, self.collate)
+            stats = train_epoch(
+                self.model, loader, optimizer, lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
+                step0=epoch * steps_per_epoch, regularizer=regularizer,
+                on_step=on_step if controller is not None else None, device=self.device,
+            )
+            if regularizer is not None:
+                self.recalibrate()  # the regularizer moved the channel scales faster than BN's averages
+            acc = self.test_accuracy(self.model)
+            self.log_epoch(stage, epoch, total, stats, acc, extra_fn() if extra_fn else None)
+            self.state["epoch"] = epoch + 1
+            self.save(optimizer, regularizer, controller)
+        return optimizer
+
+    def stage_dense(self) -> None:
+        cfg = self.config
+        if cfg.epochs_dense > 0:
+            self.run_epochs("dense", cfg.epochs_dense, cfg.train, extra_fn=lambda: {"sparsity": 0.0})
+        self.state["acc"]["dense"] = self.test_accuracy(self.model)
+        self.state["dense_model"] = copy.deepcopy(self.model.state_dict())
+        self.state.update(stage="regularize", epoch=0)
+        self.save()
+
+    def cost_model(self, model, groups):
+        kind = self.config.budget.kind
+        if kind == "flops":
+            return flops_model(model, (self.example,), groups)
+        if kind == "params":
+            return params_model(model, groups)
+        if kind == "latency":
+            raise BudgetError("latency budgets need a measured profile (hwprune profile); not available in this version")
+        return None
+
+    def build_regularizer(self, groups):
+        index = UnitIndex(self.model, groups)
+        cost = self.cost_model(self.model, groups)
+        # How many units does the budget remove? Project once with the current norms.
+        proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.config.budget, cost)
+        unit_costs = cost.unit_savings(np.ones(index.n_units)) if cost is not None and cost.name == "flops" else None
+        steps = self.config.epochs_regularize * -(-len(self.train_set) // self.config.train.batch_size)
+        target_fraction = proj.removed_units / max(index.n_units, 1)
+        schedule = SparsitySchedule(target_fraction, steps)
+        ctx = RegContext(self.model, index, keep_units=index.n_units - proj.removed_units, unit_costs=unit_costs,
+                         total_steps=steps, schedule=schedule)
+        reg = build_regularizer(self.config.method, ctx, self.config.method_options)
+        adaptive = getattr(reg.config, "adaptive", False) and not reg.solves_strength
+        controller = StrengthController(schedule) if adaptive else None
+        return reg, controller, target_fraction
+
+    def stage_regularize(self) -> None:
+        groups = self.groups(self.model)
+        reg, controller, target_fraction = self.build_regularizer(groups)
+        if self.state["norms_before"] is None:
+            self.state["norms_before"] = reg.scores().tolist()
+        # The learning rate keeps a floor here: the gradient must be able to answer the regularizer's
+        # pressure up to the last step (with a cosine to zero, accuracy fell 5 points in the last epochs).
+        self.run_epochs(
+            "regularize", self.config.epochs_regularize, self.config.train, reg, controller,
+            extra_fn=lambda: {"sparsity": reg.zero_fraction(), "strength": reg.strength}, lr_floor=0.1,
+        )
+        self.state["norms_after"] = reg.scores().tolist()
+        self.state["target_fraction"] = target_fraction
+        self.state["zero_fraction"] = reg.zero_fraction()
+        self.state.update(stage="project", epoch=0)
+        self.save()
+
+    def stage_project(self) -> None:
+        groups = self.groups(self.model)
+        cost = self.cost_model(self.model, groups)
+        scores = np.asarray(self.state["norms_after"], dtype=np.float64)
+        proj = project(groups, scores, self.config.budget, cost)
+        acc_before = self.test_accuracy(self.model)
+        mask_model(self.model, groups, proj.keep)
+        self.recalibrate()
+        acc_after = self.test_accuracy(self.model)
+        plan = Plan.from_groups(groups, proj.keep, self.example.shape, self.config.exclude,
+                                meta={"target": self.target.name, "budget": self.config.budget.describe(), **self.info})
+        slice_model(self.model, groups, proj.keep)
+        plan.save(self.run_dir / "plan.json")
+        multiples = sorted({g.multiple for g in groups if g.prunable})
+        self.state["plan"] = plan.to_dict()
+        self.state["projection"] = {
+            "units": proj.units, "removed_units": proj.removed_units, "requested": proj.requested,
+            "achieved": proj.achieved, "kind": proj.kind,
+            "zero_fraction_before": self.state.get("zero_fraction", 0.0),
+            "target_fraction": self.state.get("target_fraction", proj.removed_units / max(proj.units, 1)),
+            "accuracy_before": acc_before, "accuracy_after": acc_after,
+            "rounding": f"kept counts are multiples of {', '.join(map(str, multiples))} or the full width"
+            if multiples != [1] else "exact: no hardware multiple",
+        }
+        _say(self.progress, f"[project] removed {proj.removed_units} of {proj.units} units ({proj.kind} requested "
+             f"{proj.requested:g}, achieved {proj.achieved:.4f}); accuracy {100 * (acc_before or 0):.2f}% -> {100 * (acc_after or 0):.2f}% (pruning shock)")
+        self.state.update(stage="finetune", epoch=0)
+        self.save()
+
+    def stage_finetune(self) -> None:
+        cfg = self.config
+        sparsity = self.state["projection"]["removed_units"] / max(self.state["projection"]["units"], 1)
+        if cfg.epochs_finetune > 0:
+            self.run_epochs("finetune", cfg.epochs_finetune, cfg.train, lr_scale=cfg.finetune_lr_scale,
+                            extra_fn=lambda: {"sparsity": sparsity})
+        self.state["acc"]["pruned"] = self.test_accuracy(self.model)
+        from .io import atomic_torch_save
+
+        atomic_torch_save(self.run_dir / "pruned.pt", {"state_dict": self.model.state_dict(), "plan": self.state["plan"]})
+        self.state.update(stage="export", epoch=0)
+        self.save()
+
+    def stage_export(self, seconds: float) -> Report:
+        from .export.onnx import export_onnx, onnx_max_abs_diff
+        from .latency import measure_onnx_latency
+
+        dense = copy.deepcopy(self.template)
+        dense.load_state_dict(self.state["dense_model"])
+        dense.eval()
+        self.model.eval()
+        export_onnx(dense, self.example, self.run_dir / "dense.onnx")
+        export_onnx(self.model, self.example, self.run_dir / "model.onnx")
+        check = self._check_inputs()
+        diff = onnx_max_abs_diff(self.run_dir / "model.onnx", self.model, check)
+        _say(self.progress, f"[export] model.onnx: onnxruntime vs torch max |diff| {diff:.2e} on {len(check)} real inputs")
+        latency = None
+        if self.measure:
+            _say(self.progress, "[latency] timing dense and pruned ONNX models, interleaved ...")
+            latency = measure_onnx_latency(
+                {"dense": str(self.run_dir / "dense.onnx"), "pruned": str(self.run_dir / "model.onnx")},
+                self.target, batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
+            )
+        report = self.build_report(dense, diff, len(check), latency, seconds)
+        report.save(self.run_dir)
+        norms_b, norms_a = self.state.get("norms_before"), self.state.get("norms_after")
+        if norms_b is not None and norms_a is not None:
+            plot_norms(np.asarray(norms_b), np.asarray(norms_a), self.run_dir / "norms.png")
+        if self.state["history"]:
+            plot_history(self.state["history"], self.run_dir / "history.png")
+        self.state.update(stage="done")
+        self.save()
+        return report
+
+    def _check_inputs(self) -> torch.Tensor:
+        source = self.test_set if self.test_set is not None else self.train_set
+        n = min(256, len(source))
+        return torch.stack([torch.as_tensor(source[i][0]) for i in range(n)])
+
+    def build_report(self, dense, diff, n_checked, latency, seconds) -> Report:
+        b = self.config.budget
+        proj = self.state["projection"]
+        flops_d, flops_p = count_flops(dense, self.example), count_flops(self.model, self.example)
+        params_d, params_p = count_params(dense), count_params(self.model)
+        achieved = {"sparsity": proj["removed_units"] / max(proj["units"], 1), "flops": flops_p / flops_d,
+                    "params": params_p / params_d}
+        data: dict[str, Any] = {
+            "run": {
+                "model": self.info.get("model") or type(self.template).__name__, "data": self.info.get("data"),
+                "target": self.target.name, "method": self.config.method, "budget": b.describe(),
+                "command": self.info.get("command"), "seconds": seconds, "config": self.fingerprint(),
+            },
+            "requested": {b.kind: b.value},
+            "achieved": achieved,
+            "accuracy": {"dense": self.state["acc"].get("dense"), "pruned": self.state["acc"].get("pruned"),
+                         "after_projection": proj["accuracy_after"], "before_projection": proj["accuracy_before"]},
+            "params": {"dense": params_d, "pruned": params_p},
+            "flops": {"dense": flops_d, "pruned": flops_p, "unit": "multiply-accumulates per sample (conv + linear)"},
+            "projection": proj,
+            "onnx": {"max_abs_diff": diff, "checked_inputs": n_checked, "file": "model.onnx"},
+            "target": {"name": self.target.name, "device": self.target.device.name, "local": self.target.is_local},
+            "env": _env(),
+        }
+        if latency is not None:
+            data["latency_ms"] = {"dense": latency.stats["dense"].median_ms, "pruned": latency.stats["pruned"].median_ms}
+            data["latency"] = {
+                "batch_size": latency.batch_size, "runtime": latency.runtime, "measured_on": latency.measured_on,
+                "on_target_device": latency.on_target, "note": latency.note, "runs": latency.stats["dense"].runs,
+                "warmup": latency.warmup, "statistic": "median",
+                "p10_ms": {k: v.p10_ms for k, v in latency.stats.items()},
+                "p90_ms": {k: v.p90_ms for k, v in latency.stats.items()},
+            }
+        return Report(data, layer_table(dense, self.model), self.state["history"])

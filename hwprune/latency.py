@@ -1,0 +1,115 @@
+"""Latency measured on the target's runtime, labelled with where and how it was measured.
+
+Dense and pruned models are timed in the same process, interleaved run by run, after a warm-up, so
+that drift on a shared machine hits both alike; the median of many runs is reported.
+
+When the target's device is not this machine and no RPC device is configured, the numbers come from
+this machine and every label says so: hwprune never passes one machine off as another.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .target import Target, host_description
+
+
+@dataclass
+class LatencyStats:
+    """Per-call latency in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+
+@dataclass
+class LatencyResult:
+    """Latency of several models measured together, with the provenance of the numbers."""
+
+    stats: dict[str, LatencyStats]
+    batch_size: int
+    runtime: str  # e.g. "onnxruntime 1.31.1 CPUExecutionProvider, 1 thread"
+    measured_on: str  # machine description
+    on_target: bool  # True only when measured on the target's own device
+    note: str = ""
+    warmup: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return d
+
+
+def _input_for(sess, batch_size: int, rng: np.random.Generator):
+    inp = sess.get_inputs()[0]
+    shape = [batch_size if not isinstance(s, int) else s for s in inp.shape]
+    shape[0] = batch_size
+    return {inp.name: rng.standard_normal(shape).astype(np.float32)}
+
+
+def provider_note(target: Target) -> tuple[list[str], str]:
+    """The target's providers available here, and a note about the ones that are not."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    wanted = list(target.onnxruntime.providers)
+    use = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    missing = [p for p in wanted if p not in available]
+    note = f"not available here: {', '.join(missing)}" if missing else ""
+    return use, note
+
+
+def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: int | None = None,
+                         warmup: int | None = None, repeats: int | None = None, seed: int = 0) -> LatencyResult:
+    """Time each ONNX model with onnxruntime as the target configures it, interleaved, on this machine.
+
+    Example:
+        >>> r = measure_onnx_latency({"dense": "dense.onnx", "pruned": "model.onnx"}, load_target("host-cpu"))  # doctest: +SKIP
+        >>> r.stats["pruned"].median_ms < r.stats["dense"].median_ms
+        True
+    """
+    import onnxruntime as ort
+
+    from .export.onnx import ort_session
+
+    batch_size = batch_size or target.latency.batch_size
+    warmup = target.latency.warmup if warmup is None else warmup
+    repeats = repeats or target.latency.repeats
+    providers, missing_note = provider_note(target)
+    sessions = {k: ort_session(p, providers, target.onnxruntime.threads) for k, p in paths.items()}
+    rng = np.random.default_rng(seed)
+    feeds = {k: _input_for(s, batch_size, rng) for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    names = list(sessions)
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]  # alternate who goes first
+        for k in order:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    stats = {
+        k: LatencyStats(float(np.median(v)), float(np.percentile(v, 10)), float(np.percentile(v, 90)), len(v))
+        for k, v in times.items()
+    }
+    used = sessions[names[0]].get_providers()[0] if names else providers[0]
+    threads = target.onnxruntime.threads or "default"
+    runtime = f"onnxruntime {ort.__version__} {used}, {threads} thread{'s' if threads != 1 else ''}"
+    on_target = target.is_local
+    notes = []
+    if not on_target:
+        notes.append(
+            f"measured on this machine, NOT on the target device '{target.device.name}' "
+            f"({target.device.arch}): the target is not reachable from here (no RPC device configured)"
+        )
+    if missing_note:
+        notes.append(f"target providers {missing_note}; used {used}")
+    return LatencyResult(stats, batch_size, runtime, f"this machine: {host_description()}, {platform.node()}",
+                         on_target, "; ".join(notes), warmup)

@@ -1,0 +1,7 @@
+"""Structured regularizers behind one interface; importing this package registers them all."""
+
+from .base import (REGISTRY, RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer,
+                   make_config, register)
+from . import wgsef  # noqa: F401  (registers)
+
+__all__ = ["REGISTRY", "RegContext", "Regularizer", "SparsitySchedule", "StrengthController", "build_regularizer", "make_config", "register"]

@@ -1,0 +1,194 @@
+"""The regularizer interface and its registry.
+
+A method is a config dataclass (its hyper-parameters, with defaults that work on the built-in models)
+plus one :class:`Regularizer` implementation. The trainer calls, per step:
+
+1. ``loss = task_loss + reg.penalty()`` (methods with a differentiable penalty),
+2. ``optimizer.step()``,
+3. ``reg.after_step(lr)`` (proximal operators, clamps),
+
+and, between epochs, reads ``reg.zero_fraction()`` so that a :class:`StrengthController` can adapt
+``reg.strength`` towards the budget. The projection reads ``reg.scores()``. A regularizer never slices
+or masks the model itself: it only acts on parameter values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import HwpruneError
+from ..groups import UnitIndex
+
+
+@dataclass
+class RegContext:
+    """What a regularizer may use: the model, its unit index, and the budget expressed in units."""
+
+    model: nn.Module
+    index: UnitIndex
+    keep_units: int  # units the budget keeps (k of WGSEF)
+    unit_costs: np.ndarray | None = None  # marginal cost of each unit (FLOPs / latency), for weighting
+    total_steps: int = 1
+    schedule: "SparsitySchedule | None" = None  # wanted fraction of zero units at each step
+
+
+class Regularizer:
+    """Base class. Subclasses set ``name`` and ``Config`` and override what they need."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, config, ctx: RegContext):
+        self.config = config
+        self.ctx = ctx
+        self.index = ctx.index
+        self.strength = float(getattr(config, "strength", 0.0))
+
+    # --- training hooks -----------------------------------------------------------------------
+    def penalty(self) -> torch.Tensor | None:
+        """A differentiable term added to the loss, or None."""
+        return None
+
+    # Methods that compute, each step, the strength that meets ``ctx.schedule`` set this to True;
+    # the others are steered by a StrengthController.
+    solves_strength: ClassVar[bool] = False
+
+    def after_step(self, lr: float, step: int) -> None:
+        """Called after every optimizer step (proximal operators and clamps go here)."""
+
+    def extra_parameters(self) -> list[dict]:
+        """Optimizer parameter groups the method adds (e.g. auxiliary masks)."""
+        return []
+
+    def no_weight_decay(self) -> list[torch.Tensor]:
+        """Tensors that must not get plain weight decay (it would fight the regularizer)."""
+        return self.index.producer_tensors()
+
+    # --- measurements -------------------------------------------------------------------------
+    def unit_norms(self) -> torch.Tensor:
+        return self.index.sq_norms().clamp_min(0).sqrt()
+
+    def scores(self) -> np.ndarray:
+        """Importance of each unit; the projection removes low scores first."""
+        return self.unit_norms().double().cpu().numpy()
+
+    def zero_fraction(self) -> float:
+        """Fraction of units the method has already removed (exact zeros for proximal methods)."""
+        return float((self.unit_norms() == 0).double().mean()) if self.index.n_units else 0.0
+
+    # --- state (checkpoints) ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"strength": self.strength}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strength = float(state["strength"])
+
+
+class MinWidthGuard:
+    """The ``min_keep`` highest-scoring units of every group: no regularizer may zero them.
+
+    A hardware minimum width is part of the feasible set: without this guard a strong regularizer can
+    zero a whole residual stream, and the network cannot recover (a zero channel gets no gradient).
+    """
+
+    def __init__(self, index: UnitIndex):
+        self.group_id = torch.as_tensor(index.group_of_unit(), dtype=torch.long)
+        self.min_keep = torch.as_tensor([g.min_keep for g in index.groups], dtype=torch.long)
+        self.offsets = torch.as_tensor(index.offsets[:-1], dtype=torch.long)
+        self.count = int(self.min_keep.sum())
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """Boolean per unit: True for the protected ones (ties broken by index)."""
+        s = scores.detach().double().cpu()
+        order = np.lexsort((-s.numpy(), self.group_id.numpy()))
+        order_t = torch.as_tensor(order, dtype=torch.long)
+        rank = torch.empty_like(order_t)
+        rank[order_t] = torch.arange(len(order_t)) - self.offsets[self.group_id[order_t]]
+        return (rank < self.min_keep[self.group_id]).to(scores.device)
+
+
+REGISTRY: dict[str, type[Regularizer]] = {}
+
+
+def register(cls: type[Regularizer]) -> type[Regularizer]:
+    """Class decorator: make a method selectable by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in REGISTRY:
+        raise ValueError(f"regularizer '{cls.name}' is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def make_config(name: str, overrides: dict[str, Any] | None = None):
+    """The config of method ``name`` with ``overrides`` applied; unknown names and keys are errors.
+
+    Example:
+        >>> make_config("wgsef", {"weighting": "uniform"}).weighting
+        'uniform'
+    """
+    if name not in REGISTRY:
+        raise HwpruneError(f"unknown method '{name}'; available: {', '.join(sorted(REGISTRY))}")
+    cfg_cls = REGISTRY[name].Config
+    valid = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise HwpruneError(f"method '{name}' has no setting {', '.join(unknown)}; its settings: {', '.join(valid)}")
+    try:
+        return cfg_cls(**overrides)
+    except (TypeError, ValueError) as e:
+        raise HwpruneError(f"method '{name}': {e}") from None
+
+
+def build_regularizer(name: str, ctx: RegContext, overrides: dict[str, Any] | None = None) -> Regularizer:
+    """Instantiate a registered method on a model's units."""
+    config = make_config(name, overrides)
+    return REGISTRY[name](config, ctx)
+
+
+@dataclass
+class SparsitySchedule:
+    """The fraction of units that should be zero at each step: a linear ramp from 0 to ``target``
+    over the first ``ramp`` of the regularized steps, then flat. Gradual, so the network adapts."""
+
+    target: float
+    total_steps: int
+    ramp: float = 0.6
+
+    def wanted(self, step: int) -> float:
+        horizon = max(1.0, self.ramp * self.total_steps)
+        return self.target * min(1.0, step / horizon)
+
+
+@dataclass
+class StrengthController:
+    """Steers the strength of a method that cannot solve for it, along a :class:`SparsitySchedule`.
+
+    Every ``interval`` steps the strength is multiplied by ``exp(gain · (wanted − current) / target)``,
+    clipped to [1/2, 2]: behind schedule it grows, ahead it shrinks. No grid search over λ is needed.
+    """
+
+    schedule: SparsitySchedule
+    interval: int = 10
+    gain: float = 2.0
+    min_strength: float = 1e-8
+    max_strength: float = 1e4
+    history: list = field(default_factory=list)
+
+    def update(self, step: int, current: float, strength: float) -> float:
+        target = self.schedule.target
+        if target <= 0 or step % self.interval:
+            return strength
+        error = (self.schedule.wanted(step) - current) / target
+        factor = min(2.0, max(0.5, math.exp(self.gain * error)))
+        new = min(self.max_strength, max(self.min_strength, strength * factor))
+        self.history.append((step, current, new))
+        return new

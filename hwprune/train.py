@@ -1,0 +1,175 @@
+"""Training and evaluation loops.
+
+Data order is drawn from a generator seeded by ``(seed, stage, epoch)``, so an epoch replays exactly
+after a resume. Proximal regularizers act after ``optimizer.step()``; the momentum buffer holds
+loss gradients only (METHODS.md §1.7: the regularizer never enters the momentum).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import HwpruneError
+
+
+@dataclass
+class TrainSettings:
+    """Optimizer settings shared by every stage (SGD with momentum, cosine learning rate)."""
+
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    num_workers: int = 0
+
+
+class DivergedError(HwpruneError):
+    """The loss became NaN or infinite."""
+
+
+def epoch_loader(dataset: Dataset, settings: TrainSettings, seed: int, stage: str, epoch: int, collate_fn=None) -> DataLoader:
+    """A shuffled loader whose order depends only on (seed, stage, epoch)."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(stage.encode()) * 101 + epoch) % (2**63))
+    return DataLoader(
+        dataset, batch_size=settings.batch_size, shuffle=True, generator=g, drop_last=False,
+        num_workers=settings.num_workers, collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+
+
+def eval_loader(dataset: Dataset, batch_size: int = 256, collate_fn=None) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+
+
+def make_optimizer(model: nn.Module, settings: TrainSettings, no_decay: list[torch.Tensor] = (), extra_groups: list[dict] = ()) -> torch.optim.SGD:
+    """SGD with momentum; tensors in ``no_decay`` (regularized groups, BN) get no weight decay."""
+    skip = {id(t) for t in no_decay}
+    decay, plain = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (plain if id(p) in skip or p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    groups += list(extra_groups)
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=settings.lr, momentum=settings.momentum)
+
+
+def cosine_lr(base: float, step: int, total: int, floor: float = 0.0) -> float:
+    if total <= 0:
+        return base
+    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) on a loader."""
+    model.eval()
+    correct, total, loss = 0, 0, 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        total += len(y)
+    return correct / max(total, 1), loss / max(total, 1)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, dataset: Dataset, settings: TrainSettings, seed: int, collate_fn=None,
+                   device: torch.device | str = "cpu", max_samples: int = 8192) -> None:
+    """Re-estimate every BatchNorm's running statistics with a forward pass over training data.
+
+    Regularizers shrink channels faster than BN's running averages (momentum 0.1) follow: a model
+    whose training accuracy is 99.8% can evaluate at 10% with the stale averages, and 98.9% once they
+    are re-estimated. Done before every evaluation of a regularized or freshly masked model.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the pass
+    was_training = model.training
+    model.train()
+    seen = 0
+    try:
+        for x, _ in epoch_loader(dataset, settings, seed, "bn-recalibration", 0, collate_fn):
+            model(x.to(device))
+            seen += len(x)
+            if seen >= max_samples:
+                break
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was_training)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    seconds: float
+    samples_per_s: float
+    lr: float
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr_at: Callable[[int], float],
+    step0: int,
+    regularizer=None,
+    on_step: Callable[[int], None] | None = None,
+    device: torch.device | str = "cpu",
+    loss_fn: Callable | None = None,
+) -> EpochStats:
+    """One epoch. ``lr_at(global_step)`` gives the learning rate; ``on_step(step)`` runs after each step."""
+    model.train()
+    t0 = time.perf_counter()
+    total_loss, correct, seen = 0.0, 0, 0
+    step = step0
+    lr = lr_at(step)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        lr = lr_at(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        out = model(x)
+        loss = loss_fn(out, y, x) if loss_fn else F.cross_entropy(out, y)
+        total = loss
+        if regularizer is not None:
+            pen = regularizer.penalty()
+            if pen is not None:
+                total = loss + pen
+        if not torch.isfinite(total):
+            raise DivergedError(
+                f"the loss became {float(total)} at step {step}; the run stopped and the last good checkpoint "
+                "is kept. Lower the learning rate (--lr) or the regularizer's strength and resume."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if regularizer is not None:
+            regularizer.after_step(lr, step)
+        if on_step is not None:
+            on_step(step)
+        total_loss += float(loss) * len(y)
+        correct += int((out.detach().argmax(1) == y).sum())
+        seen += len(y)
+        step += 1
+    secs = time.perf_counter() - t0
+    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), secs, seen / max(secs, 1e-9), lr)
