@@ -12,6 +12,9 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
+    "fit": ("hwprune.pipeline", "fit"),
+    "FitConfig": ("hwprune.pipeline", "FitConfig"),
+    "Budget": ("hwprune.budget", "Budget"),
     "load_target": ("hwprune.target", "load_target"),
     "list_targets": ("hwprune.target", "list_targets"),
     "Target": ("hwprune.target", "Target"),

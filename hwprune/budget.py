@@ -178,24 +178,26 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
             saving = float(savings[c].sum())
             if saving <= 0:
                 continue
-            candidates.append((i, c))
             ratio = float(scores[c].sum()) / saving
+            candidates.append((i, c, ratio))
             if ratio < best_ratio:
-                best, best_ratio = (i, c), ratio
+                best, best_ratio = (i, c, ratio), ratio
         if best is None:
             break
+        best = best[:2]
         trial = keep.copy()
         trial[best[1]] = 0
         after = cost_fn(trial)
         if after < target - 1e-9:
-            # The next chunk overshoots: land on the achievable cost closest to the target.
-            options = [(abs(current - target), 1, None)]
-            for i, c in candidates:
+            # The next chunk overshoots: land on the achievable cost closest to the target; among equally
+            # close choices prefer one that meets the budget, then the least important chunk.
+            options = [(abs(current - target), 1, np.inf, None)]
+            for i, c, ratio in candidates:
                 t = keep.copy()
                 t[c] = 0
                 v = cost_fn(t)
-                options.append((abs(v - target), 0 if v <= target + 1e-9 else 1, (i, c, v)))
-            _, _, pick = min(options, key=lambda o: (round(o[0], 9), o[1]))
+                options.append((abs(v - target), 0 if v <= target + 1e-9 else 1, ratio, (i, c, v)))
+            *_, pick = min(options, key=lambda o: (round(o[0], 9), o[1], o[2]))
             if pick is not None:
                 i, c, after = pick
                 keep[c] = 0

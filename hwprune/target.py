@@ -199,7 +199,11 @@ class _Reader:
                 self.fail(self.where or "(top level)", "string keys", k)
         unknown = sorted(set(self.data) - allowed)
         if unknown:
-            self.fail(self.key(unknown[0]), "", message=f"unknown key; valid keys here: {', '.join(sorted(allowed))}")
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            self.fail(self.key(unknown[0]), "", message=f"unknown key; {hint}valid keys here: {', '.join(sorted(allowed))}")
         for k in sorted(required):
             if k not in self.data:
                 self.fail(self.key(k), "", message="missing required key")

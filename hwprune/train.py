@@ -167,7 +167,7 @@ def train_epoch(
             regularizer.after_step(lr, step)
         if on_step is not None:
             on_step(step)
-        total_loss += float(loss) * len(y)
+        total_loss += float(loss.detach()) * len(y)
         correct += int((out.detach().argmax(1) == y).sum())
         seen += len(y)
         step += 1

@@ -34,3 +34,22 @@ def broken(**kwargs):
 
 
 NOT_CALLABLE = 3
+
+
+class _TinyResNet(nn.Module):
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.c1 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = nn.functional.relu(self.c2(self.c1(x)) + x)
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_resnet(in_channels, num_classes, input_size):
+    """A residual CNN small enough for end-to-end CLI tests (a few seconds per run)."""
+    return _TinyResNet(in_channels, num_classes)

@@ -85,10 +85,10 @@ def _resume_args(args):
 
 
 def run(args) -> int:
-    from .. import fit as fit_module
+    from .. import pipeline as fit_module
     from ..budget import Budget
     from ..data import load_dataset
-    from ..fit import FitConfig, fit
+    from ..pipeline import FitConfig, fit
     from ..models import build_model
     from ..target import load_target
     from ..train import TrainSettings

@@ -1,0 +1,45 @@
+"""ONNX export of sliced models: onnxruntime computes what torch computes; latency is labelled honestly."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hwprune.export.onnx import export_onnx, onnx_max_abs_diff
+from hwprune.graph import discover_groups
+from hwprune.latency import measure_onnx_latency
+from hwprune.slicing import slice_model
+from hwprune.target import load_target
+
+from test_groups import random_keep
+from topologies import TOPOLOGIES, randomize_bn
+
+
+@pytest.mark.parametrize("name", sorted(TOPOLOGIES))
+def test_sliced_model_exports_at_its_new_width(name, tmp_path):
+    import onnx
+
+    cls, shape = TOPOLOGIES[name]
+    torch.manual_seed(0)
+    model = randomize_bn(cls()).eval()
+    x = torch.randn(shape)
+    groups = discover_groups(model, x)
+    sliced = slice_model(copy.deepcopy(model), groups, random_keep(groups, 1)).eval()
+    path = export_onnx(sliced, x[:1], tmp_path / "m.onnx")
+    assert onnx_max_abs_diff(path, sliced, torch.randn(5, *shape[1:])) < 1e-4  # dynamic batch too
+    # the file holds the sliced weights, not the dense ones
+    init = {i.name: tuple(i.dims) for i in onnx.load(str(path)).graph.initializer}
+    n_onnx = sum(int(np.prod(d)) for d in init.values())
+    assert n_onnx < sum(p.numel() for p in model.parameters())
+
+
+def test_remote_target_latency_says_where_it_was_measured(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU()).eval()
+    path = export_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    host = measure_onnx_latency({"m": str(path)}, load_target("host-cpu"), repeats=5, warmup=1)
+    assert host.on_target and host.note == "" and host.stats["m"].runs == 5
+    jetson = measure_onnx_latency({"m": str(path)}, load_target("jetson"), repeats=5, warmup=1)
+    assert not jetson.on_target
+    assert "NOT on the target device" in jetson.note and "this machine" in jetson.measured_on
+    assert jetson.stats["m"].median_ms > 0
