@@ -164,6 +164,24 @@ class UnitIndex:
             return torch.zeros(self.n_units)
         return acc[: self.n_units]
 
+    def sq_norms_differentiable(self, roles: tuple[str, ...] = (PRODUCER,)) -> torch.Tensor:
+        """Like :meth:`sq_norms`, but autograd flows through it (for penalties added to the loss)."""
+        acc = None
+        for role in roles:
+            for (module, param, dim), gid in self._entries[role].items():
+                t = get_tensor(self.model, module, param)
+                other = [d for d in range(t.dim()) if d != dim]
+                sq = t.pow(2).sum(dim=other) if other else t.pow(2)
+                part = torch.zeros(self.n_units + 1, dtype=sq.dtype, device=sq.device).index_add(0, gid, sq)
+                acc = part if acc is None else acc + part
+        if acc is None:
+            return torch.zeros(self.n_units)
+        return acc[: self.n_units]
+
+    def entries(self, role: str = PRODUCER) -> dict[tuple[str, str, int], torch.Tensor]:
+        """``(module, param, dim) -> unit id per index`` (sentinel ``n_units`` for indices in no unit)."""
+        return self._entries[role]
+
     def sizes(self, roles: tuple[str, ...] = (PRODUCER,)) -> torch.Tensor:
         """Number of entries in each unit (float64), shape (n_units,)."""
         acc = torch.zeros(self.n_units + 1, dtype=torch.float64)

@@ -35,7 +35,7 @@ from .groups import UnitIndex
 from .plan import Plan, apply_plan
 from .regularizers import RegContext, SparsitySchedule, StrengthController, build_regularizer, make_config
 from .report import Report, layer_table, plot_history, plot_norms
-from .slicing import mask_model, slice_model
+from .slicing import mask_model, reinitialize, slice_model
 from .target import Target, load_target
 from .train import (TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,
                     recalibrate_bn, train_epoch)
@@ -168,7 +168,7 @@ class _Run:
         self.state: dict[str, Any] = {
             "stage": "dense", "epoch": 0, "history": [], "acc": {}, "plan": None, "projection": None,
             "norms_before": None, "norms_after": None, "dense_model": None, "regularizer": None,
-            "target_fraction": None, "zero_fraction": None,
+            "target_fraction": None, "zero_fraction": None, "finetune_plan": None,
         }
 
     # --- helpers -------------------------------------------------------------------------------
@@ -213,8 +213,6 @@ class _Run:
             self.stage_dense()
         if self.state["stage"] == "regularize":
             self.stage_regularize()
-        if self.state["stage"] == "project":
-            self.stage_project()
         if self.state["stage"] == "finetune":
             self.stage_finetune()
         if self.state["stage"] in ("export", "done"):
@@ -247,7 +245,7 @@ class _Run:
         payload = getattr(self, "_resume_payload", None)
         if payload is None:
             return
-        if payload.get("optimizer") is not None:
+        if optimizer is not None and payload.get("optimizer") is not None:
             optimizer.load_state_dict(payload["optimizer"])
         if regularizer is not None and payload.get("regularizer"):
             regularizer.load_state_dict(payload["regularizer"]["state"])
@@ -272,6 +270,7 @@ class _Run:
         optimizer = make_optimizer(
             self.model, settings, regularizer.no_weight_decay() if regularizer else (),
             regularizer.extra_parameters() if regularizer else (),
+            regularizer.param_groups() if regularizer else (),
         )
         self._resume_optimizer(optimizer, regularizer, controller)
         steps_per_epoch = -(-len(self.train_set) // settings.batch_size)
@@ -333,34 +332,40 @@ class _Run:
         return reg, controller, target_fraction
 
     def stage_regularize(self) -> None:
+        """Regularized epochs, then the projection to the budget, the method's finalize, and slicing."""
         groups = self.groups(self.model)
         reg, controller, target_fraction = self.build_regularizer(groups)
+        reg.attach(resumed=self.state["epoch"] > 0)
         if self.state["norms_before"] is None:
             self.state["norms_before"] = reg.scores().tolist()
-        # The learning rate keeps a floor here: the gradient must be able to answer the regularizer's
-        # pressure up to the last step (with a cosine to zero, accuracy fell 5 points in the last epochs).
-        self.run_epochs(
-            "regularize", self.config.epochs_regularize, self.config.train, reg, controller,
-            extra_fn=lambda: {"sparsity": reg.zero_fraction(), "strength": reg.strength}, lr_floor=0.1,
-        )
+        if reg.trains:
+            # The learning rate keeps a floor here: the gradient must be able to answer the regularizer's
+            # pressure up to the last step (with a cosine to zero, accuracy fell 5 points in the last epochs).
+            self.run_epochs(
+                "regularize", self.config.epochs_regularize, self.config.train, reg, controller,
+                extra_fn=lambda: {"sparsity": reg.zero_fraction(), "strength": reg.strength}, lr_floor=0.1,
+            )
+        else:
+            self._resume_optimizer(None, reg, controller)
         self.state["norms_after"] = reg.scores().tolist()
         self.state["target_fraction"] = target_fraction
-        self.state["zero_fraction"] = reg.zero_fraction()
-        self.state.update(stage="project", epoch=0)
-        self.save()
+        self.state["zero_fraction"] = reg.zero_fraction() if reg.trains else 0.0
+        self.project_and_slice(groups, reg)
 
-    def stage_project(self) -> None:
-        groups = self.groups(self.model)
+    def project_and_slice(self, groups, reg) -> None:
         cost = self.cost_model(self.model, groups)
-        scores = np.asarray(self.state["norms_after"], dtype=np.float64)
-        proj = project(groups, scores, self.config.budget, cost)
+        proj = reg.project(groups, self.config.budget, cost)
         acc_before = self.test_accuracy(self.model)
+        reg.finalize(groups, proj.keep)  # fold gates / constants; the model is plain again
         mask_model(self.model, groups, proj.keep)
         self.recalibrate()
         acc_after = self.test_accuracy(self.model)
         plan = Plan.from_groups(groups, proj.keep, self.example.shape, self.config.exclude,
-                                meta={"target": self.target.name, "budget": self.config.budget.describe(), **self.info})
+                                meta={"target": self.target.name, "budget": self.config.budget.describe(),
+                                      "method": self.config.method, **self.info})
         slice_model(self.model, groups, proj.keep)
+        if reg.from_scratch:
+            reinitialize(self.model, self.config.seed)
         plan.save(self.run_dir / "plan.json")
         multiples = sorted({g.multiple for g in groups if g.prunable})
         self.state["plan"] = plan.to_dict()
@@ -374,15 +379,29 @@ class _Run:
             if multiples != [1] else "exact: no hardware multiple",
         }
         _say(self.progress, f"[project] removed {proj.removed_units} of {proj.units} units ({proj.kind} requested "
-             f"{proj.requested:g}, achieved {proj.achieved:.4f}); accuracy {100 * (acc_before or 0):.2f}% -> {100 * (acc_after or 0):.2f}% (pruning shock)")
+             f"{proj.requested:g}, achieved {proj.achieved:.4f}); accuracy {100 * (acc_before or 0):.2f}% -> "
+             f"{100 * (acc_after or 0):.2f}% (pruning shock)" + ("; re-initialized to train from scratch" if reg.from_scratch else ""))
+        self.state["finetune_plan"] = self.finetune_schedule(reg)
         self.state.update(stage="finetune", epoch=0)
         self.save()
+
+    def finetune_schedule(self, reg) -> dict:
+        """Epochs and learning-rate scale of the last stage. Every method gets the same total epochs:
+        one-shot methods fine-tune through the regularized epochs too; from-scratch methods train the
+        thin model for all epochs at the full learning rate."""
+        cfg = self.config
+        if reg.from_scratch:
+            return {"epochs": cfg.epochs_dense + cfg.epochs_regularize + cfg.epochs_finetune, "lr_scale": 1.0}
+        if not reg.trains:
+            return {"epochs": cfg.epochs_regularize + cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
+        return {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
 
     def stage_finetune(self) -> None:
         cfg = self.config
         sparsity = self.state["projection"]["removed_units"] / max(self.state["projection"]["units"], 1)
-        if cfg.epochs_finetune > 0:
-            self.run_epochs("finetune", cfg.epochs_finetune, cfg.train, lr_scale=cfg.finetune_lr_scale,
+        schedule = self.state.get("finetune_plan") or {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
+        if schedule["epochs"] > 0:
+            self.run_epochs("finetune", schedule["epochs"], cfg.train, lr_scale=schedule["lr_scale"],
                             extra_fn=lambda: {"sparsity": sparsity})
         self.state["acc"]["pruned"] = self.test_accuracy(self.model)
         from .io import atomic_torch_save

@@ -143,3 +143,15 @@ def mask_model(model: nn.Module, groups: list[Group], keep: dict[str, np.ndarray
     index = UnitIndex(model, groups)
     index.mask_(index.keep_from_plan(keep))
     return model
+
+
+def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fresh random weights (training from scratch): every layer resets itself, then convs and linears
+    get the Kaiming init the built-in models use, BN gets weight 1 and bias 0."""
+    from .models._common import kaiming_init
+
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+    return kaiming_init(model)

@@ -52,16 +52,22 @@ def eval_loader(dataset: Dataset, batch_size: int = 256, collate_fn=None) -> Dat
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
 
 
-def make_optimizer(model: nn.Module, settings: TrainSettings, no_decay: list[torch.Tensor] = (), extra_groups: list[dict] = ()) -> torch.optim.SGD:
-    """SGD with momentum; tensors in ``no_decay`` (regularized groups, BN) get no weight decay."""
+def make_optimizer(model: nn.Module, settings: TrainSettings, no_decay: list[torch.Tensor] = (),
+                   extra_groups: list[dict] = (), special_groups: list[dict] = ()) -> torch.optim.SGD:
+    """SGD with momentum; tensors in ``no_decay`` (regularized groups, BN) get no weight decay.
+
+    ``special_groups`` hold model parameters with their own settings (they leave the default groups);
+    ``extra_groups`` hold parameters that are not the model's (auxiliary masks, gates).
+    """
     skip = {id(t) for t in no_decay}
+    special = {id(p) for g in special_groups for p in g["params"]}
     decay, plain = [], []
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in special:
             continue
         (plain if id(p) in skip or p.dim() <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    groups += list(extra_groups)
+    groups += [dict(g) for g in special_groups] + list(extra_groups)
     return torch.optim.SGD([g for g in groups if g["params"]], lr=settings.lr, momentum=settings.momentum)
 
 

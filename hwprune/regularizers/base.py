@@ -1,15 +1,23 @@
 """The regularizer interface and its registry.
 
 A method is a config dataclass (its hyper-parameters, with defaults that work on the built-in models)
-plus one :class:`Regularizer` implementation. The trainer calls, per step:
+plus one :class:`Regularizer` implementation. The pipeline drives it through one lifecycle:
 
-1. ``loss = task_loss + reg.penalty()`` (methods with a differentiable penalty),
-2. ``optimizer.step()``,
-3. ``reg.after_step(lr)`` (proximal operators, clamps),
+* ``attach(resumed)`` once the regularized stage starts (or resumes): install gates, auxiliary masks, or
+  rescale parameters (methods that need nothing leave it empty);
+* per step: ``loss = task_loss + reg.penalty()``, ``optimizer.step()``, ``reg.after_step(lr, step)``
+  (proximal operators, clamps, auxiliary updates);
+* between steps a :class:`StrengthController` reads ``reg.zero_fraction()`` and moves
+  ``reg.strength`` along the sparsity schedule (methods with ``solves_strength`` do it themselves);
+* ``reg.project(groups, budget, cost)`` chooses the kept units (default: lowest ``scores()`` go);
+* ``reg.finalize(groups, keep)`` just before masking and slicing: fold gates or constants into the
+  remaining weights, remove hooks. After it the model is a plain model again.
 
-and, between epochs, reads ``reg.zero_fraction()`` so that a :class:`StrengthController` can adapt
-``reg.strength`` towards the budget. The projection reads ``reg.scores()``. A regularizer never slices
-or masks the model itself: it only acts on parameter values.
+Lifecycle flags: ``trains = False`` skips the regularized epochs (one-shot methods such as
+magnitude pruning, whose fine-tuning gets those epochs instead); ``from_scratch = True`` re-initializes
+the sliced model and trains it for all epochs (the uniform-width baseline).
+
+A regularizer never slices or masks the model itself.
 """
 
 from __future__ import annotations
@@ -59,6 +67,27 @@ class Regularizer:
     # Methods that compute, each step, the strength that meets ``ctx.schedule`` set this to True;
     # the others are steered by a StrengthController.
     solves_strength: ClassVar[bool] = False
+    trains: ClassVar[bool] = True  # False: no regularized epochs (one-shot pruning)
+    from_scratch: ClassVar[bool] = False  # True: re-initialize the sliced model and train it anew
+
+    def attach(self, resumed: bool = False) -> None:
+        """Install what the method needs on the model (gates, masks, hooks). ``resumed``: the model's
+        weights come from a checkpoint taken after a previous ``attach``, so one-time transformations
+        of the weights (rescaling) must not be applied again; hooks are installed either way."""
+
+    def finalize(self, groups, keep: dict[str, np.ndarray]) -> None:
+        """Before masking and slicing: fold gates/constants into the kept weights, remove hooks."""
+
+    def project(self, groups, budget, cost=None):
+        """The units to keep for ``budget``; by default the lowest :meth:`scores` go first."""
+        from ..budget import project
+
+        return project(groups, self.scores(), budget, cost)
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups with special settings for existing model parameters, e.g.
+        ``[{"params": [gamma], "momentum": 0.0}]``; those parameters leave the default groups."""
+        return []
 
     def after_step(self, lr: float, step: int) -> None:
         """Called after every optimizer step (proximal operators and clamps go here)."""

@@ -1,0 +1,162 @@
+"""Training-time baselines (METHODS.md §5): group lasso, network slimming, DeepHoyer.
+
+Each reaches the budget without a grid search: group lasso computes its per-step threshold from the
+sparsity schedule (like WGSEF); slimming and DeepHoyer, whose strength steers sparsity only
+indirectly, are steered by the trainer's StrengthController along the same schedule; all end with the
+exact projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import HwpruneError
+from .base import MinWidthGuard, RegContext, Regularizer, register
+from .scales import UnitScales
+from .wgsef import unit_weights
+
+
+def near_zero_fraction(scores: np.ndarray, rel: float = 1e-2) -> float:
+    """Fraction of units whose score is below ``rel`` times the largest: 'removed' for methods that
+    shrink towards zero without reaching it exactly."""
+    if len(scores) == 0:
+        return 0.0
+    top = float(np.max(scores))
+    return float(np.mean(scores <= rel * top)) if top > 0 else 1.0
+
+
+@dataclass
+class GroupLassoConfig:
+    """Group lasso with its proximal operator (group soft-threshold, METHODS.md §5.2).
+
+    ``adaptive``: each step the threshold is the smallest that leaves the scheduled number of units at
+    zero, capped so the median surviving unit shrinks by at most ``max_shrink``; else ``strength``
+    (λ) is fixed. Unit weights c_i ∝ √|G_i|.
+    """
+
+    strength: float = 1e-3
+    adaptive: bool = True
+    max_shrink: float = 0.05
+
+    def __post_init__(self):
+        if not 0 < self.max_shrink < 1:
+            raise HwpruneError(f"group-lasso max_shrink {self.max_shrink}: expected a fraction in (0, 1)")
+
+
+@register
+class GroupLasso(Regularizer):
+    name = "group-lasso"
+    Config = GroupLassoConfig
+    solves_strength = True
+
+    def __init__(self, config, ctx: RegContext):
+        super().__init__(config, ctx)
+        self.c = unit_weights("size", ctx)
+        self.protect = MinWidthGuard(ctx.index)
+
+    @torch.no_grad()
+    def after_step(self, lr: float, step: int) -> None:
+        a = self.unit_norms().double()
+        ratio = a / self.c
+        free = ~self.protect.mask(ratio)
+        schedule = self.ctx.schedule
+        if self.config.adaptive and schedule is not None:
+            wanted = int(round(schedule.wanted(step + 1) * self.index.n_units))
+            if wanted == 0:
+                return
+            r = torch.sort(ratio[free]).values
+            t = float(r[min(wanted, len(r)) - 1])  # zeroes exactly the `wanted` smallest free units
+            survivors = r[r > t]
+            if len(survivors):
+                t = min(t, self.config.max_shrink * float(survivors.median()))
+            self.strength = t / lr if lr > 0 else self.strength
+        else:
+            t = lr * self.strength
+        factor = torch.where(free & (ratio > t), 1 - t / ratio.clamp_min(1e-300), torch.zeros_like(a))
+        factor[~free] = 1.0
+        self.index.scale_(factor)
+
+    def scores(self) -> np.ndarray:
+        return (self.unit_norms().double().cpu() / self.c).numpy()
+
+
+@dataclass
+class SlimmingConfig:
+    """Network slimming (Liu et al. 2017): L1 on the BN scale factors, subgradient (METHODS.md §5.1).
+
+    ``strength`` is the initial s (the paper's 1e-4 for VGG); with ``adaptive`` the trainer moves it
+    along the sparsity schedule. Units without a BN get a gate (a scale factor of their own).
+    """
+
+    strength: float = 1e-4
+    adaptive: bool = True
+
+
+@register
+class Slimming(Regularizer):
+    name = "slimming"
+    Config = SlimmingConfig
+
+    def __init__(self, config, ctx: RegContext):
+        super().__init__(config, ctx)
+        self.scales = UnitScales(ctx.model, ctx.index)
+
+    def attach(self, resumed: bool = False) -> None:
+        self.scales.attach()
+
+    def extra_parameters(self) -> list[dict]:
+        return [{"params": [self.scales.gates], "weight_decay": 0.0}] if len(self.scales.gated_units) else []
+
+    def penalty(self) -> torch.Tensor | None:
+        v, _ = self.scales.values()
+        return self.strength * v.abs().sum()
+
+    def scores(self) -> np.ndarray:
+        return self.scales.unit_scores("mean")
+
+    def zero_fraction(self) -> float:
+        return near_zero_fraction(self.scores())
+
+    def finalize(self, groups, keep) -> None:
+        self.scales.fold_gates()
+
+    def state_dict(self) -> dict:
+        return {"strength": self.strength, "gates": self.scales.gates.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strength = float(state["strength"])
+        self.scales.gates.data.copy_(state["gates"])
+
+
+@dataclass
+class DeepHoyerConfig:
+    """DeepHoyer's Group-HS (Yang et al. 2020, METHODS.md §5.3): per group of units,
+    (Σ_u ‖W_u‖)² / Σ_u ‖W_u‖², a scale-invariant sparsity measure, added to the loss with strength
+    ``strength`` (the paper's decay 1e-3), adapted along the schedule when ``adaptive``."""
+
+    strength: float = 1e-3
+    adaptive: bool = True
+
+
+@register
+class DeepHoyer(Regularizer):
+    name = "deephoyer"
+    Config = DeepHoyerConfig
+
+    def __init__(self, config, ctx: RegContext):
+        super().__init__(config, ctx)
+        self.group_id = torch.as_tensor(ctx.index.group_of_unit(), dtype=torch.long)
+        self.n_groups = len(ctx.index.groups)
+
+    def penalty(self) -> torch.Tensor | None:
+        norms = (self.index.sq_norms_differentiable() + 1e-12).sqrt()
+        gid = self.group_id.to(norms.device)
+        s1 = torch.zeros(self.n_groups, dtype=norms.dtype, device=norms.device).index_add(0, gid, norms)
+        s2 = torch.zeros(self.n_groups, dtype=norms.dtype, device=norms.device).index_add(0, gid, norms * norms)
+        return self.strength * (s1 * s1 / s2.clamp_min(1e-12)).sum()  # guard ‖W‖ → 0 (METHODS.md §5.3)
+
+    def zero_fraction(self) -> float:
+        return near_zero_fraction(self.scores())

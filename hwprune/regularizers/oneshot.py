@@ -1,0 +1,76 @@
+"""One-shot baselines: no regularized training.
+
+* ``magnitude``: prune the dense model by group norm (every trainable entry of a unit: the filters
+  that write it, the BN, the input slices that read it, normalized by its size), then fine-tune.
+  This is Torch-Pruning's group-norm criterion.
+* ``uniform``: every group keeps the same fraction of its units (a width multiplier, rounded to the
+  hardware multiples, solved so that the budget is met), and the thin model is trained from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..groups import CONSUMER, NORMALIZED, PRODUCER
+from .base import Regularizer, register
+
+
+@dataclass
+class MagnitudeConfig:
+    """Magnitude pruning has no settings."""
+
+
+@register
+class Magnitude(Regularizer):
+    name = "magnitude"
+    Config = MagnitudeConfig
+    trains = False
+
+    def scores(self) -> np.ndarray:
+        roles = (PRODUCER, NORMALIZED, CONSUMER)
+        sq = self.index.sq_norms(roles).double()
+        return (sq / self.index.sizes(roles).clamp_min(1)).sqrt().cpu().numpy()
+
+
+@dataclass
+class UniformConfig:
+    """The uniform-width baseline has no settings."""
+
+
+class _ByScoreOnly:
+    """A cost whose every unit 'saves' 1: the projection then removes units in score order alone
+    and stops when the real cost meets the budget (a width multiplier, not a cost-aware choice)."""
+
+    def __init__(self, cost):
+        self.cost, self.name = cost, getattr(cost, "name", "units")
+
+    def __call__(self, keep):
+        return self.cost(keep)
+
+    def unit_savings(self, keep):
+        return np.ones(len(keep))
+
+
+@register
+class Uniform(Regularizer):
+    name = "uniform"
+    Config = UniformConfig
+    trains = False
+    from_scratch = True
+
+    def scores(self) -> np.ndarray:
+        # Unit i of a group of n scores 1 - (i + 0.5) / n: removing low scores first trims every group
+        # by the same fraction (the last units go first; the weights are re-initialized anyway).
+        return np.concatenate([1.0 - (np.arange(g.size) + 0.5) / g.size for g in self.index.groups]) \
+            if self.index.groups else np.zeros(0)
+
+    def project(self, groups, budget, cost=None):
+        from ..budget import project
+
+        return project(groups, self.scores(), budget, _ByScoreOnly(cost) if cost is not None else None)
+
+    def zero_fraction(self) -> float:
+        return 0.0
