@@ -37,7 +37,7 @@ from .regularizers import RegContext, SparsitySchedule, StrengthController, buil
 from .report import Report, layer_table, plot_history, plot_norms
 from .slicing import mask_model, reinitialize, slice_model
 from .target import Target, load_target
-from .train import (TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,
+from .train import (DivergedError, TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,
                     recalibrate_bn, train_epoch)
 
 
@@ -144,6 +144,25 @@ def fit(
     return run.execute()
 
 
+def check_collapse(reg) -> None:
+    """Stop if the regularizer drove every unit of a layer to zero: the network cannot recover
+    from that (a zero channel gets no gradient), and the projection would keep dead units."""
+    scores = np.asarray(reg.scores(), dtype=np.float64)
+    if not len(scores) or not np.isfinite(scores).all():
+        bad = [] if not len(scores) else [g.name for g, v in zip(reg.index.groups, reg.index.split(torch.as_tensor(scores)).values())
+                                          if not torch.isfinite(v).all()]
+        raise DivergedError(f"unit scores became NaN or infinite{' in ' + ', '.join(bad[:3]) if bad else ''}; "
+                            "the run stopped and the last good checkpoint is kept")
+    scale = float(np.median(scores[scores > 0])) if (scores > 0).any() else 0.0
+    for g, v in reg.index.split(torch.as_tensor(scores)).items():
+        if float(v.max()) <= 1e-8 * scale:
+            raise DivergedError(
+                f"layer group '{g}' collapsed to zero width during regularized training; the run stopped and the last "
+                "good checkpoint is kept. Lower the method's strength (--method-option strength=...) or the "
+                "learning rate, and start again"
+            )
+
+
 def _default_dir(config: FitConfig, info: dict) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     b = config.budget
@@ -189,7 +208,7 @@ class _Run:
         payload["model"] = self.model.state_dict()
         payload["optimizer"] = optimizer.state_dict() if optimizer is not None else None
         if regularizer is not None:
-            payload["regularizer"] = {"state": regularizer.state_dict(), "controller": controller.history if controller else []}
+            payload["regularizer"] = {"state": regularizer.state_dict(), "controller": controller.state_dict() if controller else {}}
         payload["rng"] = torch.get_rng_state()
         payload["config"] = self.fingerprint()
         self.ckpt.save(payload)
@@ -250,7 +269,7 @@ class _Run:
         if regularizer is not None and payload.get("regularizer"):
             regularizer.load_state_dict(payload["regularizer"]["state"])
             if controller is not None:
-                controller.history = [tuple(h) for h in payload["regularizer"]["controller"]]
+                controller.load_state_dict(payload["regularizer"]["controller"])
         self._resume_payload = None
 
     def log_epoch(self, stage, epoch, total, stats, acc, extra: dict[str, Any] | None = None) -> None:
@@ -277,9 +296,9 @@ class _Run:
         total_steps = total * steps_per_epoch
         base = settings.lr * lr_scale
 
-        def on_step(step):
+        def on_step(step, loss):
             if controller is not None:
-                regularizer.strength = controller.update(step + 1, regularizer.zero_fraction(), regularizer.strength)
+                regularizer.strength = controller.update(step + 1, regularizer.control_value(), regularizer.strength, loss)
 
         for epoch in range(self.state["epoch"], total):
             loader = epoch_loader(self.train_set, settings, self.config.seed, stage, epoch, self.collate)
@@ -289,6 +308,7 @@ class _Run:
                 on_step=on_step if controller is not None else None, device=self.device,
             )
             if regularizer is not None:
+                check_collapse(regularizer)  # before the checkpoint: the last good one stays
                 self.recalibrate()  # the regularizer moved the channel scales faster than BN's averages
             acc = self.test_accuracy(self.model)
             self.log_epoch(stage, epoch, total, stats, acc, extra_fn() if extra_fn else None)
@@ -328,7 +348,7 @@ class _Run:
                          total_steps=steps, schedule=schedule)
         reg = build_regularizer(self.config.method, ctx, self.config.method_options)
         adaptive = getattr(reg.config, "adaptive", False) and not reg.solves_strength
-        controller = StrengthController(schedule) if adaptive else None
+        controller = StrengthController(schedule, max_step=reg.controller_max_step) if adaptive else None
         return reg, controller, target_fraction
 
     def stage_regularize(self) -> None:

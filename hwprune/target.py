@@ -175,6 +175,20 @@ class Target:
 # Loading and validation.
 
 
+def _short_repr(value: Any) -> str:
+    """A bounded repr: YAML aliases can build structures of 10**9 elements out of a few lines
+    ("billion laughs"); a full repr of one would hang."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 40, 40
+    text = r.repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+MAX_TARGET_BYTES = 64 * 1024  # a target is a few hundred bytes; refuse megabytes before PyYAML parses them
+
+
 class _Reader:
     """Reads one mapping of a YAML file and reports every problem with the file and the key path."""
 
@@ -186,8 +200,7 @@ class _Reader:
         self.data = data
 
     def fail(self, key: str, expected: str, got: Any = None, *, message: str | None = None):
-        shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
-        text = message or f"expected {expected}, got {shown} ({type(got).__name__})"
+        text = message or f"expected {expected}, got {_short_repr(got)} ({type(got).__name__})"
         raise TargetError(f"{self.source}: key '{key}': {text}")
 
     def key(self, name: str) -> str:
@@ -307,6 +320,12 @@ def _read_target(data: Any, source: str, path: Path | None) -> Target:
             t.fail(t.key("target"), "a mapping with at least 'kind' (e.g. {kind: llvm, mcpu: znver3})", tgt)
         if not all(isinstance(k, str) for k in tgt):
             t.fail(t.key("target"), "string keys", tgt)
+        # The mapping is TVM's own (mcpu, mtriple, mattr, num-cores, ...): TVM checks the keys when it
+        # builds; here only the value types are checked.
+        for k, v in tgt.items():
+            ok = isinstance(v, (str, int, bool)) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+            if not ok or isinstance(v, float):
+                t.fail(f"{t.key('target')}.{k}", "a string, an integer, a boolean or a list of strings", v)
         tvm = TvmRuntime(target=dict(tgt), cross_compiler=t.str("cross_compiler", None))
     rpc = None
     if (p := rt.sub("rpc")) is not None:
@@ -342,6 +361,8 @@ def parse_target(text: str | bytes, source: str = "<string>", path: Path | None 
     """
     import yaml
 
+    if len(text) > MAX_TARGET_BYTES:
+        raise TargetError(f"{source}: {len(text)} bytes; a target file is expected to be small (under 64 KiB)")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -356,6 +377,8 @@ def parse_target(text: str | bytes, source: str = "<string>", path: Path | None 
         raise TargetError(f"{source}: invalid YAML{where}: {problem}") from None
     except RecursionError:
         raise TargetError(f"{source}: YAML nests too deeply (recursive anchors?)") from None
+    except ValueError as e:  # e.g. PyYAML's int/timestamp constructors on absurd values
+        raise TargetError(f"{source}: invalid YAML value: {str(e)[:80]}") from None
     if data is None:
         raise TargetError(f"{source}: the file is empty; a target needs name, device, groups and runtime")
     try:

@@ -143,7 +143,8 @@ def train_epoch(
     device: torch.device | str = "cpu",
     loss_fn: Callable | None = None,
 ) -> EpochStats:
-    """One epoch. ``lr_at(global_step)`` gives the learning rate; ``on_step(step)`` runs after each step."""
+    """One epoch. ``lr_at(global_step)`` gives the learning rate; ``on_step(step, loss)`` runs after each
+    step with that step's task loss."""
     model.train()
     t0 = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
@@ -163,7 +164,7 @@ def train_epoch(
                 total = loss + pen
         if not torch.isfinite(total):
             raise DivergedError(
-                f"the loss became {float(total)} at step {step}; the run stopped and the last good checkpoint "
+                f"the loss became {float(total.detach())} at step {step}; the run stopped and the last good checkpoint "
                 "is kept. Lower the learning rate (--lr) or the regularizer's strength and resume."
             )
         optimizer.zero_grad(set_to_none=True)
@@ -172,7 +173,7 @@ def train_epoch(
         if regularizer is not None:
             regularizer.after_step(lr, step)
         if on_step is not None:
-            on_step(step)
+            on_step(step, float(loss.detach()))
         total_loss += float(loss.detach()) * len(y)
         correct += int((out.detach().argmax(1) == y).sum())
         seen += len(y)

@@ -1,7 +1,7 @@
 """Structured regularizers behind one interface; importing this package registers them all."""
 
-from .base import (REGISTRY, RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer,
-                   make_config, register)
+from .base import (REGISTRY, RegContext, Regularizer, SeparationProgress, SparsitySchedule, StrengthController,
+                   build_regularizer, make_config, register, separation)
 from . import baselines, oneshot, wgsef  # noqa: F401  (registers)
 
-__all__ = ["REGISTRY", "RegContext", "Regularizer", "SparsitySchedule", "StrengthController", "build_regularizer", "make_config", "register"]
+__all__ = ["REGISTRY", "RegContext", "Regularizer", "SeparationProgress", "SparsitySchedule", "separation", "StrengthController", "build_regularizer", "make_config", "register"]

@@ -67,6 +67,9 @@ class Regularizer:
     # Methods that compute, each step, the strength that meets ``ctx.schedule`` set this to True;
     # the others are steered by a StrengthController.
     solves_strength: ClassVar[bool] = False
+    # Largest factor the StrengthController may change the strength by per interval: methods whose
+    # control_value answers at once can afford fast moves; a delayed answer calls for calm ones.
+    controller_max_step: ClassVar[float] = 1.4
     trains: ClassVar[bool] = True  # False: no regularized epochs (one-shot pruning)
     from_scratch: ClassVar[bool] = False  # True: re-initialize the sliced model and train it anew
 
@@ -112,12 +115,46 @@ class Regularizer:
         """Fraction of units the method has already removed (exact zeros for proximal methods)."""
         return float((self.unit_norms() == 0).double().mean()) if self.index.n_units else 0.0
 
+    def control_value(self) -> float:
+        """What the StrengthController steers along the schedule (same units as the schedule's target).
+        Default: :meth:`zero_fraction`. Subgradient methods, whose units only approach zero, return
+        :func:`separation_progress` instead: it answers the strength at once, a count of near-zero
+        units only after a delay, and a delayed answer makes the controller overshoot."""
+        return self.zero_fraction()
+
     # --- state (checkpoints) ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"strength": self.strength}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.strength = float(state["strength"])
+
+
+def separation(scores: np.ndarray, keep: int) -> float:
+    """Mean score of the units the budget removes (the smallest) over the median score of the units it
+    keeps: 1 when all units look alike, 0 when the removed ones are exactly zero."""
+    n = len(scores)
+    keep = max(1, min(int(keep), n))
+    if keep >= n:
+        return 0.0
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    ref = float(np.median(s[n - keep:]))
+    return float(np.mean(s[: n - keep]) / ref) if ref > 0 else 0.0
+
+
+class SeparationProgress:
+    """``target · (1 − r / r0)``, clipped to [0, target], with r the :func:`separation` now and r0 at
+    the start: how far the units the budget removes have been pushed towards zero, in the schedule's
+    units. It moves as soon as the strength acts."""
+
+    def __init__(self, target: float, keep: int):
+        self.target, self.keep, self.r0 = target, keep, None
+
+    def __call__(self, scores: np.ndarray) -> float:
+        r = separation(scores, self.keep)
+        if self.r0 is None:
+            self.r0 = max(r, 1e-12)
+        return float(min(self.target, max(0.0, self.target * (1.0 - r / self.r0))))
 
 
 class MinWidthGuard:
@@ -202,22 +239,48 @@ class StrengthController:
     """Steers the strength of a method that cannot solve for it, along a :class:`SparsitySchedule`.
 
     Every ``interval`` steps the strength is multiplied by ``exp(gain · (wanted − current) / target)``,
-    clipped to [1/2, 2]: behind schedule it grows, ahead it shrinks. No grid search over λ is needed.
+    clipped to [0.7, 1.4]: behind schedule it grows, ahead it shrinks. The clip limits wind-up: sparsity
+    answers the strength with a delay, and a controller that doubles while waiting overshoots (seen
+    with slimming: the strength went from 1e-4 to 10 and the network collapsed). No grid search.
     """
 
     schedule: SparsitySchedule
     interval: int = 10
     gain: float = 2.0
+    max_step: float = 1.4
     min_strength: float = 1e-8
     max_strength: float = 1e4
     history: list = field(default_factory=list)
+    loss_ref: float | None = None  # the task loss when regularization started
+    loss_ema: float | None = None
 
-    def update(self, step: int, current: float, strength: float) -> float:
+    def update(self, step: int, current: float, strength: float, loss: float | None = None) -> float:
+        """The strength for the next steps. ``loss``: this step's task loss (the harm guard's input)."""
+        if loss is not None and math.isfinite(loss):
+            self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+            if self.loss_ref is None and step >= self.interval:
+                self.loss_ref = self.loss_ema
         target = self.schedule.target
         if target <= 0 or step % self.interval:
             return strength
         error = (self.schedule.wanted(step) - current) / target
-        factor = min(2.0, max(0.5, math.exp(self.gain * error)))
+        factor = min(self.max_step, max(1.0 / self.max_step, math.exp(self.gain * error)))
+        if self.loss_ref is not None and self.loss_ema is not None:
+            # Do no harm: the strength rises only as far as the task tolerates. Past 1.5x the starting
+            # loss (+0.02) it stops rising; past twice that it halves (slimming at s = 8 collapsed the
+            # network to chance without this guard).
+            limit = 1.5 * self.loss_ref + 0.02
+            if self.loss_ema > 2 * limit:
+                factor = min(factor, 0.5)
+            elif self.loss_ema > limit:
+                factor = min(factor, 1.0)
         new = min(self.max_strength, max(self.min_strength, strength * factor))
         self.history.append((step, current, new))
         return new
+
+    def state_dict(self) -> dict:
+        return {"history": [list(h) for h in self.history], "loss_ref": self.loss_ref, "loss_ema": self.loss_ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [tuple(h) for h in state.get("history", [])]
+        self.loss_ref, self.loss_ema = state.get("loss_ref"), state.get("loss_ema")

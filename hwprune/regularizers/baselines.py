@@ -14,18 +14,26 @@ import numpy as np
 import torch
 
 from ..errors import HwpruneError
-from .base import MinWidthGuard, RegContext, Regularizer, register
+from .base import MinWidthGuard, RegContext, Regularizer, SeparationProgress, register
 from .scales import UnitScales
 from .wgsef import unit_weights
 
 
-def near_zero_fraction(scores: np.ndarray, rel: float = 1e-2) -> float:
-    """Fraction of units whose score is below ``rel`` times the largest: 'removed' for methods that
-    shrink towards zero without reaching it exactly."""
+def near_zero_fraction(scores: np.ndarray, keep: int, rel: float = 0.05) -> float:
+    """Fraction of units whose score is at most ``rel`` times the median score of the ``keep`` largest:
+    'removed' for methods that drive units towards zero without reaching it exactly (subgradient L1,
+    Hoyer). The reference is the units the budget keeps, so the measure neither depends on one outlier
+    (the maximum) nor on the units being removed."""
     if len(scores) == 0:
         return 0.0
-    top = float(np.max(scores))
-    return float(np.mean(scores <= rel * top)) if top > 0 else 1.0
+    keep = max(1, min(int(keep), len(scores)))
+    ref = float(np.median(np.sort(scores)[-keep:]))
+    return float(np.mean(scores <= rel * ref)) if ref > 0 else 1.0
+
+
+def _progress(ctx: RegContext) -> SeparationProgress:
+    target = ctx.schedule.target if ctx.schedule is not None else 0.0
+    return SeparationProgress(target, ctx.keep_units)
 
 
 @dataclass
@@ -99,10 +107,12 @@ class SlimmingConfig:
 class Slimming(Regularizer):
     name = "slimming"
     Config = SlimmingConfig
+    controller_max_step = 2.0  # steered by separation, which answers at once
 
     def __init__(self, config, ctx: RegContext):
         super().__init__(config, ctx)
         self.scales = UnitScales(ctx.model, ctx.index)
+        self.progress = _progress(ctx)
 
     def attach(self, resumed: bool = False) -> None:
         self.scales.attach()
@@ -118,17 +128,21 @@ class Slimming(Regularizer):
         return self.scales.unit_scores("mean")
 
     def zero_fraction(self) -> float:
-        return near_zero_fraction(self.scores())
+        return near_zero_fraction(self.scores(), self.ctx.keep_units)
+
+    def control_value(self) -> float:
+        return self.progress(self.scores())
 
     def finalize(self, groups, keep) -> None:
         self.scales.fold_gates()
 
     def state_dict(self) -> dict:
-        return {"strength": self.strength, "gates": self.scales.gates.detach().clone()}
+        return {"strength": self.strength, "gates": self.scales.gates.detach().clone(), "r0": self.progress.r0}
 
     def load_state_dict(self, state: dict) -> None:
         self.strength = float(state["strength"])
         self.scales.gates.data.copy_(state["gates"])
+        self.progress.r0 = state.get("r0")
 
 
 @dataclass
@@ -145,11 +159,13 @@ class DeepHoyerConfig:
 class DeepHoyer(Regularizer):
     name = "deephoyer"
     Config = DeepHoyerConfig
+    controller_max_step = 2.0  # steered by separation, which answers at once
 
     def __init__(self, config, ctx: RegContext):
         super().__init__(config, ctx)
         self.group_id = torch.as_tensor(ctx.index.group_of_unit(), dtype=torch.long)
         self.n_groups = len(ctx.index.groups)
+        self.progress = _progress(ctx)
 
     def penalty(self) -> torch.Tensor | None:
         norms = (self.index.sq_norms_differentiable() + 1e-12).sqrt()
@@ -159,4 +175,14 @@ class DeepHoyer(Regularizer):
         return self.strength * (s1 * s1 / s2.clamp_min(1e-12)).sum()  # guard ‖W‖ → 0 (METHODS.md §5.3)
 
     def zero_fraction(self) -> float:
-        return near_zero_fraction(self.scores())
+        return near_zero_fraction(self.scores(), self.ctx.keep_units)
+
+    def control_value(self) -> float:
+        return self.progress(self.scores())
+
+    def state_dict(self) -> dict:
+        return {"strength": self.strength, "r0": self.progress.r0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strength = float(state["strength"])
+        self.progress.r0 = state.get("r0")
