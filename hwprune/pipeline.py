@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__
+from . import __version__, distributed
 from .budget import Budget, Projection, check_budget, project
 from .checkpoint import Checkpointer
 from .cost import count_flops, count_params, flops_model, params_model
@@ -174,6 +174,10 @@ class _Run:
     """One run's state machine: each stage reads and writes the checkpoint."""
 
     def __init__(self, model, train_data, test_data, target, config: FitConfig, run_dir: Path, progress, info, measure):
+        self.dist = distributed.info()
+        if self.dist.enabled:  # BN statistics over the global batch, as in one process
+            distributed.convert_batchnorm(model, to_synced=True)
+            progress = progress if self.dist.is_main else None
         self.template = copy.deepcopy(model).cpu()  # the untrained architecture, to rebuild from
         self.model = model
         self.train_set, self.collate = _as_dataset(train_data)
@@ -211,7 +215,8 @@ class _Run:
             payload["regularizer"] = {"state": regularizer.state_dict(), "controller": controller.state_dict() if controller else {}}
         payload["rng"] = torch.get_rng_state()
         payload["config"] = self.fingerprint()
-        self.ckpt.save(payload)
+        if self.dist.is_main:  # one writer; every rank holds the same state (no rank reads it mid-run)
+            self.ckpt.save(payload)
 
     def groups(self, model):
         return discover_groups(model, self.example, exclude=self.config.exclude, target=self.target)
@@ -222,7 +227,9 @@ class _Run:
     # --- the run -------------------------------------------------------------------------------
     def execute(self) -> FitResult:
         t_start = time.perf_counter()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
         resumed = self.resume()
         # Reject an impossible budget before any training (groups depend only on the architecture).
         groups = self.groups(self.template)
@@ -234,8 +241,12 @@ class _Run:
             self.stage_regularize()
         if self.state["stage"] == "finetune":
             self.stage_finetune()
-        if self.state["stage"] in ("export", "done"):
+        report = None
+        if self.dist.enabled:
+            distributed.convert_batchnorm(self.model, to_synced=False)
+        if self.state["stage"] in ("export", "done") and self.dist.is_main:
             report = self.stage_export(time.perf_counter() - t_start)
+        distributed.barrier()
         plan = Plan.from_dict(self.state["plan"])
         return FitResult(self.model, plan, report, self.run_dir)
 
@@ -298,14 +309,23 @@ class _Run:
 
         def on_step(step, loss):
             if controller is not None:
+                loss = distributed.mean(loss)  # every rank's controller must see the same loss
                 regularizer.strength = controller.update(step + 1, regularizer.control_value(), regularizer.strength, loss)
+
+        extra = [p for g in (regularizer.extra_parameters() if regularizer else ()) for p in g["params"]]
+        sync_extra = (lambda: distributed.all_reduce_grads_(extra)) if self.dist.enabled and extra else None
+        train_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(self.model, broadcast_buffers=False)
 
         for epoch in range(self.state["epoch"], total):
             loader = epoch_loader(self.train_set, settings, self.config.seed, stage, epoch, self.collate)
             stats = train_epoch(
-                self.model, loader, optimizer, lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
+                train_model, loader, optimizer, lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
                 step0=epoch * steps_per_epoch, regularizer=regularizer,
-                on_step=on_step if controller is not None else None, device=self.device,
+                on_step=on_step if controller is not None else None, device=self.device, after_backward=sync_extra,
             )
             if regularizer is not None:
                 check_collapse(regularizer)  # before the checkpoint: the last good one stays
@@ -488,6 +508,11 @@ class _Run:
             "projection": proj,
             "onnx": {"max_abs_diff": diff, "checked_inputs": n_checked, "file": "model.onnx"},
             "target": {"name": self.target.name, "device": self.target.device.name, "local": self.target.is_local},
+            "throughput": {
+                "samples_per_s": {st: float(np.mean([h["samples_per_s"] for h in self.state["history"] if h["stage"] == st]))
+                                  for st in dict.fromkeys(h["stage"] for h in self.state["history"])},
+                "processes": self.dist.world, "data_workers": self.config.train.num_workers,
+            },
             "env": _env(),
         }
         if latency is not None:

@@ -117,6 +117,11 @@ class Report:
         ]
         if g("latency.note"):
             lines += [f"- **{g('latency.note')}**"]
+        tp = g("throughput") or {}
+        if tp.get("samples_per_s"):
+            per = ", ".join(f"{k} {v:.0f}" for k, v in tp["samples_per_s"].items())
+            lines += [f"- training throughput (samples/s, whole job, {tp.get('processes', 1)} process(es), "
+                      f"{tp.get('data_workers', 0)} data workers): {per}"]
         lines += ["", "## Layers", "", "| layer | kind | dense width | pruned width | kept |", "|---|---|---|---|---|"]
         for row in self.layers:
             lines.append(

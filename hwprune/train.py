@@ -37,18 +37,58 @@ class DivergedError(HwpruneError):
     """The loss became NaN or infinite."""
 
 
+class _GlobalBatches:
+    """Batch sampler: the global batches a single process would draw (same seeded permutation), of
+    which this rank takes its contiguous share. ``loss_scales[i]`` makes the ranks' averaged gradient
+    equal the mean over global batch i. Global batches with fewer samples than ranks are dropped on
+    every rank (an empty share would stall the collective operations)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        from . import distributed
+
+        perm = torch.randperm(n, generator=generator).tolist()
+        world = distributed.info().world
+        batches = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+        self.batches, self.loss_scales, self.global_sizes = [], [], []
+        for b in batches:
+            if len(b) < world:
+                continue
+            share, scale = distributed.rank_share(b)
+            self.batches.append(share)
+            self.loss_scales.append(scale)
+            self.global_sizes.append(len(b))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 def epoch_loader(dataset: Dataset, settings: TrainSettings, seed: int, stage: str, epoch: int, collate_fn=None) -> DataLoader:
-    """A shuffled loader whose order depends only on (seed, stage, epoch)."""
+    """A shuffled loader whose order depends only on (seed, stage, epoch); under torchrun each rank
+    gets its share of the same global batches. Worker processes load data in parallel when
+    ``settings.num_workers`` > 0; memory is pinned when a GPU is used."""
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + zlib.crc32(stage.encode()) * 101 + epoch) % (2**63))
-    return DataLoader(
-        dataset, batch_size=settings.batch_size, shuffle=True, generator=g, drop_last=False,
-        num_workers=settings.num_workers, collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+    sampler = _GlobalBatches(len(dataset), settings.batch_size, g)
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, num_workers=settings.num_workers, collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
     )
+    loader.loss_scales, loader.global_sizes = sampler.loss_scales, sampler.global_sizes
+    return loader
 
 
 def eval_loader(dataset: Dataset, batch_size: int = 256, collate_fn=None) -> DataLoader:
+    """In order; under torchrun each rank evaluates every world-th sample (evaluate sums the counts)."""
+    from torch.utils.data import Subset
+
+    from . import distributed
+
+    d = distributed.info()
+    if d.enabled:
+        dataset = Subset(dataset, list(range(d.rank, len(dataset), d.world)))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
 
 
@@ -79,7 +119,9 @@ def cosine_lr(base: float, step: int, total: int, floor: float = 0.0) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) on a loader."""
+    """(top-1 accuracy, mean cross-entropy) on a loader (summed over ranks under torchrun)."""
+    from . import distributed
+
     model.eval()
     correct, total, loss = 0, 0, 0.0
     for x, y in loader:
@@ -88,6 +130,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
         loss += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
         total += len(y)
+    correct, total, loss = distributed.sum_([correct, total, loss])
     return correct / max(total, 1), loss / max(total, 1)
 
 
@@ -111,9 +154,10 @@ def recalibrate_bn(model: nn.Module, dataset: Dataset, settings: TrainSettings, 
     model.train()
     seen = 0
     try:
-        for x, _ in epoch_loader(dataset, settings, seed, "bn-recalibration", 0, collate_fn):
+        loader = epoch_loader(dataset, settings, seed, "bn-recalibration", 0, collate_fn)
+        for (x, _), size in zip(loader, loader.global_sizes):
             model(x.to(device))
-            seen += len(x)
+            seen += size  # global count: every rank stops after the same batch
             if seen >= max_samples:
                 break
     finally:
@@ -139,9 +183,10 @@ def train_epoch(
     lr_at: Callable[[int], float],
     step0: int,
     regularizer=None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
     device: torch.device | str = "cpu",
     loss_fn: Callable | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> EpochStats:
     """One epoch. ``lr_at(global_step)`` gives the learning rate; ``on_step(step, loss)`` runs after each
     step with that step's task loss."""
@@ -149,8 +194,11 @@ def train_epoch(
     t0 = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
     step = step0
+    from . import distributed
+
     lr = lr_at(step)
-    for x, y in loader:
+    scales = getattr(loader, "loss_scales", None)
+    for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         lr = lr_at(step)
         for g in optimizer.param_groups:
@@ -162,13 +210,18 @@ def train_epoch(
             pen = regularizer.penalty()
             if pen is not None:
                 total = loss + pen
-        if not torch.isfinite(total):
+        bad = not bool(torch.isfinite(total))
+        if distributed.info().enabled:  # all ranks stop together, or the healthy ones wait forever
+            bad = distributed.sum_([float(bad)])[0] > 0
+        if bad:
             raise DivergedError(
                 f"the loss became {float(total.detach())} at step {step}; the run stopped and the last good checkpoint "
                 "is kept. Lower the learning rate (--lr) or the regularizer's strength and resume."
             )
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        (total * scales[i] if scales is not None and scales[i] != 1.0 else total).backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         if regularizer is not None:
             regularizer.after_step(lr, step)
@@ -179,4 +232,7 @@ def train_epoch(
         seen += len(y)
         step += 1
     secs = time.perf_counter() - t0
+    from . import distributed
+
+    total_loss, correct, seen = distributed.sum_([total_loss, correct, seen])  # the whole job's numbers
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), secs, seen / max(secs, 1e-9), lr)

@@ -38,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data order, init)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0: load in the training process)")
     p.add_argument("--exclude", action="append", default=[], metavar="LAYER",
                    help="layer name or glob whose channels are kept (repeatable)")
     p.add_argument("--image-size", type=int, default=None, help="image size for imagefolder data (default 32)")
@@ -93,6 +94,16 @@ def run(args) -> int:
     from ..target import load_target
     from ..train import TrainSettings
 
+    from .. import distributed
+
+    dist = distributed.init_from_env()
+    if dist.enabled:  # share the cores: torchrun starts one process per rank on this machine
+        import os
+
+        torch_threads = max(1, (os.cpu_count() or 1) // dist.world)
+        import torch as _torch
+
+        _torch.set_num_threads(torch_threads)
     if args.resume:
         args = _resume_args(args)
     if not args.target:
@@ -104,7 +115,7 @@ def run(args) -> int:
     target = load_target(args.target)
     data_name = args.data or DEFAULT_DATA
     model_name = args.model or DEFAULT_MODEL
-    quiet = args.quiet
+    quiet = args.quiet or not dist.is_main
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     say(f"target {target.name}: {target.description}")
     bundle = load_dataset(data_name, seed=args.seed, image_size=args.image_size)
@@ -119,14 +130,21 @@ def run(args) -> int:
         settings.lr = args.lr
     if args.batch_size is not None:
         settings.batch_size = args.batch_size
+    settings.num_workers = args.workers
     config = FitConfig(budget=budget, method=args.method, method_options=_parse_options(args.method_option),
                        train=settings, seed=args.seed, exclude=tuple(args.exclude),
                        latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats)
     if args.epochs:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = args.epochs
     out = Path(args.out) if args.out else fit_module._default_dir(config, {"model": model_name, "data": data_name, "target": target.name})
+    if dist.enabled:  # every rank must use rank 0's folder (the default one has a time stamp)
+        import torch.distributed as tdist
+
+        box = [str(out)]
+        tdist.broadcast_object_list(box, src=0)
+        out = Path(box[0])
     command = "hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "hwprune" in sys.argv[0] else None
-    if not args.resume:
+    if not args.resume and dist.is_main:
         atomic_write_json(out / "run.json", {"args": {k: getattr(args, k) for k in _SAVED}, "command": command})
     info = {"model": model_name, "data": data_name, "command": command}
     try:
@@ -135,6 +153,10 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
+    if result.report is None:  # not rank 0: rank 0 reports
+        return 0
     print()
     print(result.report.table())
     print(f"\nrun folder: {result.run_dir}  (report.md, report.json, plan.json, model.onnx, plots)")

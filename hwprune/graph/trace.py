@@ -25,7 +25,9 @@ class _Tracer(fx.Tracer):
         self.failed_at: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        from ..distributed import SyncedBatchNorm  # a BatchNorm to group discovery, whatever its forward
+
+        return qualname in self.leaves or isinstance(m, SyncedBatchNorm) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
