@@ -84,3 +84,14 @@ def test_collapse_to_zero_width_stops_the_run():
         model.c1[1].bias.zero_()
     with pytest.raises(DivergedError, match="collapsed to zero width"):
         check_collapse(reg)
+
+
+def test_killed_between_rotation_and_write_resumes_from_the_previous(tmp_path):
+    """save() renames checkpoint.pt to .prev.pt, then writes the new one atomically: a kill in between
+    leaves only .prev.pt, which is used."""
+    ck = Checkpointer(tmp_path)
+    ck.save({"epoch": 1})
+    ck.save({"epoch": 2})
+    ck.path.unlink()  # the state right after the rename, before the new file lands
+    assert ck.load()["epoch"] == 1
+    assert not list(tmp_path.glob(".checkpoint.pt.*.tmp")), "no temporary files are left visible"

@@ -13,13 +13,6 @@ from hwprune.data.arrays import FASHION_DIR, FASHION_ENV
 from hwprune.errors import DataError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and avoids OpenMP spin-waits when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def per_class(ds, k):

@@ -18,13 +18,6 @@ SHAPES = [(1, 10, 8), (1, 10, 28), (3, 10, 32)]
 BUILTINS = ["small-resnet", "resnet20", "resnet56", "vgg16-bn", "mobilenetv2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and avoids OpenMP spin-waits when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def n_params(m: nn.Module) -> int:

@@ -25,13 +25,6 @@ from hwprune.regularizers.wgsef_math import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is fastest and avoids stalls when the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # The solvers on group norms: sort with and without narrowing, and bisection.
 SOLVERS = {
