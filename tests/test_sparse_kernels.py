@@ -74,7 +74,7 @@ def test_schedule_choice():
     assert choose_schedule(KernelSpec(160, 1440, (4, 1), 4000, 1, 16)).strategy == "batch"  # conv positions
 
 
-@pytest.mark.parametrize("schedule", [Schedule("rows", 3, 1), Schedule("batch", 8)])
+@pytest.mark.parametrize("schedule", [Schedule("rows", 3, 1), Schedule("batch", 8, 2)])
 def test_every_schedule_is_correct_on_any_block(schedule):
     # schedules the chooser would not pick for this shape must still compute the right thing
     layer, _ = random_layer(20, 13, (4, 3), 0.5, seed=3)

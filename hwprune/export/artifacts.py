@@ -261,6 +261,12 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
     result = ExportResult("tvm", out_dir, [so, out_dir / "manifest.json", ref], manifest)
     result.notes.append(f"{len(build.layers)} sparse layers on BSR kernels; compiled in {build.compile_s:.1f} s for "
                         f"{dict(run.target.tvm.target)}; batch size {batch_size} (the library is specialised to it)")
+    declared = (run.target.shape_for(kind, "blocks") for kind in ("conv", "linear"))
+    wanted = {(b.rows, b.cols) for b in declared if b is not None}
+    planned = {tuple(l.block) for l in layers}
+    if wanted and not planned <= wanted:
+        result.notes.append(f"note: the plan's blocks {sorted(planned)} are not the blocks target '{run.target.name}' "
+                            f"declares {sorted(wanted)}; the kernels follow the plan")
     if run.target.tvm.cross_compiler:
         result.notes.append(f"cross-compiled with {run.target.tvm.cross_compiler}: not loadable on this machine, so not checked here")
         return result

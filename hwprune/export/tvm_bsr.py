@@ -65,7 +65,7 @@ class SparseBuild:
         tmp = path.with_name(f".{path.name}.tmp.so")
         kwargs = {}
         if cross_compiler:
-            from tvm.contrib import cc
+            from tvm.support import cc  # tvm.contrib.cc moved here in 0.27
 
             kwargs["fcompile"] = cc.cross_compiler(cross_compiler)
         try:
