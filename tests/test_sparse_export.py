@@ -136,3 +136,11 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "half").mkdir()
     code, _, err = cli(capsys, "export", str(tmp_path / "half"), "--format", "tvm")
     assert code == 2 and "no plan.json" in err and len(err.strip().splitlines()) == 1
+    # a channel run has no sparse layers: npz/tvm are refused before any work, naming what to do
+    from hwprune.graph import discover_groups
+
+    model = sparse_net(3, 5, 8)
+    groups = [g for g in discover_groups(model, torch.zeros(1, 3, 8, 8)) if g.prunable]
+    Plan.from_groups(groups, {g.name: np.arange(g.size // 2) for g in groups}, (1, 3, 8, 8)).save(tmp_path / "ch" / "plan.json")
+    code, _, err = cli(capsys, "export", str(tmp_path / "ch"), "--format", "npz")
+    assert code == 2 and "this run pruned channels" in err and "--format onnx" in err and len(err.strip().splitlines()) == 1

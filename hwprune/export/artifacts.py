@@ -29,6 +29,7 @@ from .. import __version__
 from ..errors import HwpruneError, PlanError, TargetError
 from ..io import atomic_write_bytes, atomic_write_json
 from ..plan import Plan, apply_plan
+from .relax_import import require_tvm
 
 FORMATS = ("onnx", "npz", "tvm")
 TOLERANCE = 1e-4  # largest |artifact - torch| accepted (float32 sums in another order)
@@ -59,11 +60,13 @@ def _read_json(path: Path, what: str) -> dict:
         raise ExportError(f"{path}: {what} is not valid JSON (line {e.lineno}): {e.msg}") from None
 
 
-def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: int = 16) -> LoadedRun:
+def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: int = 16, *,
+             need_blocks: str | None = None) -> LoadedRun:
     """Rebuild the pruned model of a finished ``hwprune fit`` run.
 
     ``target`` overrides the run's target (a name or a YAML path); ``n_inputs`` real test inputs of
     the run's dataset are kept for the checks (random inputs if the dataset cannot be loaded here).
+    ``need_blocks``: the format asking for a block plan (refused on a channel plan, before any work).
     """
     from ..data import load_dataset
     from ..models import build_model
@@ -76,6 +79,9 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
     if plan is None:
         raise ExportError(f"{run}: no plan.json; the run has not reached its projection yet "
                           f"(finish it with hwprune fit --resume {run})")
+    if need_blocks and plan.granularity != "blocks":
+        raise PlanError(f"{run}: --format {need_blocks} writes block-sparse layers, but this run pruned channels (its "
+                        "model is already a smaller dense model: use --format onnx), or run hwprune fit --granularity blocks")
     weights = run / "pruned.pt"
     if not weights.is_file():
         raise ExportError(f"{run}: no pruned.pt; the run has not finished fine-tuning (hwprune fit --resume {run})")
@@ -234,7 +240,7 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
     from ..sparse.bsr import sparse_layers
     from .tvm_bsr import build_sparse_module
 
-    import tvm
+    tvm = require_tvm()
 
     if batch_size < 1:
         raise ExportError(f"--batch-size {batch_size}: expected a positive batch size")
@@ -284,10 +290,9 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    run = load_run(run_dir, target=target)
-    if fmt in ("npz", "tvm") and run.plan.granularity != "blocks":
-        raise PlanError(f"{run.run_dir}: --format {fmt} writes block-sparse layers, but this run pruned channels (its "
-                        "model is already a smaller dense model: use --format onnx), or run hwprune fit --granularity blocks")
+    if fmt == "tvm":
+        require_tvm()  # before the model is rebuilt: a one-line error if the extra is missing
+    run = load_run(run_dir, target=target, need_blocks=fmt if fmt in ("npz", "tvm") else None)
     out_dir = Path(out) if out else run.run_dir / "export" / fmt
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
