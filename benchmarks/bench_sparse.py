@@ -279,8 +279,11 @@ def train_run(args) -> Path:
     cmd = ["fit", "--target", "host-cpu", "--granularity", "blocks", "--sparsity", "0.7", "--epochs", *epochs,
            "--no-latency", "--quiet", "--out", str(out)]
     print(f"  training: hwprune {' '.join(cmd)}", file=sys.stderr, flush=True)
-    if main(cmd) != 0:
-        raise SystemExit("the block-mode fit failed")
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # the fit's table goes with the progress, not the results
+        if main(cmd) != 0:
+            raise SystemExit("the block-mode fit failed")
     return out
 
 
@@ -376,7 +379,40 @@ def model_layers(args) -> tuple[list[dict], dict]:
                   file=sys.stderr, flush=True)
     for h in hooks:
         h.remove()
-    return rows, {"run": str(run_dir), "model": run.plan.meta.get("model"), "data": run.plan.meta.get("data")}
+    info = {"run": str(run_dir), "model": run.plan.meta.get("model"), "data": run.plan.meta.get("data"),
+            "whole_model": whole_model(run, layers, args.rounds)}
+    return rows, info
+
+
+def whole_model(run, layers, rounds: int) -> dict:
+    """The whole pruned model at batch 1: the TVM build (sparse layers on BSR kernels, the rest TVM's
+    untuned default) against onnxruntime on the dense model and on the masked one (dense shapes)."""
+    import onnxruntime as ort
+    import tvm
+
+    from hwprune.export.onnx import export_onnx
+    from hwprune.export.tvm_bsr import build_sparse_module
+
+    x = run.inputs[:1]
+    build = build_sparse_module(run.model, x, layers, TARGET)
+    vm = tvm.runtime.vm.VirtualMachine(build.executable, tvm.cpu())
+    xa = tvm.runtime.tensor(x.numpy())
+    f_main = vm["main"]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    sessions = {}
+    for name, path in (("onnxruntime dense", run.run_dir / "dense.onnx"), ("onnxruntime masked", run.run_dir / "model.onnx")):
+        sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {"input": x.numpy()}
+    with torch.no_grad():
+        want = run.model(x).numpy()
+    diff = float(np.abs(f_main(xa).numpy() - want).max())
+    cands = {"TVM BSR": lambda: f_main(xa)}
+    cands.update({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()})
+    ms = {k: v * 1e3 for k, v in timed(cands, rounds).items()}
+    print(f"  whole model, batch 1: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()) + f"; TVM vs torch {diff:.1e}",
+          file=sys.stderr, flush=True)
+    return {"ms": ms, "max_abs_diff": diff}
 
 
 def model_table(rows: list[dict], info: dict) -> str:
@@ -390,7 +426,14 @@ def model_table(rows: list[dict], info: dict) -> str:
                       f"{r['density']:.0%}", str(r["batch"]), str(r["columns"]), f"{r['best_dense']} {r['best_dense_ms']:.3f}",
                       cell("TVM BSR"), cell("scipy BSR"), cell("scipy CSR"), cell("torch CSR"),
                       r["schedule"] + (" +im2col" if r["im2col"] else "")])
-    return "\n".join(lines) + _markdown(table)
+    out = "\n".join(lines) + _markdown(table)
+    w = info.get("whole_model")
+    if w:
+        d = w["ms"]["onnxruntime dense"]
+        out += ("\n\nWhole model, batch 1 (sparse layers on BSR kernels, every other op TVM's untuned default): "
+                + ", ".join(f"{k} {v:.3f} ms ({v / d:.2f}x)" for k, v in w["ms"].items())
+                + f"; TVM vs torch max |diff| {w['max_abs_diff']:.1e}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,7 +460,8 @@ def main(argv=None) -> int:
 
     env = (f"{host_description()}; Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
            f"onnxruntime {onnxruntime.__version__}, scipy {scipy.__version__}, TVM {tvm.__version__}; 1 thread; "
-           f"median of {args.rounds} interleaved single calls")
+           f"median of {args.rounds} interleaved single calls; load average at start {os.getloadavg()[0]:.1f} "
+           f"on {os.cpu_count()} cores")
     result = {"env": env, "args": vars(args)}
     print(env)
     if not args.skip_synthetic:
@@ -428,6 +472,9 @@ def main(argv=None) -> int:
         rows, info = model_layers(args)
         result["model"] = {"info": info, "rows": rows}
         print("\n" + model_table(rows, info))
+    load = f"load average at the end {os.getloadavg()[0]:.1f}"
+    print(f"\n{load}")
+    result["load_end"] = load
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
