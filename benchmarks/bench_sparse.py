@@ -363,7 +363,7 @@ def model_layers(args) -> tuple[list[dict], dict]:
         lambda m, a, o, name=l.name: inputs.__setitem__(name, a[0].detach().clone())) for l in layers]
     rows = []
     for batch in BATCHES:
-        x = run.inputs.repeat(-(-batch // len(run.inputs)), 1, 1, 1)[:batch]
+        x = run.inputs.repeat(-(-batch // len(run.inputs)), *[1] * (run.inputs.dim() - 1))[:batch]
         with torch.no_grad():
             run.model(x)
         for layer in layers:
