@@ -255,7 +255,13 @@ def synthetic_table(rows: list[dict], shape) -> str:
                         vals.append("err")
                 line.append(" / ".join(vals) if set(vals) != {"err"} else "error")
             table.append(line)
-    return "\n".join(lines) + _markdown(table)
+    # issue 4's bar: batch 1, 70% of the blocks removed, blocks of 16 rows or more: at most 0.4x dense
+    bar = [r for r in rows if r["batch"] == 1 and r["sparsity"] == 0.7 and r["block"][0] >= 16]
+    worst = max((r["ratio"].get("TVM BSR", float("inf")) for r in bar), default=float("nan"))
+    verdict = (f"\n\nBatch 1, 70% removed, blocks of >= 16 rows: TVM BSR at most {worst:.3f}x of the best dense backend "
+               f"({'meets' if worst <= 0.4 else 'MISSES'} the 0.4x bar): "
+               + ", ".join(f"{r['block'][0]}x{r['block'][1]} {r['ratio'].get('TVM BSR', float('nan')):.3f}" for r in bar))
+    return "\n".join(lines) + _markdown(table) + (verdict if bar else "")
 
 
 def _markdown(table: list[list[str]]) -> str:
