@@ -3,11 +3,12 @@
 ``W`` is ``O x K`` (output x input features) cut into ``R x C`` blocks; only the kept blocks are
 stored, as in scipy's BSR: ``indptr`` (one entry per block row + 1), ``indices`` (the block column
 of each stored block) and ``data``, which here is laid out ``(nnz, C, R)`` so that the ``R`` output
-rows of one block column are contiguous and load as one vector (:func:`hwprune.sparse.bsr.pack`).
+rows of one block column are contiguous and load as one vector
+(:meth:`hwprune.sparse.bsr.SparseLayer.kernel_arrays`).
 
 Two input layouts, both with a static batch:
 
-* ``rows`` (linear layers): ``x (N, K) -> y (N, O)``;
+* ``rows`` (linear layers): ``x (N, K) -> y (N, O)``, passed as ``(N, K, 1)`` / ``(N, O, 1)``;
 * ``channels`` (convolutions after im2col, ``P`` = output positions): ``x (N, K, P) -> y (N, O, P)``.
 
 Three schedules, chosen by :func:`choose_schedule` from the block shape and the batch:
@@ -37,8 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Vector registers the accumulators may use: AVX2 has 16 ymm registers; 8 hold accumulators, the rest
-# hold the broadcast input, the loaded weights and addresses. With more, LLVM spills (measured: a
-# 16x1 block at batch tile 8 = 16 accumulators ran 1.5x slower than tile 4).
+# the broadcast input and the loaded weights. Measured for 16x1 blocks at batch 16 (time / onnxruntime):
+# tile 2 (4 accumulators) 0.45x, tile 4 (8) 0.32x, tile 8 (16, LLVM spills) 0.34x.
 ACC_REGISTERS = 8
 LANES = 8  # fp32 lanes of one AVX2 register
 
@@ -144,7 +145,7 @@ def bsr_primfunc(spec: KernelSpec, schedule: Schedule | None = None, name: str =
     """A TVMScript PrimFunc ``name(x, data, indices, indptr, out)`` computing ``out = x · Wᵀ``.
 
     ``data`` is ``(nnz, C, R)`` float32, ``indices`` ``(nnz,)`` int32, ``indptr`` ``(block_rows + 1,)``
-    int32 (see :func:`hwprune.sparse.bsr.pack`). Rows past ``out_features`` and columns past
+    int32 (see :meth:`hwprune.sparse.bsr.SparseLayer.kernel_arrays`). Rows past ``out_features`` and columns past
     ``in_features`` in edge blocks are never written / read.
 
     Example:
