@@ -153,10 +153,20 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
     if scores.shape != (n,):
         raise ValueError(f"expected {n} scores, got {scores.shape}")
     target, cost_fn = _target_and_cost(budget, n, cost)
+    allowed = [g.allowed_keep_counts() for g in prunable]
+    if budget.kind == "sparsity" and all(a == list(range(g.min_keep, g.size + 1)) for g, a in zip(prunable, allowed)):
+        keep, current = _unit_steps(prunable, offsets, scores, target)
+    else:
+        keep, current = _greedy(prunable, offsets, scores, target, cost_fn, allowed)
+    return _result(prunable, offsets, keep, current, budget, cost_fn)
+
+
+def _greedy(prunable, offsets, scores, target, cost_fn, allowed):
+    """Remove the cheapest chunk (score per cost saved) until the target; O(removed chunks x groups)."""
+    n = int(offsets[-1])
     keep = np.ones(n)
     # Within a group, units go in ascending score order (ties: higher index first, stable).
     order = [offsets[i] + np.argsort(scores[offsets[i] : offsets[i + 1]], kind="stable") for i in range(len(prunable))]
-    allowed = [g.allowed_keep_counts() for g in prunable]
     kept = [g.size for g in prunable]
 
     def chunk(i):
@@ -208,6 +218,41 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
         kept[best[0]] -= len(best[1])
         current = after
 
+    return keep, current
+
+
+def _unit_steps(prunable, offsets, scores, target):
+    """The greedy's result when every unit can go on its own and costs 1 (sparsity, no multiples):
+    the lowest scores overall, each group keeping its ``min_keep`` best. Equal to :func:`_greedy`
+    (ties: lower group first, then lower index) but one sort instead of one pass per unit: blocks
+    make tens of thousands of units, where the greedy took a minute (29,645 blocks: 58 s)."""
+    n = int(offsets[-1])
+    keep = np.ones(n)
+    removable, group_of, rank = [], [], []
+    for i, g in enumerate(prunable):
+        local = np.argsort(scores[offsets[i] : offsets[i + 1]], kind="stable")[: g.size - g.min_keep]
+        removable.append(offsets[i] + local)
+        group_of.append(np.full(len(local), i))
+        rank.append(np.arange(len(local)))
+    removable = np.concatenate(removable) if removable else np.zeros(0, dtype=np.int64)
+    order = np.lexsort((np.concatenate(rank) if rank else [], np.concatenate(group_of) if group_of else [],
+                        scores[removable]))
+    # How many go: the greedy's stopping rule on the count alone (each step removes one unit).
+    current, removed = float(n), 0
+    while current > target + 1e-9 and removed < len(removable):
+        after = current - 1
+        if after < target - 1e-9:
+            stay, go = (round(abs(current - target), 9), 1), (round(abs(after - target), 9), 0 if after <= target + 1e-9 else 1)
+            if go <= stay:  # equal: the greedy removes (a removal outranks staying)
+                removed, current = removed + 1, after
+            break
+        removed, current = removed + 1, after
+    keep[removable[order[:removed]]] = 0
+    return keep, current
+
+
+def _result(prunable, offsets, keep, current, budget, cost_fn) -> Projection:
+    n = int(offsets[-1])
     keep_by_group = {
         g.name: np.flatnonzero(keep[offsets[i] : offsets[i + 1]]) for i, g in enumerate(prunable)
     }

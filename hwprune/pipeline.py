@@ -3,13 +3,18 @@
 Stages: ``dense`` (train or keep a pretrained model) → ``regularize`` (the method pushes units to
 zero while λ is adapted towards the budget) → projection to exactly the budget and slicing →
 ``finetune`` (the smaller dense model) → ``export`` (ONNX, checked with onnxruntime) → latency
-measured on the target's runtime → report. A checkpoint is written atomically after every epoch;
+measured on the target's runtime → report.
+
+``granularity="blocks"`` swaps the units: weight blocks of the target's block shape instead of
+channels (:mod:`hwprune.blocks`), and the projection masks instead of slicing; the masked model is
+fine-tuned with its zero blocks held at zero. Everything else is the same code. A checkpoint is written atomically after every epoch;
 calling ``fit`` again on the same run folder continues where it stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -32,8 +37,8 @@ from .cost import count_flops, count_params, flops_model, params_model
 from .errors import BudgetError, CheckpointError, HwpruneError
 from .graph import discover_groups
 from .groups import UnitIndex
-from .plan import Plan, apply_plan
-from .regularizers import RegContext, SparsitySchedule, StrengthController, build_regularizer, make_config
+from .plan import GRANULARITIES, Plan, apply_plan
+from .regularizers import RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer, make_config
 from .report import Report, layer_table, plot_history, plot_norms
 from .slicing import mask_model, reinitialize, slice_model
 from .target import Target, load_target
@@ -57,11 +62,21 @@ class FitConfig:
     exclude: tuple[str, ...] = ()
     latency_batch_size: int | None = None
     latency_repeats: int | None = None
+    granularity: str = "channels"  # or "blocks": weight blocks of the target's block shape
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise HwpruneError(f"granularity '{self.granularity}': expected one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "blocks" and self.budget.kind != "sparsity":
+            raise BudgetError(f"--{self.budget.kind} with --granularity blocks: a block run takes --sparsity "
+                              "(the fraction of weight blocks removed); FLOPs and parameter budgets work on channels")
 
     def fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
         d["budget"] = {"kind": self.budget.kind, "value": self.budget.value}
         d["exclude"] = list(self.exclude)
+        if self.granularity == "channels":
+            del d["granularity"]  # runs from before block granularity existed resume unchanged
         return json.loads(json.dumps(d, default=str))
 
 
@@ -107,6 +122,7 @@ def fit(
     out_dir: str | os.PathLike | None = None,
     config: FitConfig | None = None,
     method: str | None = None,
+    granularity: str | None = None,
     progress: Callable[[str], None] | None = print,
     run_info: dict[str, Any] | None = None,
     measure: bool = True,
@@ -115,7 +131,8 @@ def fit(
     ONNX, measure latency on the target and write a report into ``out_dir``.
 
     Give exactly one budget: ``sparsity`` (fraction of prunable units removed), ``flops`` or ``params``
-    (fraction kept). ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
+    (fraction kept). ``granularity="blocks"`` prunes weight blocks of the target's block shape instead
+    of channels (``sparsity`` is then the fraction of blocks removed) and masks instead of slicing. ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
     DataLoader its dataset and collate function are used, and hwprune draws the order itself (seeded
     per epoch, so that a resumed run replays exactly). If ``out_dir`` holds a checkpoint of the same
     configuration, the run continues from it.
@@ -133,9 +150,11 @@ def fit(
     if config is None:
         if len(budgets) != 1:
             raise BudgetError("give exactly one budget: sparsity=, flops= or params=")
-        config = FitConfig(budget=Budget(*budgets[0]))
+        config = FitConfig(budget=Budget(*budgets[0]), granularity=granularity or "channels")
     elif budgets:
         raise BudgetError("give the budget either in config or as sparsity=/flops=/params=, not both")
+    elif granularity is not None:
+        config = dataclasses.replace(config, granularity=granularity)
     if method is not None:
         config.method = method
     make_config(config.method, config.method_options)  # reject unknown methods/options before any work
@@ -218,8 +237,24 @@ class _Run:
         if self.dist.is_main:  # one writer; every rank holds the same state (no rank reads it mid-run)
             self.ckpt.save(payload)
 
+    @property
+    def blocks(self) -> bool:
+        return self.config.granularity == "blocks"
+
     def groups(self, model):
+        if self.blocks:
+            from .blocks import block_groups
+
+            groups, self.dense_layers = block_groups(model, self.example, self.target, exclude=self.config.exclude)
+            return groups
         return discover_groups(model, self.example, exclude=self.config.exclude, target=self.target)
+
+    def index(self, model, groups):
+        if self.blocks:
+            from .blocks import BlockIndex
+
+            return BlockIndex(model, groups)
+        return UnitIndex(model, groups)
 
     def sliced_from_plan(self, plan: Plan) -> nn.Module:
         return apply_plan(copy.deepcopy(self.template), plan, target=self.target)
@@ -327,7 +362,7 @@ class _Run:
                 step0=epoch * steps_per_epoch, regularizer=regularizer,
                 on_step=on_step if controller is not None else None, device=self.device, after_backward=sync_extra,
             )
-            if regularizer is not None:
+            if isinstance(regularizer, Regularizer):
                 check_collapse(regularizer)  # before the checkpoint: the last good one stays
                 self.recalibrate()  # the regularizer moved the channel scales faster than BN's averages
             acc = self.test_accuracy(self.model)
@@ -356,7 +391,7 @@ class _Run:
         return None
 
     def build_regularizer(self, groups):
-        index = UnitIndex(self.model, groups)
+        index = self.index(self.model, groups)
         cost = self.cost_model(self.model, groups)
         # How many units does the budget remove? Project once with the current norms.
         proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.config.budget, cost)
@@ -397,15 +432,22 @@ class _Run:
         proj = reg.project(groups, self.config.budget, cost)
         acc_before = self.test_accuracy(self.model)
         reg.finalize(groups, proj.keep)  # fold gates / constants; the model is plain again
-        mask_model(self.model, groups, proj.keep)
+        if self.blocks:
+            index = self.index(self.model, groups)
+            index.mask_(index.keep_from_plan(proj.keep))
+        else:
+            mask_model(self.model, groups, proj.keep)
         self.recalibrate()
         acc_after = self.test_accuracy(self.model)
         plan = Plan.from_groups(groups, proj.keep, self.example.shape, self.config.exclude,
                                 meta={"target": self.target.name, "budget": self.config.budget.describe(),
                                       "method": self.config.method, **self.info})
-        slice_model(self.model, groups, proj.keep)
+        if not self.blocks:  # a block plan masks: the model keeps its shapes
+            slice_model(self.model, groups, proj.keep)
         if reg.from_scratch:
             reinitialize(self.model, self.config.seed)
+            if self.blocks:  # fresh weights, same dropped blocks
+                index.mask_(index.keep_from_plan(proj.keep))
         plan.save(self.run_dir / "plan.json")
         multiples = sorted({g.multiple for g in groups if g.prunable})
         self.state["plan"] = plan.to_dict()
@@ -440,8 +482,15 @@ class _Run:
         cfg = self.config
         sparsity = self.state["projection"]["removed_units"] / max(self.state["projection"]["units"], 1)
         schedule = self.state.get("finetune_plan") or {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
+        hold = None
+        if self.blocks:  # keep the dropped blocks at exactly zero while the rest trains
+            from .blocks import MaskHold, groups_from_plan
+
+            plan = Plan.from_dict(self.state["plan"])
+            index = self.index(self.model, groups_from_plan(self.model, plan))
+            hold = MaskHold(index, index.keep_from_plan(plan.keep_by_group()))
         if schedule["epochs"] > 0:
-            self.run_epochs("finetune", schedule["epochs"], cfg.train, lr_scale=schedule["lr_scale"],
+            self.run_epochs("finetune", schedule["epochs"], cfg.train, regularizer=hold, lr_scale=schedule["lr_scale"],
                             extra_fn=lambda: {"sparsity": sparsity})
         self.state["acc"]["pruned"] = self.test_accuracy(self.model)
         from .io import atomic_torch_save
@@ -491,6 +540,17 @@ class _Run:
         proj = self.state["projection"]
         flops_d, flops_p = count_flops(dense, self.example), count_flops(self.model, self.example)
         params_d, params_p = count_params(dense), count_params(self.model)
+        blocks = None
+        if self.blocks:  # shapes are dense; count what the sparse formats store and compute
+            from .blocks import block_stats, groups_from_plan
+
+            plan = Plan.from_dict(self.state["plan"])
+            blocks = block_stats(self.model, self.example, groups_from_plan(self.model, plan), plan.keep_by_group())
+            params_p -= blocks["params_removed"]
+            flops_p -= blocks["macs_removed"]
+            blocks.update(granularity="blocks", dense_layers=getattr(self, "dense_layers", None) or {}, note=(
+                "model.onnx keeps the dense shapes with exact zero blocks: onnxruntime runs it at dense speed. "
+                "The block-sparse speed-up comes from the BSR kernels: hwprune export RUN_DIR --format tvm"))
         achieved = {"sparsity": proj["removed_units"] / max(proj["units"], 1), "flops": flops_p / flops_d,
                     "params": params_p / params_d}
         data: dict[str, Any] = {
@@ -515,6 +575,9 @@ class _Run:
             },
             "env": _env(),
         }
+        if blocks is not None:
+            data["blocks"] = blocks
+            data["params"]["counted"] = data["flops"]["counted"] = "weights in kept blocks (a block plan keeps dense shapes)"
         if latency is not None:
             data["latency_ms"] = {"dense": latency.stats["dense"].median_ms, "pruned": latency.stats["pruned"].median_ms}
             data["latency"] = {

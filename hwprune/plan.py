@@ -3,6 +3,11 @@
 A plan is plain JSON. Replaying it onto a fresh copy of the model rediscovers the groups, checks that
 every group and member still matches (same names, sizes and parameter dims) and slices.
 
+A plan has a ``granularity``: ``channels`` (units are channels and neurons; replay slices) or
+``blocks`` (units are weight blocks of one layer, ``block: [rows, cols]`` per group; replay masks and
+the model keeps its shapes, see :mod:`hwprune.blocks`). Plans written before blocks existed have no
+``granularity`` key and read as ``channels``.
+
 Example:
     >>> plan = Plan.load("runs/digits/plan.json")                       # doctest: +SKIP
     >>> pruned = apply_plan(build_model("small-resnet", ...), plan)      # doctest: +SKIP
@@ -26,6 +31,7 @@ from .io import atomic_write_json
 
 FORMAT = "hwprune-plan"
 VERSION = 1
+GRANULARITIES = ("channels", "blocks")
 
 
 @dataclass
@@ -36,6 +42,7 @@ class GroupPlan:
     size: int
     keep: list[int]
     members: list[str]
+    block: list[int] | None = None  # [rows, cols] of a block group
 
     @property
     def removed(self) -> int:
@@ -50,16 +57,21 @@ class Plan:
     input_shape: list[int]
     exclude: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    granularity: str = "channels"
 
     @classmethod
     def from_groups(cls, groups: list[Group], keep: dict[str, np.ndarray], input_shape, exclude=(), meta=None) -> "Plan":
-        """Build a plan from discovered groups and kept unit indices per group name."""
+        """Build a plan from discovered groups (channel groups or :class:`~hwprune.blocks.BlockGroup`)
+        and kept unit indices per group name."""
+        blocks = any(getattr(g, "kind", None) == "blocks" for g in groups)
         plans = [
-            GroupPlan(g.name, g.size, sorted(int(i) for i in keep[g.name]), g.signature)
+            GroupPlan(g.name, g.size, sorted(int(i) for i in keep[g.name]), g.signature,
+                      list(g.block) if blocks else None)
             for g in groups
             if g.name in keep
         ]
-        return cls(plans, [int(s) for s in input_shape], list(exclude), dict(meta or {}))
+        return cls(plans, [int(s) for s in input_shape], list(exclude), dict(meta or {}),
+                   "blocks" if blocks else "channels")
 
     def keep_by_group(self) -> dict[str, np.ndarray]:
         return {g.name: np.asarray(g.keep, dtype=np.int64) for g in self.groups}
@@ -76,11 +88,14 @@ class Plan:
         return {
             "format": FORMAT,
             "version": VERSION,
+            "granularity": self.granularity,
             "input_shape": self.input_shape,
             "exclude": self.exclude,
             "meta": self.meta,
             "groups": [
-                {"name": g.name, "size": g.size, "keep": g.keep, "members": g.members} for g in self.groups
+                {"name": g.name, "size": g.size, "keep": g.keep, "members": g.members,
+                 **({"block": g.block} if g.block is not None else {})}
+                for g in self.groups
             ],
         }
 
@@ -90,12 +105,17 @@ class Plan:
             raise PlanError(f"{source}: not an hwprune plan (expected \"format\": \"{FORMAT}\")")
         if d.get("version") != VERSION:
             raise PlanError(f"{source}: plan version {d.get('version')!r}; this hwprune reads version {VERSION}")
+        granularity = d.get("granularity", "channels")
+        if granularity not in GRANULARITIES:
+            raise PlanError(f"{source}: granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)}")
         try:
             groups = [
-                GroupPlan(str(g["name"]), int(g["size"]), [int(i) for i in g["keep"]], [str(m) for m in g["members"]])
+                GroupPlan(str(g["name"]), int(g["size"]), [int(i) for i in g["keep"]], [str(m) for m in g["members"]],
+                          _block(g) if granularity == "blocks" else None)
                 for g in d["groups"]
             ]
-            return cls(groups, [int(s) for s in d["input_shape"]], [str(e) for e in d.get("exclude", [])], dict(d.get("meta", {})))
+            return cls(groups, [int(s) for s in d["input_shape"]], [str(e) for e in d.get("exclude", [])],
+                       dict(d.get("meta", {})), granularity)
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{source}: malformed plan ({type(e).__name__}: {e})") from None
 
@@ -113,6 +133,13 @@ class Plan:
         except json.JSONDecodeError as e:
             raise PlanError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
         return cls.from_dict(d, str(path))
+
+
+def _block(g: dict) -> list[int]:
+    block = g["block"]
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(v, int) and v > 0 for v in block)):
+        raise ValueError(f"group '{g.get('name')}': block {block!r} is not [rows, cols]")
+    return block
 
 
 def check_plan(plan: Plan, groups: list[Group]) -> None:
@@ -136,10 +163,15 @@ def check_plan(plan: Plan, groups: list[Group]) -> None:
 
 def apply_plan(model: nn.Module, plan: Plan, target=None) -> nn.Module:
     """Slice ``model`` (in place) to the plan; the model must be the architecture the plan came from.
+    A block plan masks instead: the dropped blocks become zeros and the shapes stay.
 
     Example:
         >>> pruned = apply_plan(fresh_model, Plan.load("plan.json"))    # doctest: +SKIP
     """
+    if plan.granularity == "blocks":
+        from .blocks import groups_from_plan, mask_blocks
+
+        return mask_blocks(model, groups_from_plan(model, plan), plan.keep_by_group())
     from .graph import discover_groups
     from .slicing import slice_model
 

@@ -66,6 +66,8 @@ class Report:
             out += f"\nlatency: {g('latency.runtime')}; {g('latency.measured_on')}"
             if g("latency.note"):
                 out += f"\n  NOTE: {g('latency.note')}"
+        if g("blocks.note"):
+            out += f"\nblocks: {g('blocks.note')}"
         return out
 
     def __str__(self) -> str:
@@ -122,6 +124,14 @@ class Report:
             per = ", ".join(f"{k} {v:.0f}" for k, v in tp["samples_per_s"].items())
             lines += [f"- training throughput (samples/s, whole job, {tp.get('processes', 1)} process(es), "
                       f"{tp.get('data_workers', 0)} data workers): {per}"]
+        if g("blocks.layers"):
+            lines += ["", "## Weight blocks", "", f"- {g('blocks.note')}", "",
+                      "| layer | kind | matrix | block | blocks | kept | density |", "|---|---|---|---|---|---|---|"]
+            for row in g("blocks.layers"):
+                lines.append(f"| {row['layer']} | {row['kind']} | {row['matrix'][0]}x{row['matrix'][1]} | "
+                             f"{row['block'][0]}x{row['block'][1]} | {row['blocks']} | {row['kept']} | {row['density']:.1%} |")
+            for layer, why in (g("blocks.dense_layers") or {}).items():
+                lines.append(f"| {layer} | dense | | | | | {why} |")
         lines += ["", "## Layers", "", "| layer | kind | dense width | pruned width | kept |", "|---|---|---|---|---|"]
         for row in self.layers:
             lines.append(

@@ -53,3 +53,31 @@ class _TinyResNet(nn.Module):
 def tiny_resnet(in_channels, num_classes, input_size):
     """A residual CNN small enough for end-to-end CLI tests (a few seconds per run)."""
     return _TinyResNet(in_channels, num_classes)
+
+
+class _SparseNet(nn.Module):
+    """Every layer kind the block export handles: a 3x3 conv (+BN), a 1x1 conv with bias, two linear
+    layers with sizes that are not multiples of the usual blocks, and the classifier."""
+
+    def __init__(self, in_channels, num_classes, input_size):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 24, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(24)
+        self.pw = nn.Conv2d(24, 40, 1)
+        self.pool = nn.AvgPool2d(2)
+        side = input_size // 2
+        self.fc1 = nn.Linear(40 * (side // 2) ** 2 if side >= 2 else 40, 30)
+        self.head = nn.Linear(30, num_classes)
+        self.side = side
+
+    def forward(self, x):
+        x = nn.functional.relu(self.bn(self.conv(x)))
+        x = self.pool(nn.functional.relu(self.pw(x)))
+        if self.side >= 2:
+            x = nn.functional.avg_pool2d(x, 2)
+        return self.head(nn.functional.relu(self.fc1(x.flatten(1))))
+
+
+def sparse_net(in_channels, num_classes, input_size):
+    """A small net for block-sparse export tests (3x3 conv, BN, 1x1 conv, two linear layers)."""
+    return _SparseNet(in_channels, num_classes, input_size)

@@ -25,11 +25,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--target", help="target YAML: a path, or the name of a shipped target (host-cpu, jetson.yaml, ...)")
     b = p.add_mutually_exclusive_group()
-    b.add_argument("--sparsity", type=float, help="fraction of the prunable units (channels, neurons) to remove, e.g. 0.7")
+    b.add_argument("--sparsity", type=float, help="fraction of the prunable units (channels, neurons; or weight blocks "
+                   "with --granularity blocks) to remove, e.g. 0.7")
     b.add_argument("--flops", type=float, help="fraction of the FLOPs to keep, e.g. 0.5")
     b.add_argument("--params", type=float, help="fraction of the parameters to keep, e.g. 0.5")
     p.add_argument("--model", default=None, help=f"built-in model or package.module:function (default: {DEFAULT_MODEL})")
     p.add_argument("--data", default=None, help=f"built-in dataset or imagefolder:PATH (default: {DEFAULT_DATA})")
+    p.add_argument("--granularity", choices=["channels", "blocks"], default=None,
+                   help="what a unit is: whole channels/neurons (default; the model is sliced) or weight blocks of the "
+                   "target's block shape (the model is masked; export the BSR kernels with hwprune export --format tvm)")
     p.add_argument("--method", default="wgsef", help="regularizer (default: wgsef)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the method, e.g. --method-option weighting=uniform (repeatable)")
@@ -51,7 +55,7 @@ def add_parser(sub) -> None:
     p.set_defaults(command="fit")
 
 
-_SAVED = ["target", "sparsity", "flops", "params", "model", "data", "method", "method_option", "epochs", "lr",
+_SAVED = ["target", "sparsity", "flops", "params", "model", "data", "granularity", "method", "method_option", "epochs", "lr",
           "batch_size", "seed", "exclude", "image_size", "latency_batch_size", "latency_repeats", "no_latency"]
 
 
@@ -133,7 +137,8 @@ def run(args) -> int:
     settings.num_workers = args.workers
     config = FitConfig(budget=budget, method=args.method, method_options=_parse_options(args.method_option),
                        train=settings, seed=args.seed, exclude=tuple(args.exclude),
-                       latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats)
+                       latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,
+                       granularity=args.granularity or "channels")
     if args.epochs:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = args.epochs
     out = Path(args.out) if args.out else fit_module._default_dir(config, {"model": model_name, "data": data_name, "target": target.name})
@@ -146,7 +151,10 @@ def run(args) -> int:
     command = "hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "hwprune" in sys.argv[0] else None
     if not args.resume and dist.is_main:
         atomic_write_json(out / "run.json", {"args": {k: getattr(args, k) for k in _SAVED}, "command": command})
-    info = {"model": model_name, "data": data_name, "command": command}
+    # How to rebuild the model from the run folder alone (hwprune export reads it from the plan's meta).
+    info = {"model": model_name, "data": data_name, "command": command,
+            "model_args": {"in_channels": bundle.in_channels, "num_classes": bundle.num_classes,
+                           "input_size": bundle.input_size}}
     try:
         result = fit(model, bundle.train, test_data=bundle.test, target=target, config=config, out_dir=out,
                      progress=say, run_info=info, measure=not args.no_latency)

@@ -1,0 +1,302 @@
+"""``hwprune export``: a fit run folder → an artifact (ONNX, scipy npz, TVM shared library), checked.
+
+:func:`load_run` rebuilds the pruned model from the run folder alone (``plan.json`` says which model
+and how to build it, ``pruned.pt`` holds the weights); :func:`export_run` writes one format into
+``RUN_DIR/export/<format>/`` (or ``out``) with a ``manifest.json`` and a ``reference.npz`` (inputs and
+the outputs torch computed for them), then loads the artifact in a fresh process with its runtime
+alone and compares (:mod:`hwprune.export.check`).
+
+Example:
+    >>> result = export_run("runs/demo", "tvm")                  # doctest: +SKIP
+    >>> result.check["max_abs_diff"] < 1e-4                       # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import HwpruneError, PlanError, TargetError
+from ..io import atomic_write_bytes, atomic_write_json
+from ..plan import Plan, apply_plan
+from .relax_import import require_tvm
+
+FORMATS = ("onnx", "npz", "tvm")
+TOLERANCE = 1e-4  # largest |artifact - torch| accepted (float32 sums in another order)
+
+
+class ExportError(HwpruneError):
+    """A run folder that cannot be exported as asked."""
+
+
+@dataclass
+class LoadedRun:
+    """A run folder's pruned model (eval mode, trained weights), plan, target and check inputs."""
+
+    run_dir: Path
+    model: nn.Module
+    plan: Plan
+    target: Any
+    inputs: torch.Tensor
+    inputs_from: str
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read {what}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: {what} is not valid JSON (line {e.lineno}): {e.msg}") from None
+
+
+def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: int = 16, *,
+             need_blocks: str | None = None) -> LoadedRun:
+    """Rebuild the pruned model of a finished ``hwprune fit`` run.
+
+    ``target`` overrides the run's target (a name or a YAML path); ``n_inputs`` real test inputs of
+    the run's dataset are kept for the checks (random inputs if the dataset cannot be loaded here).
+    ``need_blocks``: the format asking for a block plan (refused on a channel plan, before any work).
+    """
+    from ..data import load_dataset
+    from ..models import build_model
+    from ..target import load_target
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ExportError(f"{run}: no such run folder (expected a folder written by hwprune fit)")
+    plan = Plan.load(run / "plan.json") if (run / "plan.json").is_file() else None
+    if plan is None:
+        raise ExportError(f"{run}: no plan.json; the run has not reached its projection yet "
+                          f"(finish it with hwprune fit --resume {run})")
+    if need_blocks and plan.granularity != "blocks":
+        raise PlanError(f"{run}: --format {need_blocks} writes block-sparse layers, but this run pruned channels (its "
+                        "model is already a smaller dense model: use --format onnx), or run hwprune fit --granularity blocks")
+    weights = run / "pruned.pt"
+    if not weights.is_file():
+        raise ExportError(f"{run}: no pruned.pt; the run has not finished fine-tuning (hwprune fit --resume {run})")
+    args = _read_json(run / "run.json", "run.json").get("args", {}) if (run / "run.json").is_file() else {}
+    name, model_args = plan.meta.get("model"), plan.meta.get("model_args")
+    if not name or not isinstance(model_args, dict):
+        raise ExportError(f"{run / 'plan.json'}: meta has no 'model'/'model_args', so the model cannot be rebuilt "
+                          "from the folder (a run started from Python): export from Python with "
+                          "hwprune.export.artifacts.export_model(model, plan, ...)")
+    model = build_model(name, **model_args)
+    apply_plan(model, plan)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, OSError) as e:
+        raise ExportError(f"{weights}: does not hold the weights of this plan's model: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    model.eval()
+    refs = [target] if target else [args.get("target"), plan.meta.get("target")]
+    tgt, errors = None, []
+    for ref in [r for r in refs if r]:
+        try:
+            tgt = load_target(ref)
+            break
+        except TargetError as e:
+            errors.append(str(e))
+    if tgt is None:
+        raise ExportError(f"{run}: cannot load the run's target ({'; '.join(errors) or 'none recorded'}); give --target")
+    shape = list(plan.input_shape)
+    try:
+        bundle = load_dataset(plan.meta["data"], seed=int(args.get("seed") or 0), image_size=args.get("image_size"))
+        n = min(n_inputs, len(bundle.test))
+        inputs = torch.stack([torch.as_tensor(bundle.test[i][0]) for i in range(n)])
+        source = f"{n} real test inputs of '{plan.meta['data']}'"
+    except Exception as e:  # no data here: the check still runs, on random inputs, and says so
+        inputs = torch.randn([n_inputs] + shape[1:], generator=torch.Generator().manual_seed(0))
+        source = f"{n_inputs} random normal inputs (the dataset '{plan.meta.get('data')}' did not load: {e})"
+    return LoadedRun(run, model, plan, tgt, inputs.float(), source)
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and how its fresh-process check went."""
+
+    format: str
+    out_dir: Path
+    files: list[Path]
+    manifest: dict[str, Any]
+    check: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{self.format}: wrote {', '.join(str(f) for f in self.files)}"]
+        if self.check is not None:
+            if self.check.get("ok"):
+                lines.append(f"checked in a fresh process ({self.check['runtime']}): max |artifact - torch| = "
+                             f"{self.check['max_abs_diff']:.2e} on {self.check['inputs']} "
+                             f"({'within' if self.check['max_abs_diff'] <= TOLERANCE else 'ABOVE'} {TOLERANCE:g})")
+            else:
+                lines.append(f"fresh-process check FAILED: {self.check.get('error')}")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def _save_reference(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()})
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _checked(result: ExportResult, kind: str, artifact: Path, reference: Path, runtime: str, inputs: str) -> ExportResult:
+    from .check import check_in_fresh_process
+
+    check = check_in_fresh_process(kind, artifact, reference)
+    check.update(runtime=runtime, inputs=inputs)
+    result.check = check
+    if not check.get("ok"):
+        raise ExportError(f"{artifact}: the fresh-process check failed: {check.get('error')}")
+    if check["max_abs_diff"] > TOLERANCE:
+        raise ExportError(f"{artifact}: differs from torch by {check['max_abs_diff']:.3g} (more than {TOLERANCE:g}) on {inputs}")
+    return result
+
+
+def safe_name(layer: str) -> str:
+    """A file-name-safe layer name (``layers.0.conv1`` → ``layers.0.conv1``; other characters → ``_``)."""
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in layer) or "model"
+
+
+@torch.no_grad()
+def export_onnx_format(run: LoadedRun, out_dir: Path, check: bool = True) -> ExportResult:
+    """The pruned model as ONNX (dynamic batch): sliced for a channel plan, masked for a block plan."""
+    from .onnx import export_onnx
+
+    path = export_onnx(run.model, run.inputs[:1], out_dir / "model.onnx")
+    ref = _save_reference(out_dir / "reference.npz", {"input": run.inputs.numpy(), "output": run.model(run.inputs).numpy()})
+    manifest = {"format": "onnx", "file": "model.onnx", "opset": 17, "input_shape": ["batch"] + list(run.inputs.shape[1:]),
+                "granularity": run.plan.granularity, "reference": "reference.npz", "hwprune": __version__}
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    result = ExportResult("onnx", out_dir, [path, out_dir / "manifest.json", ref], manifest)
+    if run.plan.granularity == "blocks":
+        result.notes.append("note: a block plan's ONNX model keeps dense shapes (zero blocks); onnxruntime gains no speed from them")
+    return _checked(result, "onnx", path, ref, "onnxruntime", run.inputs_from) if check else result
+
+
+@torch.no_grad()
+def export_npz_format(run: LoadedRun, out_dir: Path, check: bool = True) -> ExportResult:
+    """Every sparse layer's weight as a scipy BSR (CSR for 1x1 blocks) ``.npz``, biases in ``biases.npz``,
+    and ``manifest.json`` (layer, kind, shape, padded shape, format, block, density, conv geometry)."""
+    import scipy.sparse as sp
+
+    from ..sparse.bsr import sparse_layers
+
+    layers = sparse_layers(run.model, run.plan)
+    files, entries, biases = [], [], {}
+    for layer in layers:
+        buf = io.BytesIO()
+        sp.save_npz(buf, layer.to_scipy(), compressed=False)
+        fname = f"{safe_name(layer.name)}.npz"
+        files.append(atomic_write_bytes(out_dir / fname, buf.getvalue()))
+        entries.append({**layer.manifest(), "file": fname})
+        if layer.bias is not None:
+            biases[layer.name] = layer.bias
+    if biases:
+        buf = io.BytesIO()
+        np.savez(buf, **biases)
+        files.append(atomic_write_bytes(out_dir / "biases.npz", buf.getvalue()))
+    manifest = {
+        "format": "hwprune-sparse-npz", "version": 1, "hwprune": __version__, "target": run.target.name,
+        "layers": entries, "biases": "biases.npz" if biases else None, "reference": "reference.npz",
+        "how_to_load": "scipy.sparse.load_npz(file) gives the weight as a (padded_shape) BSR/CSR matrix; crop to shape "
+                       "[:O, :K]. A conv's matrix multiplies im2col columns ordered as weight.reshape(C_out, -1).",
+    }
+    files.append(atomic_write_json(out_dir / "manifest.json", manifest))
+    # Each layer's input and output on real data, for the scipy-only check.
+    captured: dict[str, np.ndarray] = {}
+    hooks = []
+    for layer in layers:
+        def hook(module, args, out, name=layer.name):
+            captured["in:" + name] = args[0].numpy()
+            captured["out:" + name] = out.numpy()
+        hooks.append(run.model.get_submodule(layer.name).register_forward_hook(hook))
+    try:
+        run.model(run.inputs[:4])
+    finally:
+        for h in hooks:
+            h.remove()
+    ref = _save_reference(out_dir / "reference.npz", captured)
+    files.append(ref)
+    result = ExportResult("npz", out_dir, files, manifest)
+    return _checked(result, "npz", out_dir, ref, "scipy", f"each sparse layer's input on {run.inputs_from[:60]}") if check else result
+
+
+@torch.no_grad()
+def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bool = True) -> ExportResult:
+    """The model compiled with TVM for the target, every sparse layer on its BSR kernel, as ``model.so``."""
+    from ..sparse.bsr import sparse_layers
+    from .tvm_bsr import build_sparse_module
+
+    tvm = require_tvm()
+
+    if batch_size < 1:
+        raise ExportError(f"--batch-size {batch_size}: expected a positive batch size")
+    layers = sparse_layers(run.model, run.plan)
+    reps = -(-batch_size // len(run.inputs))
+    x = run.inputs.repeat(reps, *[1] * (run.inputs.dim() - 1))[:batch_size]
+    build = build_sparse_module(run.model, x, layers, run.target.tvm.target)
+    so = build.export(out_dir / "model.so", cross_compiler=run.target.tvm.cross_compiler)
+    ref = _save_reference(out_dir / "reference.npz", {"input": x.numpy(), "output": run.model(x).numpy()})
+    manifest = {
+        "format": "hwprune-tvm-bsr", "version": 1, "file": "model.so", "hwprune": __version__, "tvm": tvm.__version__,
+        "target": {"name": run.target.name, "tvm": dict(run.target.tvm.target)},
+        "input": {"shape": list(x.shape), "dtype": "float32"}, "reference": "reference.npz",
+        "compile_seconds": round(build.compile_s, 2),
+        "layers": [{"layer": l.name, "kernel": l.schedule.strategy, "tile": l.schedule.tile, "chains": l.schedule.chains,
+                    "im2col": l.im2col, "matrix": [l.spec.out_features, l.spec.in_features], "block": list(l.spec.block),
+                    "stored_blocks": l.spec.nnz, "batch_columns": l.spec.columns} for l in build.layers],
+        "scheduling": "sparse layers: hand-written BSR kernels (hwprune.sparse.kernels); every other op: TVM's default "
+                      "lowering, not tuned",
+        "how_to_load": "lib = tvm.runtime.load_module('model.so'); vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()); "
+                       "y = vm['main'](tvm.runtime.tensor(x)).numpy()  # x: float32 of input.shape",
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    result = ExportResult("tvm", out_dir, [so, out_dir / "manifest.json", ref], manifest)
+    result.notes.append(f"{len(build.layers)} sparse layers on BSR kernels; compiled in {build.compile_s:.1f} s for "
+                        f"{dict(run.target.tvm.target)}; batch size {batch_size} (the library is specialised to it)")
+    declared = (run.target.shape_for(kind, "blocks") for kind in ("conv", "linear"))
+    wanted = {(b.rows, b.cols) for b in declared if b is not None}
+    planned = {tuple(l.block) for l in layers}
+    if wanted and not planned <= wanted:
+        result.notes.append(f"note: the plan's blocks {sorted(planned)} are not the blocks target '{run.target.name}' "
+                            f"declares {sorted(wanted)}; the kernels follow the plan")
+    if run.target.tvm.cross_compiler:
+        result.notes.append(f"cross-compiled with {run.target.tvm.cross_compiler}: not loadable on this machine, so not checked here")
+        return result
+    return _checked(result, "tvm", so, ref, f"TVM {tvm.__version__} runtime", f"a batch of {batch_size} from {run.inputs_from}") \
+        if check else result
+
+
+def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *, target: str | None = None,
+               batch_size: int = 1, check: bool = True) -> ExportResult:
+    """Export a finished fit run folder as ``fmt`` (onnx | npz | tvm) into ``out`` (default
+    ``RUN_DIR/export/<fmt>``), then check the artifact in a fresh process.
+
+    Example:
+        >>> print(export_run("runs/demo", "npz"))                   # doctest: +SKIP
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "tvm":
+        require_tvm()  # before the model is rebuilt: a one-line error if the extra is missing
+    run = load_run(run_dir, target=target, need_blocks=fmt if fmt in ("npz", "tvm") else None)
+    out_dir = Path(out) if out else run.run_dir / "export" / fmt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        return export_onnx_format(run, out_dir, check)
+    if fmt == "npz":
+        return export_npz_format(run, out_dir, check)
+    return export_tvm_format(run, out_dir, batch_size, check)
