@@ -2,6 +2,6 @@
 
 from .base import (REGISTRY, RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer,
                    make_config, register)
-from . import autoprune, baselines, oneshot, polarization, wgsef  # noqa: F401  (registers)
+from . import autoprune, baselines, ista, oneshot, polarization, wgsef  # noqa: F401  (registers)
 
 __all__ = ["REGISTRY", "RegContext", "Regularizer", "SparsitySchedule", "StrengthController", "build_regularizer", "make_config", "register"]
