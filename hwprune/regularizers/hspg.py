@@ -71,6 +71,13 @@ class HalfSpaceStep:
     def remember(self) -> None:
         self._prev = {key: t.detach().clone() for key, t, _, _ in self._entries()}
 
+    def state_dict(self) -> dict:
+        return {"|".join(map(str, key)): t for key, t in self._prev.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        keys = {"|".join(map(str, key)): key for key, _, _, _ in self._entries()}
+        self._prev = {keys[k]: t.clone() for k, t in state.items() if k in keys}
+
     def _per_unit(self, values: torch.Tensor, dim: int, gid: torch.Tensor, acc: torch.Tensor) -> None:
         other = [d for d in range(values.dim()) if d != dim]
         acc.index_add_(0, gid, (values.sum(dim=other) if other else values).double())

@@ -205,7 +205,7 @@ class IstaBn(Regularizer):
         self._write(new)
         if self.controller is not None:
             if self.speed is None:
-                self.speed = SpeedMeter(scale=float(v.abs().median()) or 1.0)
+                self.speed = SpeedMeter(scale=float(v.abs().median()) or 1.0)  # the γ's typical size
             speed = self.speed.update(new)
             self.strength = self.controller.update(step + 1, self.zero_fraction(), self.strength, speed)
 
@@ -236,8 +236,8 @@ class IstaBn(Regularizer):
 
     def state_dict(self) -> dict:
         return {"strength": self.strength, "gates": self.scales.gates.detach().clone(),
-                "inputs": self.recorder.inputs,
-                "layer_penalty": self.layer_penalty}
+                "inputs": self.recorder.inputs, "layer_penalty": self.layer_penalty,
+                "speed": self.speed.state_dict() if self.speed is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.strength = float(state["strength"])
@@ -247,3 +247,6 @@ class IstaBn(Regularizer):
         if state.get("layer_penalty") is not None:
             self.layer_penalty = state["layer_penalty"]
             self._remove_geometry_hooks()
+        if state.get("speed") is not None:
+            self.speed = SpeedMeter()
+            self.speed.load_state_dict(state["speed"])

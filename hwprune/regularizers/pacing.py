@@ -37,6 +37,12 @@ class SpeedMeter:
     value: float = 0.0
     _prev: torch.Tensor | None = None
 
+    def state_dict(self) -> dict:
+        return {"value": self.value, "prev": self._prev, "scale": self.scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self._prev, self.scale = float(state["value"]), state["prev"], float(state["scale"])
+
     def update(self, values: torch.Tensor, alive_above: float = 0.0) -> float:
         v = values.detach().abs().double().cpu()
         prev, self._prev = self._prev, v.clone()

@@ -180,8 +180,9 @@ class Polarization(Regularizer):
         return float(np.mean(s <= first_gap_threshold(s, self.config.upper))) if len(s) else 0.0
 
     def state_dict(self) -> dict:
-        return {"strength": self.strength, "gates": self.scales.gates.detach().clone()}
+        return {"strength": self.strength, "gates": self.scales.gates.detach().clone(), "speed": self.speed.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.strength = float(state["strength"])
         self.scales.gates.data.copy_(state["gates"])
+        self.speed.load_state_dict(state["speed"])

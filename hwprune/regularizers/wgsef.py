@@ -126,6 +126,17 @@ class Wgsef(Regularizer):
         if hs is not None and step + 1 >= self.hspg_start:
             hs.remember()  # θ_t for the next step's half-space test
 
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.halfspace is not None:
+            state["halfspace_prev"] = self.halfspace.state_dict()  # θ_t, so that a resumed stage replays
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.halfspace is not None and state.get("halfspace_prev") is not None:
+            self.halfspace.load_state_dict(state["halfspace_prev"])
+
     @torch.no_grad()
     def _prox_step(self, lr: float, step: int) -> None:
         a = self.unit_norms().double()
