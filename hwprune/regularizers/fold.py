@@ -225,7 +225,7 @@ def fold_removed_constants(model: nn.Module, index: UnitIndex, removed: torch.Te
 
     Example:
         >>> report = fold_removed_constants(net, index, ~keep, x, bn_after(net))   # doctest: +SKIP
-        >>> report.unfolded
+        >>> report.unfolded                                                         # doctest: +SKIP
         []
     """
     report = FoldReport()

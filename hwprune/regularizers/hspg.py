@@ -25,8 +25,8 @@ def wgsef_grad_coeff(a: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
 
     Example:
         >>> a = torch.tensor([5., 4., 2.5, 2., 1., .5], dtype=torch.float64)  # METHODS.md §1.6 Ex. 2, k = 2
-        >>> wgsef_grad_coeff(a, torch.ones(6, dtype=torch.float64), 2)  # no full group: ρ = Σa/k = 7.5, c = ρ/a
-        tensor([ 1.5000,  1.8750,  3.0000,  3.7500,  7.5000, 15.0000], dtype=torch.float64)
+        >>> wgsef_grad_coeff(a, torch.ones(6, dtype=torch.float64), 2).tolist()  # no full group: c = ρ/a, ρ = Σa/k
+        [1.5, 1.875, 3.0, 3.75, 7.5, 15.0]
     """
     a = a.double()
     w = w.double().to(a.device)
