@@ -186,6 +186,7 @@ class AutoPrune(Regularizer):
             raise HwpruneError(
                 f"autoprune gates BatchNorm, Conv and Linear layers only; these layers write prunable channels: "
                 f"{', '.join(bad)}. Exclude them (--exclude) or choose another method")
+        self._name_of = {id(ctx.model.get_submodule(n)): n for n in self.layers}  # hooks see modules
         self._hooks: list = []
         self._stash: dict[int, tuple[torch.Tensor, torch.Tensor, list]] = {}
 
@@ -204,7 +205,7 @@ class AutoPrune(Regularizer):
         return _Masked.apply(t, self.m, gid, 0, self.config.ste, self.config.slope)
 
     def _gated_forward(self, module, inputs, output):
-        name = self._names[id(module)]
+        name = self._name_of[id(module)]
         x = inputs[0]
         w, b = self._masked(module, name, "weight"), self._masked(module, name, "bias")
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -212,12 +213,6 @@ class AutoPrune(Regularizer):
         if isinstance(module, _CONVS):
             return module._conv_forward(x, w, b)
         return F.linear(x, w, b)
-
-    @property
-    def _names(self) -> dict[int, str]:
-        if not hasattr(self, "_name_cache"):
-            self._name_cache = {id(self.ctx.model.get_submodule(n)): n for n in self.layers}
-        return self._name_cache
 
     def penalty(self) -> torch.Tensor | None:
         return self.strength * _Step.apply(self.m, self.config.ste, self.config.slope).sum()

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import HwpruneError
 from ..groups import CONSUMER, NORMALIZED, PRODUCER, get_tensor
