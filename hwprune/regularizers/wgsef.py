@@ -14,6 +14,11 @@ Unit weights ``w_i`` (the √d_i of §1.3):
   are pushed to zero first. Used by default for FLOPs and latency budgets.
 
 Weights are normalized to mean square 1, so λ means the same thing whatever the model.
+
+With ``hspg=True`` the proximal stage ends after ``hspg_switch`` of the regularized steps and the
+half-space stage of HSPG follows (METHODS.md §1.8, :mod:`hwprune.regularizers.hspg`): zero units stay
+zero, and a unit whose step leaves the half-space ⟨θ̃, θ⟩ ≥ ε‖θ‖² is set to zero; λ keeps the value
+the proximal stage ended with. The projection to the budget follows as for plain WGSEF.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 from ..errors import HwpruneError
 from .base import MinWidthGuard, RegContext, Regularizer, register
+from .hspg import HalfSpaceStep
 from .wgsef_math import wgsef_prox_norms
 
 WEIGHTINGS = ("size", "uniform", "cost")
@@ -39,12 +45,23 @@ class WgsefConfig:
     number of units at zero (a bisection on log λ; the zero count grows with λ), capped so that the
     median surviving unit loses at most ``max_shrink`` of its norm per step. Otherwise λ is the fixed
     ``strength``.
+
+    ``hspg``: add the half-space stage after the first ``hspg_switch`` of the regularized steps (0.6:
+    where the sparsity schedule reaches the budget), with threshold ``hspg_epsilon`` ∈ [0, 1) (0.0, the
+    OTO code's default).
+
+    Example:
+        >>> WgsefConfig(hspg=True).hspg_switch
+        0.6
     """
 
     strength: float = 1e-3
     weighting: str = "auto"
     adaptive: bool = True
     max_shrink: float = 0.05
+    hspg: bool = False
+    hspg_switch: float = 0.6
+    hspg_epsilon: float = 0.0
 
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS + ("auto",):
@@ -53,6 +70,12 @@ class WgsefConfig:
             raise HwpruneError(f"wgsef strength {self.strength}: expected a positive number")
         if not 0 < self.max_shrink < 1:
             raise HwpruneError(f"wgsef max_shrink {self.max_shrink}: expected a fraction in (0, 1)")
+        if not isinstance(self.hspg, bool):
+            raise HwpruneError(f"wgsef hspg {self.hspg!r}: expected true or false")
+        if not 0 <= self.hspg_switch <= 1:
+            raise HwpruneError(f"wgsef hspg_switch {self.hspg_switch}: expected the fraction of regularized steps in [0, 1]")
+        if not 0 <= self.hspg_epsilon < 1:
+            raise HwpruneError(f"wgsef hspg_epsilon {self.hspg_epsilon}: expected a value in [0, 1)")
 
 
 def unit_weights(weighting: str, ctx: RegContext) -> torch.Tensor:
@@ -91,9 +114,31 @@ class Wgsef(Regularizer):
         # The protected units are kept anyway; the envelope ranks the others against what remains.
         self.k = max(1, int(ctx.keep_units) - self.protect.count)
         self._last: dict[str, float] = {}  # previous step's search results (warm start)
+        self.halfspace = HalfSpaceStep(ctx.index, self.w, self.k, self.protect, config.hspg_epsilon) if config.hspg else None
+        self.hspg_start = int(config.hspg_switch * ctx.total_steps)
 
     @torch.no_grad()
     def after_step(self, lr: float, step: int) -> None:
+        hs = self.halfspace
+        if hs is not None and step >= self.hspg_start and hs.step(lr, self.strength):
+            return
+        self._prox_step(lr, step)
+        if hs is not None and step + 1 >= self.hspg_start:
+            hs.remember()  # θ_t for the next step's half-space test
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.halfspace is not None:
+            state["halfspace_prev"] = self.halfspace.state_dict()  # θ_t, so that a resumed stage replays
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.halfspace is not None and state.get("halfspace_prev") is not None:
+            self.halfspace.load_state_dict(state["halfspace_prev"])
+
+    @torch.no_grad()
+    def _prox_step(self, lr: float, step: int) -> None:
         a = self.unit_norms().double()
         w = self.w.to(a.device)
         free = ~self.protect.mask(a / w)

@@ -1,0 +1,51 @@
+"""Each new method resumes inside its regularized stage and ends exactly where an uninterrupted run ends."""
+
+import json
+
+import pytest
+import torch
+
+import hwprune
+from hwprune.budget import Budget
+from hwprune.data import load_dataset
+from hwprune.pipeline import FitConfig
+
+from helpers_models import tiny_resnet
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _fit(method, options, out, data, stop_at=None):
+    def progress(msg):
+        if stop_at and msg.startswith(stop_at):
+            raise Interrupt(msg)
+
+    torch.manual_seed(0)
+    cfg = FitConfig(budget=Budget("sparsity", 0.5), method=method, method_options=dict(options),
+                    epochs_dense=1, epochs_regularize=2, epochs_finetune=1)
+    return hwprune.fit(tiny_resnet(1, 10, 8), data.train, test_data=data.test, target="host-cpu", config=cfg,
+                       out_dir=out, progress=progress, measure=False)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("polarization", {}), ("autoprune", {}), ("ista-bn", {"alpha": 0.5}), ("wgsef", {"hspg": True, "hspg_switch": 0.3}),
+])
+def test_a_run_interrupted_in_the_regularized_stage_resumes_to_the_same_result(digits, tmp_path, method, options):
+    _fit(method, options, tmp_path / "ref", digits)
+    with pytest.raises(Interrupt):
+        # the checkpoint of regularized epoch 1 is on disk when epoch 2 is logged
+        _fit(method, options, tmp_path / "cut", digits, stop_at="[regularize 2/2]")
+    _fit(method, options, tmp_path / "cut", digits)
+    ref = json.loads((tmp_path / "ref" / "report.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert json.loads((tmp_path / "ref" / "plan.json").read_text())["groups"] == \
+        json.loads((tmp_path / "cut" / "plan.json").read_text())["groups"]
+    assert ref["accuracy"] == cut["accuracy"]
+    assert ref["projection"]["zero_fraction_before"] == cut["projection"]["zero_fraction_before"]
