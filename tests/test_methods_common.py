@@ -172,4 +172,8 @@ def test_every_method_on_every_builtin_model(method, model_name, small_digits, t
         res = hwprune.fit(copy.deepcopy(net), train, test_data=test, target=ONE, config=cfg,
                           out_dir=tmp_path / budget.kind, progress=None, measure=False)
         assert abs(res.report.get(f"achieved.{budget.kind}") - 0.5) <= 0.02
-        assert res.report.get("onnx.max_abs_diff") < 1e-4
+        # float32 rounding grows with the logits' size (a briefly trained VGG's reach the hundreds)
+        x = torch.stack([torch.as_tensor(test[i][0]) for i in range(64)])
+        with torch.no_grad():
+            scale = float(res.model.eval()(x).abs().max())
+        assert res.report.get("onnx.max_abs_diff") < 1e-5 * max(10.0, scale)
