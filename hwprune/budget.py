@@ -23,13 +23,14 @@ from .cost import CostModel
 from .errors import BudgetError
 from .groups import Group
 
-KINDS = ("sparsity", "flops", "params", "latency")
+KINDS = ("sparsity", "flops", "params", "latency", "speedup")
 
 
 @dataclass(frozen=True)
 class Budget:
     """What to reach. ``sparsity``: fraction of units removed; ``flops``/``params``: fraction kept;
-    ``latency``: milliseconds.
+    ``latency``: milliseconds; ``speedup``: the dense model's measured latency divided by this (a run
+    turns it into milliseconds once it has measured the dense model, see :meth:`as_latency`).
 
     Example:
         >>> Budget("sparsity", 0.7).describe()
@@ -51,12 +52,20 @@ class Budget:
             raise BudgetError(f"--{self.kind} {v}: expected the fraction to keep, in (0, 1]")
         if self.kind == "latency" and not v > 0:
             raise BudgetError(f"--latency-ms {v}: expected a positive number of milliseconds")
+        if self.kind == "speedup" and not v >= 1:
+            raise BudgetError(f"--speedup {v}: expected a factor of at least 1 (2 = twice as fast as the dense model)")
+
+    def as_latency(self, dense_ms: float) -> "Budget":
+        """The millisecond budget of a ``speedup`` (others are returned as they are)."""
+        return Budget("latency", dense_ms / self.value) if self.kind == "speedup" else self
 
     def describe(self) -> str:
         if self.kind == "sparsity":
             return f"remove {self.value:.0%} of the prunable units"
         if self.kind == "latency":
             return f"latency at most {self.value:g} ms"
+        if self.kind == "speedup":
+            return f"at least {self.value:g}x faster than the dense model (measured latency)"
         return f"keep {self.value:.0%} of the {self.kind.upper() if self.kind == 'flops' else self.kind}"
 
 
@@ -88,6 +97,8 @@ class _UnitCount:
 
 
 def _target_and_cost(budget: Budget, n_units: int, cost: CostModel | None):
+    if budget.kind == "speedup":
+        raise BudgetError("a speedup budget is turned into milliseconds (Budget.as_latency) before it is projected")
     if budget.kind == "sparsity":
         return n_units * (1.0 - budget.value), _UnitCount()
     if cost is None:
@@ -115,6 +126,8 @@ def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = N
     prunable = [g for g in groups if g.prunable]
     if not prunable and not (budget.kind == "sparsity" and budget.value == 0):
         raise BudgetError("the model has no prunable groups (all channels are coupled to inputs, outputs or excluded layers)")
+    if budget.kind == "speedup":
+        raise BudgetError("a speedup budget is turned into milliseconds (Budget.as_latency) before it is checked")
     lo, hi = reachable(groups, budget, cost)
     if budget.kind == "sparsity" and budget.value > hi + 1e-9:
         raise BudgetError(
@@ -128,8 +141,9 @@ def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = N
         )
     if budget.kind == "latency" and budget.value < lo:
         raise BudgetError(
-            f"--latency-ms {budget.value:g} cannot be met: the predicted floor (every layer at its minimum width) is "
-            f"{lo:.4g} ms; the dense model is {hi:.4g} ms"
+            f"--latency-ms {budget.value:.4g} cannot be met: the predicted floor (every layer at its minimum width) is "
+            f"{lo:.4g} ms; the dense model is {hi:.4g} ms. Reachable range: [{lo:.4g}, {hi:.4g}] ms "
+            f"(a speedup of at most {hi / lo:.2f}x)"
         )
 
 

@@ -54,6 +54,9 @@ class Report:
         ld, lp = g("latency_ms.dense"), g("latency_ms.pruned")
         if ld:
             rows.append((f"latency (ms, batch {g('latency.batch_size')})", f"{ld:.4f}", f"{lp:.4f}", f"{lp / ld:.3f}x"))
+        pd, pp = g("latency_model.predicted_ms.dense"), g("latency_model.predicted_ms.pruned")
+        if pp is not None:
+            rows.append(("latency predicted (ms)", f"{pd:.4f}", f"{pp:.4f}", f"{pp / pd:.3f}x"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
@@ -62,6 +65,13 @@ class Report:
         if req:
             kind = next(iter(req))
             out += f"\n{kind}: requested {req[kind]:g}, achieved {ach.get(kind, float('nan')):.4f}"
+            if kind == "speedup" and req.get("latency_ms") is not None:
+                out += f" (budget {req['latency_ms']:.4f} ms)"
+        err = g("latency_model.error")
+        if err:
+            met = "met" if g("latency_model.within_10pct") else "NOT met"
+            out += (f"\nlatency model: measured vs predicted {100 * err['pruned']:+.1f}% pruned, "
+                    f"{100 * err['dense']:+.1f}% dense (goal: within 10%: {met})")
         if g("latency.runtime"):
             out += f"\nlatency: {g('latency.runtime')}; {g('latency.measured_on')}"
             if g("latency.note"):
@@ -117,6 +127,21 @@ class Report:
         ]
         if g("latency.note"):
             lines += [f"- **{g('latency.note')}**"]
+        lm = g("latency_model")
+        if lm:
+            cal = (lm.get("model") or {}).get("calibration") or {}
+            lines += [
+                "", "## Latency model", "",
+                f"- profile: `{(lm.get('model') or {}).get('profile')}`; budget {lm.get('budget_ms', float('nan')):.4f} ms",
+                f"- predicted dense / pruned: {lm['predicted_ms']['dense']:.4f} / {lm['predicted_ms']['pruned']:.4f} ms",
+            ]
+            if lm.get("measured_ms"):
+                lines.append(f"- measured dense / pruned: {lm['measured_ms']['dense']:.4f} / {lm['measured_ms']['pruned']:.4f} ms "
+                             f"(pruned {100 * lm['error']['pruned']:+.1f}% from the prediction; goal within 10%: "
+                             f"{'met' if lm.get('within_10pct') else 'NOT met'})")
+            if cal:
+                lines.append(f"- calibration (measured before training on {cal.get('runtime')}): dense {cal['dense_ms']:.4f} ms, "
+                             f"narrowest {cal['min_ms']:.4f} ms; scale {cal['scale']:.3f}, overhead {cal['overhead_ms']:.4f} ms")
         lines += ["", "## Layers", "", "| layer | kind | dense width | pruned width | kept |", "|---|---|---|---|---|"]
         for row in self.layers:
             lines.append(

@@ -192,8 +192,11 @@ def _schedule_conv(func, spec: ConvSpec, has_pad: bool):
     xo, xi = sch.split(x, [None, rw])
     sch.reorder(n, oo, yo, xo, ot, yi, xi, i)
     sch.compute_at(acc, xo, preserve_unit_loops=True)
-    # below n, oo, yo, xo: one loop per block axis (n, o, y, x, i; unit loops kept), then the reduction
-    _, ot_, yi_, xi_, i_, *red = sch.get_loops(acc)[4:]
+    if spec.parallel:  # before decompose_reduction: the reduction block must still be complete
+        sch.parallel(sch.fuse(n, oo))
+    # innermost: one loop per block axis (n, o, y, x, i; unit loops kept), then the reduction axes
+    n_red = 2 if spec.depthwise else 4
+    _, ot_, yi_, xi_, i_, *red = sch.get_loops(acc)[-(5 + n_red):]
     sch.reorder(*red, ot_, yi_, xi_, i_)  # reduction outside, the register tile inside
     for lp in (ot_, yi_, xi_):
         sch.unroll(lp)
@@ -205,8 +208,6 @@ def _schedule_conv(func, spec: ConvSpec, has_pad: bool):
     if has_pad:
         pl = sch.get_loops(sch.get_sblock("pad"))
         sch.vectorize(pl[-1])
-    if spec.parallel:
-        sch.parallel(sch.fuse(n, oo))
     return sch.mod["main"]
 
 
@@ -317,6 +318,8 @@ def dense(n: int, k: int, j: int, lanes: int, act: str = "none", parallel: bool 
     a, c = sch.get_loops(out)
     co, ct, ci = sch.split(c, [None, to, lanes])
     sch.compute_at(accb, co, preserve_unit_loops=True)
+    if parallel:
+        sch.parallel(co)
     al = sch.get_loops(accb)
     bt, li, rr = al[-3:]
     sch.reorder(rr, bt, li)
@@ -325,8 +328,6 @@ def dense(n: int, k: int, j: int, lanes: int, act: str = "none", parallel: bool 
     sch.decompose_reduction(accb, rr)
     sch.unroll(ct)
     sch.vectorize(ci)
-    if parallel:
-        sch.parallel(co)
     return sch.mod["main"]
 
 
