@@ -8,7 +8,8 @@ which units to keep:
 * units are removed in those chunks, least important first: the chunk with the smallest
   *score per unit of cost saved* goes next (score = unit norm / unit weight; for sparsity every unit
   costs 1, for FLOPs the saving is the marginal MACs, recomputed after each removal);
-* it stops at the achievable cost closest to the target (ties: the one that meets the budget).
+* it stops at the achievable cost closest to the target (ties: the one that meets the budget); a
+  latency budget is a ceiling: it stops at the closest cost that meets it.
 
 With multiples of 1 a sparsity budget is met exactly: ``round(s·N)`` of the ``N`` units go.
 """
@@ -211,7 +212,10 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
                 t[c] = 0
                 v = cost_fn(t)
                 options.append((abs(v - target), 0 if v <= target + 1e-9 else 1, ratio, (i, c, v)))
-            *_, pick = min(options, key=lambda o: (round(o[0], 9), o[1], o[2]))
+            if budget.kind == "latency":  # a latency budget is a ceiling: meet it first, then come closest
+                *_, pick = min(options, key=lambda o: (o[1], round(o[0], 9), o[2]))
+            else:
+                *_, pick = min(options, key=lambda o: (round(o[0], 9), o[1], o[2]))
             if pick is not None:
                 i, c, after = pick
                 keep[c] = 0

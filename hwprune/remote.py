@@ -111,7 +111,13 @@ class RemoteSession:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.sess = None  # the session closes when the last reference goes
+        # TVM has no explicit close: the connection ends when the session and every remote handle made
+        # from it (VMs, tensors) are gone, and a server serves one session at a time. Callers keep
+        # remote handles inside the with-block.
+        self.sess = None
+        import gc
+
+        gc.collect()
 
     @property
     def device(self):
