@@ -30,7 +30,7 @@ from hwprune.export.onnx import export_onnx  # noqa: E402
 from hwprune.graph import discover_groups  # noqa: E402
 from hwprune.groups import UnitIndex  # noqa: E402
 from hwprune.latency import measure_onnx_latency  # noqa: E402
-from hwprune.latency_budget import latency_model_for  # noqa: E402
+from hwprune.latency_budget import latency_model_for, min_width_keep  # noqa: E402
 from hwprune.models import build_model  # noqa: E402
 from hwprune.slicing import slice_model  # noqa: E402
 from hwprune.target import load_target  # noqa: E402
@@ -56,24 +56,34 @@ def main(argv=None):
     print(f"calibration: dense {cal['dense_ms']:.4f} ms, narrowest {cal['min_ms']:.4f} ms -> scale {cal['scale']:.3f}, "
           f"overhead {cal['overhead_ms']:.4f} ms")
     scores = UnitIndex(net, groups).sq_norms().sqrt().double().numpy()
-    predicted, paths = {}, {}
+    predicted, paths, keeps = {}, {}, {}
+    keep_min, vec_min = min_width_keep(groups)
     with tempfile.TemporaryDirectory() as tmp:
         paths["dense"] = str(export_onnx(net, x, Path(tmp) / "dense.onnx"))
-        predicted["dense"] = lm(np.ones(lm.n_units))
+        predicted["dense"], keeps["dense"] = lm(np.ones(lm.n_units)), np.ones(lm.n_units)
         for s in args.speedups:
             budget = Budget("speedup", s).as_latency(cal["dense_ms"])
             proj = project(groups, scores, budget, lm)
             name = f"speedup {s:g}"
             pruned = slice_model(copy.deepcopy(net), groups, proj.keep).eval()
             paths[name] = str(export_onnx(pruned, x, Path(tmp) / f"s{s}.onnx"))
-            predicted[name] = proj.achieved
+            predicted[name], keeps[name] = proj.achieved, proj.keep_mask.astype(float)
+        narrow = slice_model(copy.deepcopy(net), groups, keep_min).eval()
+        paths["narrowest"] = str(export_onnx(narrow, x, Path(tmp) / "narrowest.onnx"))
         res = measure_onnx_latency(paths, target, repeats=args.repeats)
-    print(f"\n{'budget':14s} {'budget ms':>10s} {'predicted ms':>13s} {'measured ms':>12s} {'measured/predicted':>19s}")
-    for name in paths:
+    # the same tables, anchored on dense and narrowest timed in this session with the pruned models
+    now = lm.calibrated(res.stats["dense"].median_ms, res.stats["narrowest"].median_ms, vec_min)
+    print(f"\n{'budget':12s} {'budget ms':>9s} | {'planned ms':>10s} {'measured':>9s} {'error':>7s} | "
+          f"{'same-session ms':>15s} {'error':>7s}")
+    for name in keeps:
         b = cal["dense_ms"] / float(name.split()[1]) if name != "dense" else cal["dense_ms"]
         m = res.stats[name].median_ms
-        print(f"{name:14s} {b:10.4f} {predicted[name]:13.4f} {m:12.4f} {100 * (m / predicted[name] - 1):+18.1f}%")
-    print(f"\nlatency: {res.runtime}; {res.measured_on}; median of {args.repeats} runs, all models interleaved")
+        p_now = now(keeps[name])
+        print(f"{name:12s} {b:9.4f} | {predicted[name]:10.4f} {m:9.4f} {100 * (m / predicted[name] - 1):+6.1f}% | "
+              f"{p_now:15.4f} {100 * (m / p_now - 1):+6.1f}%")
+    print("planned: the calibration measured before projecting (what chose the widths); same-session: the same "
+          "tables anchored on dense and narrowest timed together with the pruned models")
+    print(f"\nlatency: {res.runtime}; {res.measured_on}; median of {args.repeats} runs, models taking turns in blocks of 10 calls")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ def test_speedup_budget_end_to_end(digits, profile_path, tmp_path):
     # measured in the same run, dense and pruned interleaved; the error is reported, not assumed
     assert set(lm["measured_ms"]) == {"dense", "pruned"} and "within_10pct" in lm
     assert lm["error"]["pruned"] == pytest.approx(lm["measured_ms"]["pruned"] / lm["predicted_ms"]["pruned"] - 1)
+    same = lm["same_session"]  # the anchors re-timed with the pruned model
+    assert 0 < same["narrowest_ms"] < lm["measured_ms"]["dense"]
+    assert same["error_pruned"] == pytest.approx(lm["measured_ms"]["pruned"] / same["predicted_pruned_ms"] - 1)
+    assert lm["within_10pct"] == (abs(same["error_pruned"]) <= 0.10)
     assert rep["latency_ms"]["pruned"] < rep["latency_ms"]["dense"]
     assert rep["achieved"]["speedup"] == pytest.approx(rep["latency_ms"]["dense"] / rep["latency_ms"]["pruned"])
     assert "latency predicted (ms)" in (run / "report.md").read_text()

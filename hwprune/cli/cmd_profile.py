@@ -93,7 +93,7 @@ def summary(profile) -> str:
     rows = [("layer shape", "widths measured", "ms at widest", "used by")]
     for t in profile.layers.values():
         grid = " x ".join(f"{a} {g[0]}..{g[-1]} ({len(g)})" for a, g in zip(t.axes, t.grid))
-        used = ", ".join(u.split(":", 1)[-1] for u in t.used_by[:3]) + (" ..." if len(t.used_by) > 3 else "")
+        used = ", ".join(t.used_by[:2]) + (f" (+{len(t.used_by) - 2})" if len(t.used_by) > 2 else "")
         rows.append((t.key, grid, f"{float(t.ms[(-1,) * t.ms.ndim]):.4f}", used))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
