@@ -8,7 +8,8 @@ which units to keep:
 * units are removed in those chunks, least important first: the chunk with the smallest
   *score per unit of cost saved* goes next (score = unit norm / unit weight; for sparsity every unit
   costs 1, for FLOPs the saving is the marginal MACs, recomputed after each removal);
-* it stops at the achievable cost closest to the target (ties: the one that meets the budget).
+* it stops at the achievable cost closest to the target (ties: the one that meets the budget); a
+  latency budget is a ceiling: it stops at the closest cost that meets it.
 
 With multiples of 1 a sparsity budget is met exactly: ``round(s·N)`` of the ``N`` units go.
 """
@@ -23,13 +24,14 @@ from .cost import CostModel
 from .errors import BudgetError
 from .groups import Group
 
-KINDS = ("sparsity", "flops", "params", "latency")
+KINDS = ("sparsity", "flops", "params", "latency", "speedup")
 
 
 @dataclass(frozen=True)
 class Budget:
     """What to reach. ``sparsity``: fraction of units removed; ``flops``/``params``: fraction kept;
-    ``latency``: milliseconds.
+    ``latency``: milliseconds; ``speedup``: the dense model's measured latency divided by this (a run
+    turns it into milliseconds once it has measured the dense model, see :meth:`as_latency`).
 
     Example:
         >>> Budget("sparsity", 0.7).describe()
@@ -51,12 +53,20 @@ class Budget:
             raise BudgetError(f"--{self.kind} {v}: expected the fraction to keep, in (0, 1]")
         if self.kind == "latency" and not v > 0:
             raise BudgetError(f"--latency-ms {v}: expected a positive number of milliseconds")
+        if self.kind == "speedup" and not v >= 1:
+            raise BudgetError(f"--speedup {v}: expected a factor of at least 1 (2 = twice as fast as the dense model)")
+
+    def as_latency(self, dense_ms: float) -> "Budget":
+        """The millisecond budget of a ``speedup`` (others are returned as they are)."""
+        return Budget("latency", dense_ms / self.value) if self.kind == "speedup" else self
 
     def describe(self) -> str:
         if self.kind == "sparsity":
             return f"remove {self.value:.0%} of the prunable units"
         if self.kind == "latency":
             return f"latency at most {self.value:g} ms"
+        if self.kind == "speedup":
+            return f"at least {self.value:g}x faster than the dense model (measured latency)"
         return f"keep {self.value:.0%} of the {self.kind.upper() if self.kind == 'flops' else self.kind}"
 
 
@@ -88,6 +98,8 @@ class _UnitCount:
 
 
 def _target_and_cost(budget: Budget, n_units: int, cost: CostModel | None):
+    if budget.kind == "speedup":
+        raise BudgetError("a speedup budget is turned into milliseconds (Budget.as_latency) before it is projected")
     if budget.kind == "sparsity":
         return n_units * (1.0 - budget.value), _UnitCount()
     if cost is None:
@@ -115,6 +127,8 @@ def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = N
     prunable = [g for g in groups if g.prunable]
     if not prunable and not (budget.kind == "sparsity" and budget.value == 0):
         raise BudgetError("the model has no prunable groups (all channels are coupled to inputs, outputs or excluded layers)")
+    if budget.kind == "speedup":
+        raise BudgetError("a speedup budget is turned into milliseconds (Budget.as_latency) before it is checked")
     lo, hi = reachable(groups, budget, cost)
     if budget.kind == "sparsity" and budget.value > hi + 1e-9:
         raise BudgetError(
@@ -128,8 +142,9 @@ def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = N
         )
     if budget.kind == "latency" and budget.value < lo:
         raise BudgetError(
-            f"--latency-ms {budget.value:g} cannot be met: the predicted floor (every layer at its minimum width) is "
-            f"{lo:.4g} ms; the dense model is {hi:.4g} ms"
+            f"--latency-ms {budget.value:.4g} cannot be met: the predicted floor (every layer at its minimum width) is "
+            f"{lo:.4g} ms; the dense model is {hi:.4g} ms. Reachable range: [{lo:.4g}, {hi:.4g}] ms "
+            f"(a speedup of at most {hi / lo:.2f}x)"
         )
 
 
@@ -207,7 +222,10 @@ def _greedy(prunable, offsets, scores, target, cost_fn, allowed):
                 t[c] = 0
                 v = cost_fn(t)
                 options.append((abs(v - target), 0 if v <= target + 1e-9 else 1, ratio, (i, c, v)))
-            *_, pick = min(options, key=lambda o: (round(o[0], 9), o[1], o[2]))
+            if budget.kind == "latency":  # a latency budget is a ceiling: meet it first, then come closest
+                *_, pick = min(options, key=lambda o: (o[1], round(o[0], 9), o[2]))
+            else:
+                *_, pick = min(options, key=lambda o: (round(o[0], 9), o[1], o[2]))
             if pick is not None:
                 i, c, after = pick
                 keep[c] = 0

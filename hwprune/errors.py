@@ -36,3 +36,7 @@ class CheckpointError(HwpruneError):
 
 class RuntimeUnavailable(HwpruneError):
     """The target's runtime or device cannot be reached from this machine."""
+
+
+class ProfileError(HwpruneError):
+    """A latency profile that is missing, malformed, or does not cover the model (names file and key)."""

@@ -63,6 +63,8 @@ class FitConfig:
     latency_batch_size: int | None = None
     latency_repeats: int | None = None
     granularity: str = "channels"  # or "blocks": weight blocks of the target's block shape
+    latency_runtime: str | None = None  # "onnxruntime" (default here) or "tvm" (always on an RPC device)
+    profile: str | None = None  # latency profile for a latency budget (default: the target's)
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -118,6 +120,8 @@ def fit(
     sparsity: float | None = None,
     flops: float | None = None,
     params: float | None = None,
+    latency_ms: float | None = None,
+    speedup: float | None = None,
     test_data=None,
     out_dir: str | os.PathLike | None = None,
     config: FitConfig | None = None,
@@ -126,13 +130,17 @@ def fit(
     progress: Callable[[str], None] | None = print,
     run_info: dict[str, Any] | None = None,
     measure: bool = True,
+    remote=None,
 ) -> FitResult:
     """Train ``model`` with a structured regularizer, prune it to exactly the budget, fine-tune, export
     ONNX, measure latency on the target and write a report into ``out_dir``.
 
     Give exactly one budget: ``sparsity`` (fraction of prunable units removed), ``flops`` or ``params``
-    (fraction kept). ``granularity="blocks"`` prunes weight blocks of the target's block shape instead
-    of channels (``sparsity`` is then the fraction of blocks removed) and masks instead of slicing. ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
+    (fraction kept), ``latency_ms`` or ``speedup`` (predicted from the target's measured profile, see
+    :mod:`hwprune.latency_budget`). ``granularity="blocks"`` prunes weight blocks of the target's block
+    shape instead of channels (``sparsity`` is then the fraction of blocks removed) and masks instead of
+    slicing. ``remote``: a :class:`~hwprune.remote.RemoteSpec` (RPC device) on which latency is measured
+    with TVM. ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
     DataLoader its dataset and collate function are used, and hwprune draws the order itself (seeded
     per epoch, so that a resumed run replays exactly). If ``out_dir`` holds a checkpoint of the same
     configuration, the run continues from it.
@@ -146,20 +154,22 @@ def fit(
         ...                      sparsity=0.7, out_dir="runs/demo")          # doctest: +SKIP
         >>> print(result.report)                                              # doctest: +SKIP
     """
-    budgets = [(k, v) for k, v in (("sparsity", sparsity), ("flops", flops), ("params", params)) if v is not None]
+    budgets = [(k, v) for k, v in (("sparsity", sparsity), ("flops", flops), ("params", params),
+                                    ("latency", latency_ms), ("speedup", speedup)) if v is not None]
     if config is None:
         if len(budgets) != 1:
-            raise BudgetError("give exactly one budget: sparsity=, flops= or params=")
+            raise BudgetError("give exactly one budget: sparsity=, flops=, params=, latency_ms= or speedup=")
         config = FitConfig(budget=Budget(*budgets[0]), granularity=granularity or "channels")
     elif budgets:
-        raise BudgetError("give the budget either in config or as sparsity=/flops=/params=, not both")
+        raise BudgetError("give the budget either in config or as sparsity=/flops=/params=/latency_ms=/speedup=, not both")
     elif granularity is not None:
         config = dataclasses.replace(config, granularity=granularity)
     if method is not None:
         config.method = method
     make_config(config.method, config.method_options)  # reject unknown methods/options before any work
     target = load_target(target) if not isinstance(target, Target) else target
-    run = _Run(model, train_data, test_data, target, config, Path(out_dir or _default_dir(config, run_info)), progress, run_info or {}, measure)
+    run = _Run(model, train_data, test_data, target, config, Path(out_dir or _default_dir(config, run_info)), progress,
+               run_info or {}, measure, remote)
     return run.execute()
 
 
@@ -192,7 +202,8 @@ def _default_dir(config: FitConfig, info: dict) -> Path:
 class _Run:
     """One run's state machine: each stage reads and writes the checkpoint."""
 
-    def __init__(self, model, train_data, test_data, target, config: FitConfig, run_dir: Path, progress, info, measure):
+    def __init__(self, model, train_data, test_data, target, config: FitConfig, run_dir: Path, progress, info, measure,
+                 remote=None):
         self.dist = distributed.info()
         if self.dist.enabled:  # BN statistics over the global batch, as in one process
             distributed.convert_batchnorm(model, to_synced=True)
@@ -203,6 +214,11 @@ class _Run:
         self.test_set = _as_dataset(test_data)[0] if test_data is not None else None
         self.target, self.config, self.run_dir = target, config, run_dir
         self.progress, self.info, self.measure = progress, info, measure
+        from .latency_budget import measurement_runtime
+
+        self.remote = remote
+        self.runtime = measurement_runtime(config.latency_runtime, remote)
+        self._latency = None  # the calibrated latency model of a latency budget, built once
         self.device = torch.device("cpu")
         self.ckpt = Checkpointer(run_dir)
         sample = self.train_set[0][0]
@@ -268,7 +284,14 @@ class _Run:
         resumed = self.resume()
         # Reject an impossible budget before any training (groups depend only on the architecture).
         groups = self.groups(self.template)
-        check_budget(groups, self.config.budget, self.cost_model(self.template, groups))
+        cost = self.cost_model(self.template, groups)
+        try:
+            check_budget(groups, self.budget(), cost)
+        except BudgetError as e:
+            if self.config.budget.kind != "speedup":
+                raise
+            raise BudgetError(f"--speedup {self.config.budget.value:g} (= {self.budget().value:.4g} ms against the measured "
+                              f"dense {self._latency.calibration['dense_ms']:.4g} ms): {e}") from None
         _say(self.progress, f"run folder: {self.run_dir}" + (f" (resumed at stage '{self.state['stage']}', epoch {self.state['epoch']})" if resumed else ""))
         if self.state["stage"] == "dense":
             self.stage_dense()
@@ -380,22 +403,42 @@ class _Run:
         self.state.update(stage="regularize", epoch=0)
         self.save()
 
+    def budget(self) -> Budget:
+        """The budget in the projection's terms: a speedup becomes milliseconds of the measured dense model."""
+        b = self.config.budget
+        if b.kind == "speedup":
+            if self._latency is None:
+                self.cost_model(self.template, self.groups(self.template))
+            return b.as_latency(self._latency.calibration["dense_ms"])
+        return b
+
     def cost_model(self, model, groups):
         kind = self.config.budget.kind
         if kind == "flops":
             return flops_model(model, (self.example,), groups)
         if kind == "params":
             return params_model(model, groups)
-        if kind == "latency":
-            raise BudgetError("latency budgets need a measured profile (hwprune profile); not available in this version")
+        if kind in ("latency", "speedup"):
+            if self._latency is None:
+                from .latency_budget import latency_model_for
+
+                # widths, not weights, set latency: the untrained template is measured, once per run
+                self._latency = latency_model_for(
+                    self.template, self.example, self.groups(self.template), self.target, runtime=self.runtime,
+                    profile_path=self.config.profile, remote=self.remote, cache=self.run_dir / "latency_model.json",
+                    batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
+                    progress=self.progress)
+            return self._latency
         return None
 
     def build_regularizer(self, groups):
         index = self.index(self.model, groups)
         cost = self.cost_model(self.model, groups)
         # How many units does the budget remove? Project once with the current norms.
-        proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.config.budget, cost)
-        unit_costs = cost.unit_savings(np.ones(index.n_units)) if cost is not None and cost.name == "flops" else None
+        proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost)
+        # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
+        unit_costs = (cost.unit_savings(np.ones(index.n_units))
+                      if cost is not None and cost.name in ("flops", "latency") else None)
         steps = self.config.epochs_regularize * -(-len(self.train_set) // self.config.train.batch_size)
         target_fraction = proj.removed_units / max(index.n_units, 1)
         schedule = SparsitySchedule(target_fraction, steps)
@@ -429,7 +472,7 @@ class _Run:
 
     def project_and_slice(self, groups, reg) -> None:
         cost = self.cost_model(self.model, groups)
-        proj = reg.project(groups, self.config.budget, cost)
+        proj = reg.project(groups, self.budget(), cost)
         acc_before = self.test_accuracy(self.model)
         reg.finalize(groups, proj.keep)  # fold gates / constants; the model is plain again
         if self.blocks:
@@ -460,6 +503,10 @@ class _Run:
             "rounding": f"kept counts are multiples of {', '.join(map(str, multiples))} or the full width"
             if multiples != [1] else "exact: no hardware multiple",
         }
+        if cost is not None and cost.name == "latency":
+            self.state["projection"]["predicted_latency_ms"] = {"dense": cost(np.ones(proj.units)),
+                                                                "pruned": cost(proj.keep_mask.astype(float))}
+            self.state["projection"]["keep_vector"] = proj.keep_mask.astype(int).tolist()
         _say(self.progress, f"[project] removed {proj.removed_units} of {proj.units} units ({proj.kind} requested "
              f"{proj.requested:g}, achieved {proj.achieved:.4f}); accuracy {100 * (acc_before or 0):.2f}% -> "
              f"{100 * (acc_after or 0):.2f}% (pruning shock)" + ("; re-initialized to train from scratch" if reg.from_scratch else ""))
@@ -513,12 +560,32 @@ class _Run:
         diff = onnx_max_abs_diff(self.run_dir / "model.onnx", self.model, check)
         _say(self.progress, f"[export] model.onnx: onnxruntime vs torch max |diff| {diff:.2e} on {len(check)} real inputs")
         latency = None
-        if self.measure:
-            _say(self.progress, "[latency] timing dense and pruned ONNX models, interleaved ...")
-            latency = measure_onnx_latency(
-                {"dense": str(self.run_dir / "dense.onnx"), "pruned": str(self.run_dir / "model.onnx")},
-                self.target, batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
+        # A latency budget also times the narrowest model alongside: the latency model's anchors
+        # re-measured in the same session as the pruned model (a shared machine drifts by tens of %).
+        anchor = self.config.budget.kind in ("latency", "speedup")
+        if self.measure and self.runtime == "tvm":
+            from .latency_tvm import measure_tvm_latency
+
+            where = self.remote.describe() if self.remote is not None else "this machine"
+            _say(self.progress, f"[latency] compiling dense and pruned with TVM and timing them on {where}, interleaved ...")
+            models = {"dense": dense, "pruned": self.model}
+            if anchor:
+                models["narrowest"] = self._narrowest()
+            latency = measure_tvm_latency(
+                models, self.example, self.target, remote=self.remote,
+                batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
             )
+        elif self.measure:
+            import tempfile
+
+            _say(self.progress, "[latency] timing dense and pruned ONNX models, interleaved ...")
+            with tempfile.TemporaryDirectory(prefix="hwprune-narrow-") as tmp:
+                paths = {"dense": str(self.run_dir / "dense.onnx"), "pruned": str(self.run_dir / "model.onnx")}
+                if anchor:
+                    paths["narrowest"] = str(export_onnx(self._narrowest(), self.example, Path(tmp) / "narrowest.onnx"))
+                latency = measure_onnx_latency(
+                    paths, self.target, batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
+                )
         report = self.build_report(dense, diff, len(check), latency, seconds)
         report.save(self.run_dir)
         norms_b, norms_a = self.state.get("norms_before"), self.state.get("norms_after")
@@ -529,6 +596,21 @@ class _Run:
         self.state.update(stage="done")
         self.save()
         return report
+
+    def _narrowest(self) -> nn.Module:
+        """The architecture with every prunable group at its minimum width (a latency anchor)."""
+        from .latency_budget import min_width_keep
+
+        groups = self.groups(self.template)
+        return slice_model(copy.deepcopy(self.template), groups, min_width_keep(groups)[0]).eval()
+
+    def _latency_info(self) -> dict:
+        if self._latency is None:
+            try:
+                self.cost_model(self.template, self.groups(self.template))
+            except HwpruneError:
+                return {}
+        return self._latency.describe()
 
     def _check_inputs(self) -> torch.Tensor:
         source = self.test_set if self.test_set is not None else self.train_set
@@ -587,4 +669,31 @@ class _Run:
                 "p10_ms": {k: v.p10_ms for k, v in latency.stats.items()},
                 "p90_ms": {k: v.p90_ms for k, v in latency.stats.items()},
             }
+            ms_d, ms_p = data["latency_ms"]["dense"], data["latency_ms"]["pruned"]
+            if b.kind in ("latency", "speedup"):
+                achieved["latency"], achieved["speedup"] = ms_p, ms_d / ms_p
+        predicted = proj.get("predicted_latency_ms")
+        if predicted is not None:
+            lm = {"predicted_ms": predicted, "budget_ms": self.budget().value, "model": self._latency_info()}
+            if latency is not None:
+                err = {k: data["latency_ms"][k] / predicted[k] - 1.0 for k in ("dense", "pruned")}
+                lm.update(measured_ms=dict(data["latency_ms"]), error=err)
+                if "narrowest" in latency.stats and self._latency is not None:
+                    from .latency_budget import min_width_keep
+
+                    # the same model, anchored on dense and narrowest timed together with the pruned one
+                    _, vec_min = min_width_keep(self.groups(self.template))
+                    now = self._latency.calibrated(latency.stats["dense"].median_ms, latency.stats["narrowest"].median_ms,
+                                                   vec_min)
+                    keep = np.asarray(self.state["projection"]["keep_vector"], dtype=float)
+                    same = now(keep)
+                    lm["same_session"] = {"narrowest_ms": latency.stats["narrowest"].median_ms,
+                                          "predicted_pruned_ms": same,
+                                          "error_pruned": data["latency_ms"]["pruned"] / same - 1.0,
+                                          "scale": now.scale, "overhead_ms": now.overhead_ms}
+                    lm["within_10pct"] = bool(abs(lm["same_session"]["error_pruned"]) <= 0.10)
+                lm["within_10pct_of_planning"] = bool(abs(err["pruned"]) <= 0.10)
+            data["latency_model"] = lm
+            if b.kind == "speedup":
+                data["requested"]["latency_ms"] = self.budget().value
         return Report(data, layer_table(dense, self.model), self.state["history"])

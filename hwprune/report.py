@@ -54,6 +54,9 @@ class Report:
         ld, lp = g("latency_ms.dense"), g("latency_ms.pruned")
         if ld:
             rows.append((f"latency (ms, batch {g('latency.batch_size')})", f"{ld:.4f}", f"{lp:.4f}", f"{lp / ld:.3f}x"))
+        pd, pp = g("latency_model.predicted_ms.dense"), g("latency_model.predicted_ms.pruned")
+        if pp is not None:
+            rows.append(("latency predicted (ms)", f"{pd:.4f}", f"{pp:.4f}", f"{pp / pd:.3f}x"))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
@@ -62,6 +65,18 @@ class Report:
         if req:
             kind = next(iter(req))
             out += f"\n{kind}: requested {req[kind]:g}, achieved {ach.get(kind, float('nan')):.4f}"
+            if kind == "speedup" and req.get("latency_ms") is not None:
+                out += f" (budget {req['latency_ms']:.4f} ms)"
+        err = g("latency_model.error")
+        if err:
+            out += (f"\nlatency model, planning prediction (calibrated before training): measured "
+                    f"{100 * err['pruned']:+.1f}% pruned, {100 * err['dense']:+.1f}% dense (the machine's drift)")
+            same = g("latency_model.same_session")
+            if same:
+                met = "met" if g("latency_model.within_10pct") else "NOT met"
+                out += (f"\nlatency model, anchors re-timed with the pruned model: predicted "
+                        f"{same['predicted_pruned_ms']:.4f} ms, measured {100 * same['error_pruned']:+.1f}% "
+                        f"(goal within 10%: {met})")
         if g("latency.runtime"):
             out += f"\nlatency: {g('latency.runtime')}; {g('latency.measured_on')}"
             if g("latency.note"):
@@ -115,7 +130,7 @@ class Report:
             f"- `model.onnx`: onnxruntime vs torch max |diff| = {g('onnx.max_abs_diff'):.2e} on "
             f"{g('onnx.checked_inputs')} real test inputs" if g("onnx.max_abs_diff") is not None else "- no ONNX export",
             f"- latency: median of {g('latency.runs')} runs after {g('latency.warmup')} warm-up runs, dense and pruned "
-            f"interleaved in one process; {g('latency.runtime')}; {g('latency.measured_on')}",
+            f"taking turns in blocks of consecutive calls in one process; {g('latency.runtime')}; {g('latency.measured_on')}",
         ]
         if g("latency.note"):
             lines += [f"- **{g('latency.note')}**"]
@@ -132,6 +147,26 @@ class Report:
                              f"{row['block'][0]}x{row['block'][1]} | {row['blocks']} | {row['kept']} | {row['density']:.1%} |")
             for layer, why in (g("blocks.dense_layers") or {}).items():
                 lines.append(f"| {layer} | dense | | | | | {why} |")
+        lm = g("latency_model")
+        if lm:
+            cal = (lm.get("model") or {}).get("calibration") or {}
+            lines += [
+                "", "## Latency model", "",
+                f"- profile: `{(lm.get('model') or {}).get('profile')}`; budget {lm.get('budget_ms', float('nan')):.4f} ms",
+                f"- predicted dense / pruned: {lm['predicted_ms']['dense']:.4f} / {lm['predicted_ms']['pruned']:.4f} ms",
+            ]
+            if lm.get("measured_ms"):
+                lines.append(f"- measured dense / pruned: {lm['measured_ms']['dense']:.4f} / {lm['measured_ms']['pruned']:.4f} ms "
+                             f"({100 * lm['error']['dense']:+.1f}% / {100 * lm['error']['pruned']:+.1f}% from the planning "
+                             "prediction; the dense model's error is the machine's drift since calibration)")
+            same = lm.get("same_session")
+            if same:
+                lines.append(f"- anchors (dense, narrowest {same['narrowest_ms']:.4f} ms) re-timed in the same session as the "
+                             f"pruned model: predicted {same['predicted_pruned_ms']:.4f} ms, measured "
+                             f"{100 * same['error_pruned']:+.1f}% (goal within 10%: {'met' if lm.get('within_10pct') else 'NOT met'})")
+            if cal:
+                lines.append(f"- calibration (measured before training on {cal.get('runtime')}): dense {cal['dense_ms']:.4f} ms, "
+                             f"narrowest {cal['min_ms']:.4f} ms; scale {cal['scale']:.3f}, overhead {cal['overhead_ms']:.4f} ms")
         lines += ["", "## Layers", "", "| layer | kind | dense width | pruned width | kept |", "|---|---|---|---|---|"]
         for row in self.layers:
             lines.append(

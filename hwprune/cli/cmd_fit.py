@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
                    "with --granularity blocks) to remove, e.g. 0.7")
     b.add_argument("--flops", type=float, help="fraction of the FLOPs to keep, e.g. 0.5")
     b.add_argument("--params", type=float, help="fraction of the parameters to keep, e.g. 0.5")
+    b.add_argument("--latency-ms", type=float, help="predicted latency to reach, in ms (needs the target's profile: hwprune profile)")
+    b.add_argument("--speedup", type=float, help="be S times faster than the dense model's measured latency (e.g. 3)")
     p.add_argument("--model", default=None, help=f"built-in model or package.module:function (default: {DEFAULT_MODEL})")
     p.add_argument("--data", default=None, help=f"built-in dataset or imagefolder:PATH (default: {DEFAULT_DATA})")
     p.add_argument("--granularity", choices=["channels", "blocks"], default=None,
@@ -51,12 +53,19 @@ def add_parser(sub) -> None:
     p.add_argument("--latency-batch-size", type=int, default=None, help="batch size for latency (default: the target's)")
     p.add_argument("--latency-repeats", type=int, default=None, help="timed runs per model (default: the target's)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--profile", default=None, help="latency profile for --latency-ms/--speedup (default: the target's)")
+    p.add_argument("--latency-runtime", choices=["onnxruntime", "tvm"], default=None,
+                   help="runtime that measures latency (default onnxruntime; TVM's hand-scheduled build with --rpc)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="measure on the device behind this TVM RPC server")
+    p.add_argument("--tracker", default=None, metavar="HOST:PORT", help="TVM RPC tracker to request the device from (with --key)")
+    p.add_argument("--key", default=None, help="device key registered with the tracker")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     p.set_defaults(command="fit")
 
 
-_SAVED = ["target", "sparsity", "flops", "params", "model", "data", "granularity", "method", "method_option", "epochs", "lr",
-          "batch_size", "seed", "exclude", "image_size", "latency_batch_size", "latency_repeats", "no_latency"]
+_SAVED = ["target", "sparsity", "flops", "params", "latency_ms", "speedup", "model", "data", "granularity", "method",
+          "method_option", "epochs", "lr", "batch_size", "seed", "exclude", "image_size", "latency_batch_size",
+          "latency_repeats", "no_latency", "profile", "latency_runtime", "rpc", "tracker", "key"]
 
 
 def _parse_options(items: list[str]) -> dict:
@@ -112,11 +121,16 @@ def run(args) -> int:
         args = _resume_args(args)
     if not args.target:
         raise HwpruneError("--target is required, e.g. --target host-cpu.yaml (hwprune targets lists them)")
-    budgets = [(k, getattr(args, k)) for k in ("sparsity", "flops", "params") if getattr(args, k) is not None]
+    kinds = {"sparsity": "sparsity", "flops": "flops", "params": "params", "latency_ms": "latency", "speedup": "speedup"}
+    budgets = [(kind, getattr(args, k)) for k, kind in kinds.items() if getattr(args, k, None) is not None]
     if len(budgets) != 1:
-        raise HwpruneError("give one budget: --sparsity S (fraction of units removed), --flops F or --params P (fraction kept)")
+        raise HwpruneError("give one budget: --sparsity S (fraction of units removed), --flops F or --params P (fraction "
+                           "kept), --latency-ms X or --speedup S")
     budget = Budget(*budgets[0])  # validates the value before anything is loaded
     target = load_target(args.target)
+    from ..remote import resolve_remote
+
+    remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
     data_name = args.data or DEFAULT_DATA
     model_name = args.model or DEFAULT_MODEL
     quiet = args.quiet or not dist.is_main
@@ -138,7 +152,8 @@ def run(args) -> int:
     config = FitConfig(budget=budget, method=args.method, method_options=_parse_options(args.method_option),
                        train=settings, seed=args.seed, exclude=tuple(args.exclude),
                        latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,
-                       granularity=args.granularity or "channels")
+                       granularity=args.granularity or "channels",
+                       latency_runtime=args.latency_runtime, profile=args.profile)
     if args.epochs:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = args.epochs
     out = Path(args.out) if args.out else fit_module._default_dir(config, {"model": model_name, "data": data_name, "target": target.name})
@@ -157,7 +172,7 @@ def run(args) -> int:
                            "input_size": bundle.input_size}}
     try:
         result = fit(model, bundle.train, test_data=bundle.test, target=target, config=config, out_dir=out,
-                     progress=say, run_info=info, measure=not args.no_latency)
+                     progress=say, run_info=info, measure=not args.no_latency, remote=remote)
     except KeyboardInterrupt:
         print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)
         return 130

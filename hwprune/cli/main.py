@@ -11,9 +11,9 @@ import os
 import sys
 
 from ..errors import HwpruneError
-from . import cmd_env, cmd_export, cmd_fit, cmd_targets
+from . import cmd_env, cmd_export, cmd_fit, cmd_profile, cmd_targets
 
-COMMANDS = {"fit": cmd_fit, "export": cmd_export, "targets": cmd_targets, "env": cmd_env}
+COMMANDS = {"fit": cmd_fit, "export": cmd_export, "profile": cmd_profile, "targets": cmd_targets, "env": cmd_env}
 
 
 def build_parser() -> argparse.ArgumentParser:

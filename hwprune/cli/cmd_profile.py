@@ -1,0 +1,103 @@
+"""``hwprune profile``: measure a target's latency profile (every layer shape at a grid of kept widths).
+
+Without ``--model``/``--data`` it profiles the layers of the embedded default that ``fit`` prunes
+(``small-resnet`` on ``digits``). The profile is written atomically to the target's
+``latency.profile`` (``profiles/<target>.json``) or ``--out``. A target that is not this machine is
+profiled only on its own device, over TVM RPC.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import HwpruneError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="measure the latency of each layer shape at a range of widths on the target's runtime",
+        description="Measure a latency profile for latency budgets (hwprune fit --latency-ms / --speedup). "
+        "Example: hwprune profile --target host-cpu",
+    )
+    p.add_argument("--target", required=True, help="target YAML: a path or a shipped target's name")
+    p.add_argument("--model", default=None, help="built-in model or package.module:function (default: small-resnet)")
+    p.add_argument("--data", default=None, help="dataset that sets the input shape (default: digits)")
+    p.add_argument("--image-size", type=int, default=None, help="image size for imagefolder data")
+    p.add_argument("--runtime", choices=["onnxruntime", "tvm"], default=None,
+                   help="onnxruntime (default on this machine) or tvm (the hand-scheduled kernels; required over RPC)")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="profile on the device behind this TVM RPC server")
+    p.add_argument("--tracker", default=None, metavar="HOST:PORT", help="TVM RPC tracker to request the device from")
+    p.add_argument("--key", default=None, help="device key registered with the tracker")
+    p.add_argument("--out", default=None, help="where to write (default: the target's profile, profiles/<target>.json)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the tables of an existing profile (same machine, runtime and batch) and add this model's")
+    p.add_argument("--max-points", type=int, default=8, help="grid points per width axis (default 8)")
+    p.add_argument("--repeats", type=int, default=40, help="timed calls per grid point (default 40)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the target's latency.batch_size)")
+    p.set_defaults(command="profile")
+
+
+def _default_out(target) -> Path:
+    from ..resources import _REPO_ROOT, profile_dirs
+
+    path = target.profile_path()
+    if path is not None:
+        return path
+    dirs = profile_dirs()
+    return (dirs[0] if dirs else _REPO_ROOT / "profiles") / f"{target.name}.json"
+
+
+def run(args) -> int:
+    import torch
+
+    from ..data import load_dataset
+    from ..models import build_model
+    from ..profile_format import Profile
+    from ..profiler import ProfileSettings, measure_profile
+    from ..remote import resolve_remote
+    from ..target import load_target
+    from .cmd_fit import DEFAULT_DATA, DEFAULT_MODEL
+
+    for flag, value, lo in (("--max-points", args.max_points, 2), ("--repeats", args.repeats, 1)):
+        if value < lo:
+            raise HwpruneError(f"{flag} {value}: expected an integer >= {lo}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise HwpruneError(f"--batch-size {args.batch_size}: expected a positive integer")
+    target = load_target(args.target)
+    remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
+    runtime = args.runtime or ("tvm" if remote is not None else "onnxruntime")
+    out = Path(args.out) if args.out else _default_out(target)
+    existing = Profile.load(out) if args.append and out.is_file() else None
+    model_name, data_name = args.model or DEFAULT_MODEL, args.data or DEFAULT_DATA
+    bundle = load_dataset(data_name, image_size=args.image_size)
+    torch.manual_seed(0)
+    model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes,
+                        input_size=bundle.input_size).eval()
+    example = torch.zeros(1, bundle.in_channels, bundle.input_size, bundle.input_size)
+    settings = ProfileSettings(max_points=args.max_points, repeats=args.repeats, rounds=min(4, args.repeats),
+                               batch_size=args.batch_size)
+    print(f"target {target.name}: {target.description}")
+    print(f"profiling {model_name} ({data_name}, input {tuple(example.shape)}) with {runtime}"
+          + (f" on the {remote.describe()}" if remote else " on this machine"), flush=True)
+    profile = measure_profile([(model, example, model_name, data_name)], target, runtime=runtime, remote=remote,
+                              settings=settings, existing=existing, progress=lambda m: print(m, flush=True))
+    profile.save(out)
+    print()
+    print(summary(profile))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def summary(profile) -> str:
+    """A table of the profile: each layer shape, its grid and its latency at the largest widths."""
+    rows = [("layer shape", "widths measured", "ms at widest", "used by")]
+    for t in profile.layers.values():
+        grid = " x ".join(f"{a} {g[0]}..{g[-1]} ({len(g)})" for a, g in zip(t.axes, t.grid))
+        used = ", ".join(t.used_by[:2]) + (f" (+{len(t.used_by) - 2})" if len(t.used_by) > 2 else "")
+        rows.append((t.key, grid, f"{float(t.ms[(-1,) * t.ms.ndim]):.4f}", used))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"runtime: {profile.runtime.get('label')}; {profile.measured_on}; batch {profile.batch_size}; "
+                 f"call overhead {profile.call_overhead_ms:.4f} ms")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Latency profiles: measured, written, loaded and checked; every malformed file is one clear error."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hwprune.cli.main import main
+from hwprune.errors import ProfileError
+from hwprune.graph import discover_groups
+from hwprune.layer_shapes import layer_uses
+from hwprune.models import build_model
+from hwprune.profile_format import Profile
+from hwprune.profiler import ProfileSettings, measure_profile, subsample
+from hwprune.target import load_target
+
+FAST = ProfileSettings(max_points=3, repeats=6, rounds=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_model("small-resnet", in_channels=1, num_classes=10, input_size=8, width=0.3).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    prof = measure_profile([(net, x, "small-resnet", "digits")], load_target("host-cpu"), settings=FAST, progress=None)
+    path = prof.save(tmp_path_factory.mktemp("prof") / "host-cpu.json")
+    return net, x, prof, path
+
+
+def test_profile_covers_every_layer_of_the_model(measured):
+    net, x, prof, _ = measured
+    uses, _, _ = layer_uses(net, x, discover_groups(net, x, target=load_target("host-cpu")))
+    assert {u.key for u in uses} == set(prof.layers)
+    for u in uses:
+        t = prof.layers[u.key]
+        assert t.covers(*(g[0] for g in u.grids)) and t.covers(*(g[-1] for g in u.grids))
+        assert f"small-resnet:{u.name}" in t.used_by
+        assert all(len(g) <= FAST.max_points + 1 for g in t.grid)  # one extra: the 1-channel stem input
+    assert prof.runtime["name"] == "onnxruntime" and prof.on_target_device
+    assert prof.machine["hostname"] and prof.machine["arch"] and prof.libraries["onnxruntime"]
+    assert prof.batch_size == 1 and prof.created[:2] == "20"
+    # the widest conv costs more than the narrowest (real measurements: a loose check)
+    conv = max((t for t in prof.layers.values() if t.op == "conv2d"), key=lambda t: t.grid[1][-1])
+    assert conv.ms[-1, -1] > conv.ms[0, 0]
+
+
+def test_round_trip_through_the_file(measured):
+    _, _, prof, path = measured
+    loaded = Profile.load(path)
+    assert loaded.to_dict() == json.loads(path.read_text())
+    assert loaded.to_dict()["layers"] == prof.to_dict()["layers"]
+    t = next(iter(loaded.layers.values()))
+    idx = tuple(len(g) - 1 for g in t.grid)
+    assert t.predict(*(g[-1] for g in t.grid)) == pytest.approx(t.ms[idx])
+
+
+def _mutate(path, tmp_path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    out = tmp_path / "bad.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+BAD = {
+    "format": (lambda d: d.update(format="something-else"), "key 'format'"),
+    "version": (lambda d: d.update(version=99), "key 'version'"),
+    "missing layers": (lambda d: d.pop("layers"), "key 'layers': missing required key"),
+    "op": (lambda d: d["layers"][0].update(op="pool"), "key 'layers[0].op'"),
+    "axes": (lambda d: d["layers"][0].update(axes=["x"]), "key 'layers[0].axes'"),
+    "grid order": (lambda d: d["layers"][0]["grid"][-1].reverse(), "key 'layers[0].grid[1]'"),
+    "ms shape": (lambda d: d["layers"][0].update(ms=[[1.0]]), "key 'layers[0].ms'"),
+    "ms negative": (lambda d: d["layers"][0]["ms"][0].__setitem__(0, -1.0), "key 'layers[0].ms'"),
+    "overhead": (lambda d: d.update(call_overhead_ms="fast"), "key 'call_overhead_ms'"),
+    "batch": (lambda d: d.update(batch_size=0), "key 'batch_size'"),
+    "duplicate": (lambda d: d["layers"].append(d["layers"][0]), "unique keys"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_profile_is_one_clear_error(measured, tmp_path, case):
+    fn, expected = BAD[case]
+    bad = _mutate(measured[3], tmp_path, fn)
+    with pytest.raises(ProfileError) as e:
+        Profile.load(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and expected in msg and "\n" not in msg
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ProfileError, match="no such profile.*hwprune profile"):
+        Profile.load(tmp_path / "missing.json")
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="not valid JSON.*line 1"):
+        Profile.load(tmp_path / "x.json")
+
+
+def test_subsample_keeps_both_ends():
+    assert subsample(range(8, 161, 8), 5) == [8, 48, 88, 120, 160]
+    assert subsample([8, 16], 8) == [8, 16]
+
+
+def test_cli_writes_a_profile_and_refuses_a_mismatched_append(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    args = ["profile", "--target", "host-cpu", "--out", str(out), "--max-points", "2", "--repeats", "4"]
+    assert main(args) == 0
+    shown = capsys.readouterr().out
+    assert "conv2d k3x3 s1x1 p1x1 d1x1 in8x8" in shown and f"wrote {out}" in shown
+    first = Profile.load(out)
+    assert main(args + ["--append", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot append" in err and "batch size 1 vs 2" in err
+    assert Profile.load(out).to_dict() == first.to_dict()  # untouched
+    assert main(["profile", "--target", "host-cpu", "--out", str(out), "--max-points", "1"]) == 2
+    assert "--max-points 1" in capsys.readouterr().err
