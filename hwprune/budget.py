@@ -172,12 +172,13 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
     if budget.kind == "sparsity" and all(a == list(range(g.min_keep, g.size + 1)) for g, a in zip(prunable, allowed)):
         keep, current = _unit_steps(prunable, offsets, scores, target)
     else:
-        keep, current = _greedy(prunable, offsets, scores, target, cost_fn, allowed)
+        keep, current = _greedy(prunable, offsets, scores, target, cost_fn, allowed, ceiling=budget.kind == "latency")
     return _result(prunable, offsets, keep, current, budget, cost_fn)
 
 
-def _greedy(prunable, offsets, scores, target, cost_fn, allowed):
-    """Remove the cheapest chunk (score per cost saved) until the target; O(removed chunks x groups)."""
+def _greedy(prunable, offsets, scores, target, cost_fn, allowed, ceiling=False):
+    """Remove the cheapest chunk (score per cost saved) until the target; O(removed chunks x groups).
+    ``ceiling``: the target must be met (a latency budget), not merely approached."""
     n = int(offsets[-1])
     keep = np.ones(n)
     # Within a group, units go in ascending score order (ties: higher index first, stable).
@@ -222,7 +223,7 @@ def _greedy(prunable, offsets, scores, target, cost_fn, allowed):
                 t[c] = 0
                 v = cost_fn(t)
                 options.append((abs(v - target), 0 if v <= target + 1e-9 else 1, ratio, (i, c, v)))
-            if budget.kind == "latency":  # a latency budget is a ceiling: meet it first, then come closest
+            if ceiling:  # meet it first, then come closest
                 *_, pick = min(options, key=lambda o: (o[1], round(o[0], 9), o[2]))
             else:
                 *_, pick = min(options, key=lambda o: (round(o[0], 9), o[1], o[2]))
