@@ -23,7 +23,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .budget import Budget, Projection, check_budget, project
@@ -37,8 +36,9 @@ from .regularizers import RegContext, SparsitySchedule, StrengthController, buil
 from .report import Report, layer_table, plot_history, plot_norms
 from .slicing import mask_model, slice_model
 from .target import Target, load_target
-from .train import (TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,
-                    recalibrate_bn, train_epoch)
+from .tasks import ClassificationTask, Task
+from .tasks.base import as_args
+from .train import TrainSettings, cosine_lr
 
 
 @dataclass
@@ -73,12 +73,6 @@ class FitResult:
     plan: Plan
     report: Report
     run_dir: Path
-
-
-def _as_dataset(data) -> tuple[Dataset, Callable | None]:
-    if isinstance(data, DataLoader):
-        return data.dataset, data.collate_fn
-    return data, None
 
 
 def _say(progress, msg: str) -> None:
@@ -117,7 +111,8 @@ def fit(
     Give exactly one budget: ``sparsity`` (fraction of prunable units removed), ``flops`` or ``params``
     (fraction kept). ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
     DataLoader its dataset and collate function are used, and hwprune draws the order itself (seeded
-    per epoch, so that a resumed run replays exactly). If ``out_dir`` holds a checkpoint of the same
+    per epoch, so that a resumed run replays exactly). ``train_data`` may instead be a
+    :class:`~hwprune.tasks.Task` (e.g. distilling a sentence encoder), which owns its data. If ``out_dir`` holds a checkpoint of the same
     configuration, the run continues from it.
 
     Example:
@@ -140,7 +135,8 @@ def fit(
         config.method = method
     make_config(config.method, config.method_options)  # reject unknown methods/options before any work
     target = load_target(target) if not isinstance(target, Target) else target
-    run = _Run(model, train_data, test_data, target, config, Path(out_dir or _default_dir(config, run_info)), progress, run_info or {}, measure)
+    task = train_data if isinstance(train_data, Task) else ClassificationTask(train_data, test_data)
+    run = _Run(model, task, target, config, Path(out_dir or _default_dir(config, run_info)), progress, run_info or {}, measure)
     return run.execute()
 
 
@@ -154,17 +150,15 @@ def _default_dir(config: FitConfig, info: dict) -> Path:
 class _Run:
     """One run's state machine: each stage reads and writes the checkpoint."""
 
-    def __init__(self, model, train_data, test_data, target, config: FitConfig, run_dir: Path, progress, info, measure):
+    def __init__(self, model, task: Task, target, config: FitConfig, run_dir: Path, progress, info, measure):
         self.template = copy.deepcopy(model).cpu()  # the untrained architecture, to rebuild from
         self.model = model
-        self.train_set, self.collate = _as_dataset(train_data)
-        self.test_set = _as_dataset(test_data)[0] if test_data is not None else None
+        self.task = task
         self.target, self.config, self.run_dir = target, config, run_dir
         self.progress, self.info, self.measure = progress, info, measure
         self.device = torch.device("cpu")
         self.ckpt = Checkpointer(run_dir)
-        sample = self.train_set[0][0]
-        self.example = sample.unsqueeze(0) if isinstance(sample, torch.Tensor) else torch.as_tensor(sample).unsqueeze(0)
+        self.example = task.example
         self.state: dict[str, Any] = {
             "stage": "dense", "epoch": 0, "history": [], "acc": {}, "plan": None, "projection": None,
             "norms_before": None, "norms_after": None, "dense_model": None, "regularizer": None,
@@ -180,9 +174,8 @@ class _Run:
         return fp
 
     def test_accuracy(self, model) -> float | None:
-        if self.test_set is None:
-            return None
-        return evaluate(model, eval_loader(self.test_set, collate_fn=self.collate), self.device)[0]
+        """The task's quality measure on held-out data (accuracy for classification)."""
+        return self.task.evaluate(model)
 
     def save(self, optimizer=None, regularizer=None, controller=None) -> None:
         payload = dict(self.state)
@@ -261,20 +254,27 @@ class _Run:
         rec.update(extra or {})
         self.state["history"].append(rec)
         more = "".join(f"  {k} {v:.3g}" if isinstance(v, float) else f"  {k} {v}" for k, v in (extra or {}).items())
-        acc_s = f"  test acc {100 * acc:.2f}%" if acc is not None else ""
+        acc_s = f"  {self._metric(acc)}" if acc is not None else ""
         _say(self.progress, f"[{stage} {epoch + 1}/{total}] loss {stats.loss:.4f}{acc_s}{more}  ({stats.seconds:.1f}s, {stats.samples_per_s:.0f} samples/s)")
 
+    def _metric(self, value, accuracy_label: str | None = None) -> str:
+        """The task's quality measure for the log (accuracy in percent, anything else as a number)."""
+        if self.task.metric == "accuracy":
+            label = self.task.metric_label if accuracy_label is None else accuracy_label
+            return f"{label} {100 * (value or 0):.2f}%".lstrip()
+        return f"{self.task.metric_label} {value if value is not None else float('nan'):.4f}"
+
     def recalibrate(self) -> None:
-        recalibrate_bn(self.model, self.train_set, self.config.train, self.config.seed, self.collate, self.device)
+        self.task.recalibrate(self.model, self.config.train, self.config.seed, self.device)
 
     def run_epochs(self, stage, total, settings: TrainSettings, regularizer=None, controller=None, lr_scale=1.0,
                    extra_fn=None, lr_floor=0.0):
-        optimizer = make_optimizer(
+        optimizer = self.task.make_optimizer(
             self.model, settings, regularizer.no_weight_decay() if regularizer else (),
             regularizer.extra_parameters() if regularizer else (),
         )
         self._resume_optimizer(optimizer, regularizer, controller)
-        steps_per_epoch = -(-len(self.train_set) // settings.batch_size)
+        steps_per_epoch = self.task.steps_per_epoch(settings)
         total_steps = total * steps_per_epoch
         base = settings.lr * lr_scale
 
@@ -283,9 +283,9 @@ class _Run:
                 regularizer.strength = controller.update(step + 1, regularizer.zero_fraction(), regularizer.strength)
 
         for epoch in range(self.state["epoch"], total):
-            loader = epoch_loader(self.train_set, settings, self.config.seed, stage, epoch, self.collate)
-            stats = train_epoch(
-                self.model, loader, optimizer, lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
+            stats = self.task.train_epoch(
+                self.model, optimizer, settings=settings, seed=self.config.seed, stage=stage, epoch=epoch,
+                lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
                 step0=epoch * steps_per_epoch, regularizer=regularizer,
                 on_step=on_step if controller is not None else None, device=self.device,
             )
@@ -309,7 +309,7 @@ class _Run:
     def cost_model(self, model, groups):
         kind = self.config.budget.kind
         if kind == "flops":
-            return flops_model(model, (self.example,), groups)
+            return flops_model(model, as_args(self.example), groups)
         if kind == "params":
             return params_model(model, groups)
         if kind == "latency":
@@ -322,7 +322,7 @@ class _Run:
         # How many units does the budget remove? Project once with the current norms.
         proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.config.budget, cost)
         unit_costs = cost.unit_savings(np.ones(index.n_units)) if cost is not None and cost.name == "flops" else None
-        steps = self.config.epochs_regularize * -(-len(self.train_set) // self.config.train.batch_size)
+        steps = self.config.epochs_regularize * self.task.steps_per_epoch(self.config.train)
         target_fraction = proj.removed_units / max(index.n_units, 1)
         schedule = SparsitySchedule(target_fraction, steps)
         ctx = RegContext(self.model, index, keep_units=index.n_units - proj.removed_units, unit_costs=unit_costs,
@@ -358,7 +358,7 @@ class _Run:
         mask_model(self.model, groups, proj.keep)
         self.recalibrate()
         acc_after = self.test_accuracy(self.model)
-        plan = Plan.from_groups(groups, proj.keep, self.example.shape, self.config.exclude,
+        plan = Plan.from_groups(groups, proj.keep, as_args(self.example)[0].shape, self.config.exclude,
                                 meta={"target": self.target.name, "budget": self.config.budget.describe(), **self.info})
         slice_model(self.model, groups, proj.keep)
         plan.save(self.run_dir / "plan.json")
@@ -374,7 +374,7 @@ class _Run:
             if multiples != [1] else "exact: no hardware multiple",
         }
         _say(self.progress, f"[project] removed {proj.removed_units} of {proj.units} units ({proj.kind} requested "
-             f"{proj.requested:g}, achieved {proj.achieved:.4f}); accuracy {100 * (acc_before or 0):.2f}% -> {100 * (acc_after or 0):.2f}% (pruning shock)")
+             f"{proj.requested:g}, achieved {proj.achieved:.4f}); {self._metric(acc_before, 'accuracy')} -> {self._metric(acc_after, '')} (pruning shock)")
         self.state.update(stage="finetune", epoch=0)
         self.save()
 
@@ -392,26 +392,27 @@ class _Run:
         self.save()
 
     def stage_export(self, seconds: float) -> Report:
-        from .export.onnx import export_onnx, onnx_max_abs_diff
         from .latency import measure_onnx_latency
 
         dense = copy.deepcopy(self.template)
         dense.load_state_dict(self.state["dense_model"])
         dense.eval()
         self.model.eval()
-        export_onnx(dense, self.example, self.run_dir / "dense.onnx")
-        export_onnx(self.model, self.example, self.run_dir / "model.onnx")
-        check = self._check_inputs()
-        diff = onnx_max_abs_diff(self.run_dir / "model.onnx", self.model, check)
-        _say(self.progress, f"[export] model.onnx: onnxruntime vs torch max |diff| {diff:.2e} on {len(check)} real inputs")
-        latency = None
+        self.task.export_onnx(dense, self.run_dir / "dense.onnx")
+        self.task.export_onnx(self.model, self.run_dir / "model.onnx")
+        diff, n_checked = self.task.onnx_max_abs_diff(self.run_dir / "model.onnx", self.model)
+        _say(self.progress, f"[export] model.onnx: onnxruntime vs torch max |diff| {diff:.2e} on {n_checked} real inputs")
+        latencies = []
         if self.measure:
-            _say(self.progress, "[latency] timing dense and pruned ONNX models, interleaved ...")
-            latency = measure_onnx_latency(
-                {"dense": str(self.run_dir / "dense.onnx"), "pruned": str(self.run_dir / "model.onnx")},
-                self.target, batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
-            )
-        report = self.build_report(dense, diff, len(check), latency, seconds)
+            sizes = ([self.config.latency_batch_size] if self.config.latency_batch_size else
+                     list(self.task.latency_batch_sizes or [None]))
+            for bs in sizes:
+                _say(self.progress, f"[latency] timing dense and pruned ONNX models, interleaved{f' (batch {bs})' if bs else ''} ...")
+                latencies.append(measure_onnx_latency(
+                    {"dense": str(self.run_dir / "dense.onnx"), "pruned": str(self.run_dir / "model.onnx")},
+                    self.target, batch_size=bs, repeats=self.config.latency_repeats, feeds=self.task.latency_feeds,
+                ))
+        report = self.build_report(dense, diff, n_checked, latencies, seconds)
         report.save(self.run_dir)
         norms_b, norms_a = self.state.get("norms_before"), self.state.get("norms_after")
         if norms_b is not None and norms_a is not None:
@@ -422,12 +423,7 @@ class _Run:
         self.save()
         return report
 
-    def _check_inputs(self) -> torch.Tensor:
-        source = self.test_set if self.test_set is not None else self.train_set
-        n = min(256, len(source))
-        return torch.stack([torch.as_tensor(source[i][0]) for i in range(n)])
-
-    def build_report(self, dense, diff, n_checked, latency, seconds) -> Report:
+    def build_report(self, dense, diff, n_checked, latencies, seconds) -> Report:
         b = self.config.budget
         proj = self.state["projection"]
         flops_d, flops_p = count_flops(dense, self.example), count_flops(self.model, self.example)
@@ -442,7 +438,7 @@ class _Run:
             },
             "requested": {b.kind: b.value},
             "achieved": achieved,
-            "accuracy": {"dense": self.state["acc"].get("dense"), "pruned": self.state["acc"].get("pruned"),
+            self.task.metric: {"dense": self.state["acc"].get("dense"), "pruned": self.state["acc"].get("pruned"),
                          "after_projection": proj["accuracy_after"], "before_projection": proj["accuracy_before"]},
             "params": {"dense": params_d, "pruned": params_p},
             "flops": {"dense": flops_d, "pruned": flops_p, "unit": "multiply-accumulates per sample (conv + linear)"},
@@ -451,7 +447,9 @@ class _Run:
             "target": {"name": self.target.name, "device": self.target.device.name, "local": self.target.is_local},
             "env": _env(),
         }
-        if latency is not None:
+        data.update(self.task.report(dense, self.model))
+        if latencies:
+            latency = latencies[0]
             data["latency_ms"] = {"dense": latency.stats["dense"].median_ms, "pruned": latency.stats["pruned"].median_ms}
             data["latency"] = {
                 "batch_size": latency.batch_size, "runtime": latency.runtime, "measured_on": latency.measured_on,
@@ -459,5 +457,12 @@ class _Run:
                 "warmup": latency.warmup, "statistic": "median",
                 "p10_ms": {k: v.p10_ms for k, v in latency.stats.items()},
                 "p90_ms": {k: v.p90_ms for k, v in latency.stats.items()},
+            }
+        if len(latencies) > 1:  # the same models timed at several batch sizes
+            data["latency_by_batch"] = {
+                str(lat.batch_size): {**{k: v.median_ms for k, v in lat.stats.items()},
+                                      "p10_ms": {k: v.p10_ms for k, v in lat.stats.items()},
+                                      "p90_ms": {k: v.p90_ms for k, v in lat.stats.items()}}
+                for lat in latencies
             }
         return Report(data, layer_table(dense, self.model), self.state["history"])
