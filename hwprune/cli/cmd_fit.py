@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     b.add_argument("--sparsity", type=float, help="fraction of the prunable units (channels, neurons) to remove, e.g. 0.7")
     b.add_argument("--flops", type=float, help="fraction of the FLOPs to keep, e.g. 0.5")
     b.add_argument("--params", type=float, help="fraction of the parameters to keep, e.g. 0.5")
-    p.add_argument("--model", default=None, help=f"built-in model or package.module:function (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"built-in model, minilm (all-MiniLM-L6-v2, distilled on text), or "
+                   f"package.module:function (default: {DEFAULT_MODEL})")
     p.add_argument("--data", default=None, help=f"built-in dataset or imagefolder:PATH (default: {DEFAULT_DATA})")
     p.add_argument("--method", default="wgsef", help="regularizer (default: wgsef)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
@@ -107,14 +108,28 @@ def run(args) -> int:
     quiet = args.quiet
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     say(f"target {target.name}: {target.description}")
-    bundle = load_dataset(data_name, seed=args.seed, image_size=args.image_size)
-    say(f"data {bundle.name}: {bundle.description}")
     import torch
 
-    torch.manual_seed(args.seed)
-    model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes, input_size=bundle.input_size)
+    from ..text.job import TEXT_MODELS
+
+    job = None
+    if model_name in TEXT_MODELS:  # a pretrained transformer distilled on text (hwprune/text/job.py)
+        from ..text.job import minilm_job
+
+        job = minilm_job(args.data, args.seed)
+        data_name, train_data, test_data = job.data, job.task, None
+        model = job.model
+        say(f"data {job.data}: {job.description}")
+    else:
+        bundle = load_dataset(data_name, seed=args.seed, image_size=args.image_size)
+        say(f"data {bundle.name}: {bundle.description}")
+        train_data, test_data = bundle.train, bundle.test
+        torch.manual_seed(args.seed)
+        model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes, input_size=bundle.input_size)
     say(f"model {model_name}: {sum(p.numel() for p in model.parameters()):,} parameters")
     settings = TrainSettings()
+    if job is not None:
+        settings.lr, settings.batch_size, settings.weight_decay = job.lr, job.batch_size, job.weight_decay
     if args.lr is not None:
         settings.lr = args.lr
     if args.batch_size is not None:
@@ -122,6 +137,10 @@ def run(args) -> int:
     config = FitConfig(budget=budget, method=args.method, method_options=_parse_options(args.method_option),
                        train=settings, seed=args.seed, exclude=tuple(args.exclude),
                        latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats)
+    if job is not None:
+        config.epochs_dense, config.epochs_regularize, config.epochs_finetune = job.epochs
+        config.method_options = {**job.method_options.get(args.method, {}), **config.method_options}
+        config.finetune_lr_scale = 1.0
     if args.epochs:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = args.epochs
     out = Path(args.out) if args.out else fit_module._default_dir(config, {"model": model_name, "data": data_name, "target": target.name})
@@ -130,7 +149,7 @@ def run(args) -> int:
         atomic_write_json(out / "run.json", {"args": {k: getattr(args, k) for k in _SAVED}, "command": command})
     info = {"model": model_name, "data": data_name, "command": command}
     try:
-        result = fit(model, bundle.train, test_data=bundle.test, target=target, config=config, out_dir=out,
+        result = fit(model, train_data, test_data=test_data, target=target, config=config, out_dir=out,
                      progress=say, run_info=info, measure=not args.no_latency)
     except KeyboardInterrupt:
         print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)

@@ -120,7 +120,7 @@ def _declare_bert_neurons(ctx: Ctx, name: str, m: nn.Module) -> None:
 
 
 def _looks_like_attention(m: nn.Module) -> bool:
-    return "attention" in type(m).__name__.lower() and any(isinstance(c, nn.Linear) for c in m.modules())
+    return "attention" in type(m).__name__.lower() and any(True for _ in m.parameters())
 
 
 def discover_by_pattern(model: nn.Module, excluded: set[str]) -> Ctx:
