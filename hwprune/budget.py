@@ -235,7 +235,7 @@ def _project_per_kind(prunable: list[Group], scores: np.ndarray, budget: Budget)
     """A sparsity budget over attention heads *and* other units: the fraction is removed from each kind
     separately. A head (Q, K, V rows and output columns: 4·d·hidden weights) and an FFN neuron
     (2·hidden weights) are not the same amount of model, so one global count would let either kind
-    absorb the budget (measured on MiniLM: a global 50% kept 69 of 72 heads and cut the FFN instead)."""
+    absorb the budget (seen on MiniLM in a short run: a global 50% kept 69 of 72 heads and cut the FFN instead)."""
     offsets = np.concatenate([[0], np.cumsum([g.size for g in prunable])]).astype(np.int64)
     keep, mask, removed = {}, np.ones(int(offsets[-1]), dtype=bool), 0
     for heads in (True, False):

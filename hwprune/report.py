@@ -113,8 +113,20 @@ class Report:
                 f"(the budget asks {100 * proj.get('target_fraction', 0):.1f}%)",
                 f"- accuracy right before / after the projection: {100 * proj.get('accuracy_before', 0):.2f}% / "
                 f"{100 * proj.get('accuracy_after', 0):.2f}% (pruning shock "
-                f"{100 * (proj.get('accuracy_after', 0) - proj.get('accuracy_before', 0)):+.2f} pts)",
+                f"{100 * (proj.get('accuracy_after', 0) - proj.get('accuracy_before', 0)):+.2f} pts)"
+                if not g("quality") else
+                f"- held-out mean cosine right before / after the projection: {proj.get('accuracy_before', 0):.4f} / "
+                f"{proj.get('accuracy_after', 0):.4f} (pruning shock)",
                 "",
+            ]
+        q = g("quality.pruned")
+        if q:
+            lines += [
+                "## Quality", "",
+                f"- {g('quality.measure')}",
+                f"- mean cosine {q['mean_cosine']:.4f} (lowest {q['min_cosine']:.4f}) over {q['sentences']} held-out "
+                f"sentences; Spearman {q['spearman']:.4f} over {q['pairs']} pairs",
+                f"- corpus: {g('quality.corpus')}; {g('quality.train_sentences')} training sentences", "",
             ]
         lines += [
             "## Export", "",

@@ -258,3 +258,42 @@ def test_sparsity_removes_the_fraction_of_heads_and_of_neurons_separately():
         project(groups, rng.random(n), Budget("sparsity", 0.6))
     with pytest.raises(ModelError, match="keep at least"):
         slice_model(bert, groups, {"encoder.layer.0.attention": np.array([], dtype=np.int64)})
+
+
+# --- regularizers ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", sorted(__import__("hwprune.regularizers", fromlist=["REGISTRY"]).REGISTRY))
+def test_every_regularizer_zeroes_whole_heads_and_neurons(method):
+    """A regularizer sees heads and neurons as units: what it zeroes is a whole head (its Q, K and V rows
+    and biases) or a whole neuron, never a part of one."""
+    from hwprune.groups import UnitIndex
+    from hwprune.regularizers import RegContext, SparsitySchedule, build_regularizer
+
+    bert = tiny_bert()
+    groups = discover_groups(bert, None)
+    index = UnitIndex(bert, groups)
+    schedule = SparsitySchedule(0.5, 20, ramp=0.5)
+    reg = build_regularizer(method, RegContext(bert, index, keep_units=index.n_units // 2, total_steps=20,
+                                               schedule=schedule))
+    for step in range(20):
+        reg.after_step(0.05, step)
+        if reg.penalty() is not None:  # penalty methods: take a plain gradient step on the penalty alone
+            bert.zero_grad()
+            reg.penalty().backward()
+            with torch.no_grad():
+                for p in bert.parameters():
+                    if p.grad is not None:
+                        p -= 0.05 * p.grad
+    zero = (index.sq_norms() == 0).numpy()
+    assert zero.any(), f"{method} zeroed no unit"
+    sa = bert.encoder.layer[0].attention.self
+    rows = torch.stack([getattr(sa, p).weight.detach().abs().sum(1) + getattr(sa, p).bias.detach().abs()
+                        for p in ("query", "key", "value")]).view(3, 4, 8)
+    head_zero = rows == 0
+    assert (head_zero.all(dim=(0, 2)) == head_zero.any(dim=(0, 2))).all()  # a head is all zero or not at all
+    up = bert.encoder.layer[0].intermediate.dense
+    neuron_zero = (up.weight.detach().abs().sum(1) + up.bias.detach().abs()) == 0
+    per_group = index.split(torch.as_tensor(zero))
+    assert int(head_zero.all(dim=(0, 2)).sum()) == int(per_group["encoder.layer.0.attention"].sum())
+    assert int(neuron_zero.sum()) == int(per_group["encoder.layer.0.intermediate.dense"].sum())
