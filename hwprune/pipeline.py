@@ -112,8 +112,8 @@ def fit(
     (fraction kept). ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
     DataLoader its dataset and collate function are used, and hwprune draws the order itself (seeded
     per epoch, so that a resumed run replays exactly). ``train_data`` may instead be a
-    :class:`~hwprune.tasks.Task` (e.g. distilling a sentence encoder), which owns its data. If ``out_dir`` holds a checkpoint of the same
-    configuration, the run continues from it.
+    :class:`~hwprune.tasks.Task` (e.g. distilling a sentence encoder), which owns its data. If
+    ``out_dir`` holds a checkpoint of the same configuration, the run continues from it.
 
     Example:
         >>> from hwprune.models import build_model

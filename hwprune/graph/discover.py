@@ -155,6 +155,8 @@ def discover_groups(model: nn.Module, example_inputs, *, exclude=(), target=None
     ``example_inputs``: a tensor or a tuple of tensors of the model's input shape. ``exclude``: layer
     names or globs whose input and output channels stay; a name that matches nothing is an error.
     ``target``: a :class:`~hwprune.target.Target`, which sets each group's channel multiple.
+    Hugging Face ``PreTrainedModel``s are not traced: their blocks are matched by pattern
+    (:mod:`hwprune.graph.hf`) and ``example_inputs`` is not used (it may be None).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
