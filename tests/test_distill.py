@@ -136,3 +136,13 @@ def test_minilm_cli_run(tmp_path):
     heads = [g for g in plan["groups"] if g["name"].endswith("attention")]
     assert len(heads) == 6 and sum(len(g["keep"]) for g in heads) == 36  # 50% of the 6 x 12 heads
     assert "held-out mean cosine" in proc.stdout
+
+
+def test_minilm_cli_rejects_image_data_in_one_line():
+    cmd = [sys.executable, "-m", "hwprune", "fit", "--model", "minilm", "--data", "digits", "--target", "host-cpu",
+           "--sparsity", "0.5"]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "hwprune: error: --data 'digits': --model minilm trains on text; expected pydoc, optionally with the number "
+        "of training sentences to use (e.g. pydoc:200)"]
