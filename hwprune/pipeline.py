@@ -257,12 +257,13 @@ class _Run:
         acc_s = f"  {self._metric(acc)}" if acc is not None else ""
         _say(self.progress, f"[{stage} {epoch + 1}/{total}] loss {stats.loss:.4f}{acc_s}{more}  ({stats.seconds:.1f}s, {stats.samples_per_s:.0f} samples/s)")
 
-    def _metric(self, value, accuracy_label: str | None = None) -> str:
-        """The task's quality measure for the log (accuracy in percent, anything else as a number)."""
+    def _metric(self, value, label: str | None = None) -> str:
+        """The task's quality measure for the log: accuracy in percent, anything else as a number.
+        ``label`` replaces the task's label ("" for none)."""
+        label = self.task.metric_label if label is None else label
         if self.task.metric == "accuracy":
-            label = self.task.metric_label if accuracy_label is None else accuracy_label
             return f"{label} {100 * (value or 0):.2f}%".lstrip()
-        return f"{self.task.metric_label} {value if value is not None else float('nan'):.4f}"
+        return f"{label} {value if value is not None else float('nan'):.4f}".lstrip()
 
     def recalibrate(self) -> None:
         self.task.recalibrate(self.model, self.config.train, self.config.seed, self.device)
@@ -374,7 +375,7 @@ class _Run:
             if multiples != [1] else "exact: no hardware multiple",
         }
         _say(self.progress, f"[project] removed {proj.removed_units} of {proj.units} units ({proj.kind} requested "
-             f"{proj.requested:g}, achieved {proj.achieved:.4f}); {self._metric(acc_before, 'accuracy')} -> {self._metric(acc_after, '')} (pruning shock)")
+             f"{proj.requested:g}, achieved {proj.achieved:.4f}); {self._metric(acc_before, 'accuracy' if self.task.metric == 'accuracy' else None)} -> {self._metric(acc_after, '')} (pruning shock)")
         self.state.update(stage="finetune", epoch=0)
         self.save()
 
