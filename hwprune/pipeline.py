@@ -28,7 +28,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from . import __version__, distributed
 from .budget import Budget, Projection, check_budget, project
@@ -42,8 +41,9 @@ from .regularizers import RegContext, Regularizer, SparsitySchedule, StrengthCon
 from .report import Report, layer_table, plot_history, plot_norms
 from .slicing import mask_model, reinitialize, slice_model
 from .target import Target, load_target
-from .train import (DivergedError, TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,
-                    recalibrate_bn, train_epoch)
+from .tasks import ClassificationTask, Task
+from .tasks.base import as_args
+from .train import DivergedError, TrainSettings, cosine_lr
 
 
 @dataclass
@@ -92,12 +92,6 @@ class FitResult:
     run_dir: Path
 
 
-def _as_dataset(data) -> tuple[Dataset, Callable | None]:
-    if isinstance(data, DataLoader):
-        return data.dataset, data.collate_fn
-    return data, None
-
-
 def _say(progress, msg: str) -> None:
     if progress:
         progress(msg)
@@ -142,8 +136,9 @@ def fit(
     slicing. ``remote``: a :class:`~hwprune.remote.RemoteSpec` (RPC device) on which latency is measured
     with TVM. ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
     DataLoader its dataset and collate function are used, and hwprune draws the order itself (seeded
-    per epoch, so that a resumed run replays exactly). If ``out_dir`` holds a checkpoint of the same
-    configuration, the run continues from it.
+    per epoch, so that a resumed run replays exactly). ``train_data`` may instead be a
+    :class:`~hwprune.tasks.Task` (e.g. distilling a sentence encoder), which owns its data. If
+    ``out_dir`` holds a checkpoint of the same configuration, the run continues from it.
 
     Example:
         >>> from hwprune.models import build_model
@@ -168,7 +163,8 @@ def fit(
         config.method = method
     make_config(config.method, config.method_options)  # reject unknown methods/options before any work
     target = load_target(target) if not isinstance(target, Target) else target
-    run = _Run(model, train_data, test_data, target, config, Path(out_dir or _default_dir(config, run_info)), progress,
+    task = train_data if isinstance(train_data, Task) else ClassificationTask(train_data, test_data)
+    run = _Run(model, task, target, config, Path(out_dir or _default_dir(config, run_info)), progress,
                run_info or {}, measure, remote)
     return run.execute()
 
@@ -192,6 +188,22 @@ def check_collapse(reg) -> None:
             )
 
 
+def _check_task_support(task, config: FitConfig, remote, distributed_run: bool) -> None:
+    """What works for the classification task only, refused up front for other tasks (distillation)."""
+    missing = []
+    if config.granularity == "blocks":
+        missing.append("weight blocks (granularity='blocks')")
+    if config.budget.kind in ("latency", "speedup"):
+        missing.append("latency budgets")
+    if remote is not None or config.latency_runtime == "tvm":
+        missing.append("TVM / RPC latency")
+    if distributed_run:
+        missing.append("several processes (torchrun)")
+    if missing:
+        raise HwpruneError(f"the {task.name} task does not support {', '.join(missing)} yet: use a sparsity, FLOPs or "
+                           "parameter budget in one process, timed with onnxruntime")
+
+
 def _default_dir(config: FitConfig, info: dict) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     b = config.budget
@@ -202,16 +214,16 @@ def _default_dir(config: FitConfig, info: dict) -> Path:
 class _Run:
     """One run's state machine: each stage reads and writes the checkpoint."""
 
-    def __init__(self, model, train_data, test_data, target, config: FitConfig, run_dir: Path, progress, info, measure,
-                 remote=None):
+    def __init__(self, model, task: Task, target, config: FitConfig, run_dir: Path, progress, info, measure, remote=None):
         self.dist = distributed.info()
+        if not isinstance(task, ClassificationTask):
+            _check_task_support(task, config, remote, self.dist.enabled)
         if self.dist.enabled:  # BN statistics over the global batch, as in one process
             distributed.convert_batchnorm(model, to_synced=True)
             progress = progress if self.dist.is_main else None
         self.template = copy.deepcopy(model).cpu()  # the untrained architecture, to rebuild from
         self.model = model
-        self.train_set, self.collate = _as_dataset(train_data)
-        self.test_set = _as_dataset(test_data)[0] if test_data is not None else None
+        self.task = task
         self.target, self.config, self.run_dir = target, config, run_dir
         self.progress, self.info, self.measure = progress, info, measure
         from .latency_budget import measurement_runtime
@@ -221,8 +233,7 @@ class _Run:
         self._latency = None  # the calibrated latency model of a latency budget, built once
         self.device = torch.device("cpu")
         self.ckpt = Checkpointer(run_dir)
-        sample = self.train_set[0][0]
-        self.example = sample.unsqueeze(0) if isinstance(sample, torch.Tensor) else torch.as_tensor(sample).unsqueeze(0)
+        self.example = task.example
         self.state: dict[str, Any] = {
             "stage": "dense", "epoch": 0, "history": [], "acc": {}, "plan": None, "projection": None,
             "norms_before": None, "norms_after": None, "dense_model": None, "regularizer": None,
@@ -238,9 +249,8 @@ class _Run:
         return fp
 
     def test_accuracy(self, model) -> float | None:
-        if self.test_set is None:
-            return None
-        return evaluate(model, eval_loader(self.test_set, collate_fn=self.collate), self.device)[0]
+        """The task's quality measure on held-out data (accuracy for classification)."""
+        return self.task.evaluate(model)
 
     def save(self, optimizer=None, regularizer=None, controller=None) -> None:
         payload = dict(self.state)
@@ -347,21 +357,29 @@ class _Run:
         rec.update(extra or {})
         self.state["history"].append(rec)
         more = "".join(f"  {k} {v:.3g}" if isinstance(v, float) else f"  {k} {v}" for k, v in (extra or {}).items())
-        acc_s = f"  test acc {100 * acc:.2f}%" if acc is not None else ""
+        acc_s = f"  {self._metric(acc)}" if acc is not None else ""
         _say(self.progress, f"[{stage} {epoch + 1}/{total}] loss {stats.loss:.4f}{acc_s}{more}  ({stats.seconds:.1f}s, {stats.samples_per_s:.0f} samples/s)")
 
+    def _metric(self, value, label: str | None = None) -> str:
+        """The task's quality measure for the log: accuracy in percent, anything else as a number.
+        ``label`` replaces the task's label ("" for none)."""
+        label = self.task.metric_label if label is None else label
+        if self.task.metric == "accuracy":
+            return f"{label} {100 * (value or 0):.2f}%".lstrip()
+        return f"{label} {value if value is not None else float('nan'):.4f}".lstrip()
+
     def recalibrate(self) -> None:
-        recalibrate_bn(self.model, self.train_set, self.config.train, self.config.seed, self.collate, self.device)
+        self.task.recalibrate(self.model, self.config.train, self.config.seed, self.device)
 
     def run_epochs(self, stage, total, settings: TrainSettings, regularizer=None, controller=None, lr_scale=1.0,
                    extra_fn=None, lr_floor=0.0):
-        optimizer = make_optimizer(
+        optimizer = self.task.make_optimizer(
             self.model, settings, regularizer.no_weight_decay() if regularizer else (),
             regularizer.extra_parameters() if regularizer else (),
             regularizer.param_groups() if regularizer else (),
         )
         self._resume_optimizer(optimizer, regularizer, controller)
-        steps_per_epoch = -(-len(self.train_set) // settings.batch_size)
+        steps_per_epoch = self.task.steps_per_epoch(settings)
         total_steps = total * steps_per_epoch
         base = settings.lr * lr_scale
 
@@ -379,9 +397,9 @@ class _Run:
             train_model = DistributedDataParallel(self.model, broadcast_buffers=False)
 
         for epoch in range(self.state["epoch"], total):
-            loader = epoch_loader(self.train_set, settings, self.config.seed, stage, epoch, self.collate)
-            stats = train_epoch(
-                train_model, loader, optimizer, lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
+            stats = self.task.train_epoch(
+                train_model, optimizer, settings=settings, seed=self.config.seed, stage=stage, epoch=epoch,
+                lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
                 step0=epoch * steps_per_epoch, regularizer=regularizer,
                 on_step=on_step if controller is not None else None, device=self.device, after_backward=sync_extra,
             )
@@ -415,7 +433,7 @@ class _Run:
     def cost_model(self, model, groups):
         kind = self.config.budget.kind
         if kind == "flops":
-            return flops_model(model, (self.example,), groups)
+            return flops_model(model, as_args(self.example), groups)
         if kind == "params":
             return params_model(model, groups)
         if kind in ("latency", "speedup"):
@@ -439,7 +457,7 @@ class _Run:
         # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
         unit_costs = (cost.unit_savings(np.ones(index.n_units))
                       if cost is not None and cost.name in ("flops", "latency") else None)
-        steps = self.config.epochs_regularize * -(-len(self.train_set) // self.config.train.batch_size)
+        steps = self.config.epochs_regularize * self.task.steps_per_epoch(self.config.train)
         target_fraction = proj.removed_units / max(index.n_units, 1)
         schedule = SparsitySchedule(target_fraction, steps)
         ctx = RegContext(self.model, index, keep_units=index.n_units - proj.removed_units, unit_costs=unit_costs,
@@ -482,7 +500,7 @@ class _Run:
             mask_model(self.model, groups, proj.keep)
         self.recalibrate()
         acc_after = self.test_accuracy(self.model)
-        plan = Plan.from_groups(groups, proj.keep, self.example.shape, self.config.exclude,
+        plan = Plan.from_groups(groups, proj.keep, as_args(self.example)[0].shape, self.config.exclude,
                                 meta={"target": self.target.name, "budget": self.config.budget.describe(),
                                       "method": self.config.method, **self.info})
         if not self.blocks:  # a block plan masks: the model keeps its shapes
@@ -508,8 +526,9 @@ class _Run:
                                                                 "pruned": cost(proj.keep_mask.astype(float))}
             self.state["projection"]["keep_vector"] = proj.keep_mask.astype(int).tolist()
         _say(self.progress, f"[project] removed {proj.removed_units} of {proj.units} units ({proj.kind} requested "
-             f"{proj.requested:g}, achieved {proj.achieved:.4f}); accuracy {100 * (acc_before or 0):.2f}% -> "
-             f"{100 * (acc_after or 0):.2f}% (pruning shock)" + ("; re-initialized to train from scratch" if reg.from_scratch else ""))
+             f"{proj.requested:g}, achieved {proj.achieved:.4f}); "
+             f"{self._metric(acc_before, 'accuracy' if self.task.metric == 'accuracy' else None)} -> "
+             f"{self._metric(acc_after, '')} (pruning shock)" + ("; re-initialized to train from scratch" if reg.from_scratch else ""))
         self.state["finetune_plan"] = self.finetune_schedule(reg)
         self.state.update(stage="finetune", epoch=0)
         self.save()
@@ -547,19 +566,17 @@ class _Run:
         self.save()
 
     def stage_export(self, seconds: float) -> Report:
-        from .export.onnx import export_onnx, onnx_max_abs_diff
         from .latency import measure_onnx_latency
 
         dense = copy.deepcopy(self.template)
         dense.load_state_dict(self.state["dense_model"])
         dense.eval()
         self.model.eval()
-        export_onnx(dense, self.example, self.run_dir / "dense.onnx")
-        export_onnx(self.model, self.example, self.run_dir / "model.onnx")
-        check = self._check_inputs()
-        diff = onnx_max_abs_diff(self.run_dir / "model.onnx", self.model, check)
-        _say(self.progress, f"[export] model.onnx: onnxruntime vs torch max |diff| {diff:.2e} on {len(check)} real inputs")
-        latency = None
+        self.task.export_onnx(dense, self.run_dir / "dense.onnx")
+        self.task.export_onnx(self.model, self.run_dir / "model.onnx")
+        diff, n_checked = self.task.onnx_max_abs_diff(self.run_dir / "model.onnx", self.model)
+        _say(self.progress, f"[export] model.onnx: onnxruntime vs torch max |diff| {diff:.2e} on {n_checked} real inputs")
+        latencies = []
         # A latency budget also times the narrowest model alongside: the latency model's anchors
         # re-measured in the same session as the pruned model (a shared machine drifts by tens of %).
         anchor = self.config.budget.kind in ("latency", "speedup")
@@ -571,22 +588,29 @@ class _Run:
             models = {"dense": dense, "pruned": self.model}
             if anchor:
                 models["narrowest"] = self._narrowest()
-            latency = measure_tvm_latency(
+            latencies.append(measure_tvm_latency(
                 models, self.example, self.target, remote=self.remote,
                 batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
-            )
+            ))
         elif self.measure:
             import tempfile
 
-            _say(self.progress, "[latency] timing dense and pruned ONNX models, interleaved ...")
+            from .export.onnx import export_onnx
+
+            sizes = ([self.config.latency_batch_size] if self.config.latency_batch_size else
+                     list(self.task.latency_batch_sizes or [None]))
             with tempfile.TemporaryDirectory(prefix="hwprune-narrow-") as tmp:
                 paths = {"dense": str(self.run_dir / "dense.onnx"), "pruned": str(self.run_dir / "model.onnx")}
                 if anchor:
                     paths["narrowest"] = str(export_onnx(self._narrowest(), self.example, Path(tmp) / "narrowest.onnx"))
-                latency = measure_onnx_latency(
-                    paths, self.target, batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
-                )
-        report = self.build_report(dense, diff, len(check), latency, seconds)
+                for bs in sizes:
+                    _say(self.progress, "[latency] timing dense and pruned ONNX models, interleaved"
+                         f"{f' (batch {bs})' if bs else ''} ...")
+                    latencies.append(measure_onnx_latency(
+                        paths, self.target, batch_size=bs, repeats=self.config.latency_repeats,
+                        feeds=self.task.latency_feeds,
+                    ))
+        report = self.build_report(dense, diff, n_checked, latencies, seconds)
         report.save(self.run_dir)
         norms_b, norms_a = self.state.get("norms_before"), self.state.get("norms_after")
         if norms_b is not None and norms_a is not None:
@@ -612,12 +636,7 @@ class _Run:
                 return {}
         return self._latency.describe()
 
-    def _check_inputs(self) -> torch.Tensor:
-        source = self.test_set if self.test_set is not None else self.train_set
-        n = min(256, len(source))
-        return torch.stack([torch.as_tensor(source[i][0]) for i in range(n)])
-
-    def build_report(self, dense, diff, n_checked, latency, seconds) -> Report:
+    def build_report(self, dense, diff, n_checked, latencies, seconds) -> Report:
         b = self.config.budget
         proj = self.state["projection"]
         flops_d, flops_p = count_flops(dense, self.example), count_flops(self.model, self.example)
@@ -643,7 +662,7 @@ class _Run:
             },
             "requested": {b.kind: b.value},
             "achieved": achieved,
-            "accuracy": {"dense": self.state["acc"].get("dense"), "pruned": self.state["acc"].get("pruned"),
+            self.task.metric: {"dense": self.state["acc"].get("dense"), "pruned": self.state["acc"].get("pruned"),
                          "after_projection": proj["accuracy_after"], "before_projection": proj["accuracy_before"]},
             "params": {"dense": params_d, "pruned": params_p},
             "flops": {"dense": flops_d, "pruned": flops_p, "unit": "multiply-accumulates per sample (conv + linear)"},
@@ -660,6 +679,8 @@ class _Run:
         if blocks is not None:
             data["blocks"] = blocks
             data["params"]["counted"] = data["flops"]["counted"] = "weights in kept blocks (a block plan keeps dense shapes)"
+        data.update(self.task.report(dense, self.model))
+        latency = latencies[0] if latencies else None
         if latency is not None:
             data["latency_ms"] = {"dense": latency.stats["dense"].median_ms, "pruned": latency.stats["pruned"].median_ms}
             data["latency"] = {
@@ -696,4 +717,11 @@ class _Run:
             data["latency_model"] = lm
             if b.kind == "speedup":
                 data["requested"]["latency_ms"] = self.budget().value
+        if len(latencies) > 1:  # the same models timed at several batch sizes
+            data["latency_by_batch"] = {
+                str(lat.batch_size): {**{k: v.median_ms for k, v in lat.stats.items()},
+                                      "p10_ms": {k: v.p10_ms for k, v in lat.stats.items()},
+                                      "p90_ms": {k: v.p90_ms for k, v in lat.stats.items()}}
+                for lat in latencies
+            }
         return Report(data, layer_table(dense, self.model), self.state["history"])

@@ -47,12 +47,20 @@ class Report:
         acc_d, acc_p = g("accuracy.dense"), g("accuracy.pruned")
         if acc_d is not None:
             rows.append(("accuracy (%)", f"{100 * acc_d:.2f}", f"{100 * acc_p:.2f}", f"{100 * (acc_p - acc_d):+.2f} pts"))
+        q = g("quality.pruned")
+        if q:  # a distilled encoder: pruned against dense on held-out sentences (dense against itself is 1)
+            rows.append(("held-out mean cosine", "1", f"{q['mean_cosine']:.4f}", ""))
+            rows.append(("Spearman, pair similarities", "1", f"{q['spearman']:.4f}", ""))
         for key, label in (("params", "params"), ("flops", "FLOPs (MACs)")):
             d, p = g(f"{key}.dense"), g(f"{key}.pruned")
             if d:
                 rows.append((label, _human(d), _human(p), f"{p / d:.3f}x"))
         ld, lp = g("latency_ms.dense"), g("latency_ms.pruned")
-        if ld:
+        by_batch = g("latency_by_batch")
+        if by_batch:
+            for bs, lat in by_batch.items():
+                rows.append((f"latency (ms, batch {bs})", f"{lat['dense']:.3f}", f"{lat['pruned']:.3f}", f"{lat['pruned'] / lat['dense']:.3f}x"))
+        elif ld:
             rows.append((f"latency (ms, batch {g('latency.batch_size')})", f"{ld:.4f}", f"{lp:.4f}", f"{lp / ld:.3f}x"))
         pd, pp = g("latency_model.predicted_ms.dense"), g("latency_model.predicted_ms.pruned")
         if pp is not None:
@@ -122,8 +130,20 @@ class Report:
                 f"(the budget asks {100 * proj.get('target_fraction', 0):.1f}%)",
                 f"- accuracy right before / after the projection: {100 * proj.get('accuracy_before', 0):.2f}% / "
                 f"{100 * proj.get('accuracy_after', 0):.2f}% (pruning shock "
-                f"{100 * (proj.get('accuracy_after', 0) - proj.get('accuracy_before', 0)):+.2f} pts)",
+                f"{100 * (proj.get('accuracy_after', 0) - proj.get('accuracy_before', 0)):+.2f} pts)"
+                if not g("quality") else
+                f"- held-out mean cosine right before / after the projection: {proj.get('accuracy_before', 0):.4f} / "
+                f"{proj.get('accuracy_after', 0):.4f} (pruning shock)",
                 "",
+            ]
+        q = g("quality.pruned")
+        if q:
+            lines += [
+                "## Quality", "",
+                f"- {g('quality.measure')}",
+                f"- mean cosine {q['mean_cosine']:.4f} (lowest {q['min_cosine']:.4f}) over {q['sentences']} held-out "
+                f"sentences; Spearman {q['spearman']:.4f} over {q['pairs']} pairs",
+                f"- corpus: {g('quality.corpus')}; {g('quality.train_sentences')} training sentences", "",
             ]
         lines += [
             "## Export", "",

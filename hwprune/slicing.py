@@ -17,6 +17,9 @@ from .groups import Group, UnitIndex
 
 Resizer = Callable[[nn.Module, dict[str, tuple[int, ...]]], None]
 RESIZERS: list[tuple[tuple[type, ...], Resizer]] = []
+# Run on the whole model after every slice: for attributes that live above the sliced layers (a
+# transformer attention block's head count, a model config). Registered by hwprune.graph.hf.
+AFTER_SLICE: list[Callable[[nn.Module], None]] = []
 
 
 def resizer(*types: type):
@@ -69,6 +72,12 @@ def _resize_prelu(m: nn.PReLU, old: dict) -> None:
 @resizer(nn.Embedding)
 def _resize_embedding(m: nn.Embedding, old: dict) -> None:
     m.embedding_dim = m.weight.shape[1]
+
+
+def after_slice(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register a fix-up that runs on the whole model after slicing."""
+    AFTER_SLICE.append(fn)
+    return fn
 
 
 def _find_resizer(module: nn.Module) -> Resizer | None:
@@ -131,6 +140,8 @@ def slice_model(model: nn.Module, groups: list[Group], keep: dict[str, np.ndarra
             else:
                 module.register_buffer(param, new)
         fix(module, old)
+    for fn in AFTER_SLICE:
+        fn(model)
     return model
 
 
@@ -155,3 +166,6 @@ def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
         if hasattr(m, "reset_parameters") and m is not model:
             m.reset_parameters()
     return kaiming_init(model)
+
+
+from . import mha  # noqa: E402,F401  (registers the nn.MultiheadAttention resizer)

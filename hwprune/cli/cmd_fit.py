@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     b.add_argument("--params", type=float, help="fraction of the parameters to keep, e.g. 0.5")
     b.add_argument("--latency-ms", type=float, help="predicted latency to reach, in ms (needs the target's profile: hwprune profile)")
     b.add_argument("--speedup", type=float, help="be S times faster than the dense model's measured latency (e.g. 3)")
-    p.add_argument("--model", default=None, help=f"built-in model or package.module:function (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"built-in model, minilm (all-MiniLM-L6-v2, distilled on text), or "
+                   f"package.module:function (default: {DEFAULT_MODEL})")
     p.add_argument("--data", default=None, help=f"built-in dataset or imagefolder:PATH (default: {DEFAULT_DATA})")
     p.add_argument("--granularity", choices=["channels", "blocks"], default=None,
                    help="what a unit is: whole channels/neurons (default; the model is sliced) or weight blocks of the "
@@ -136,14 +137,32 @@ def run(args) -> int:
     quiet = args.quiet or not dist.is_main
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     say(f"target {target.name}: {target.description}")
-    bundle = load_dataset(data_name, seed=args.seed, image_size=args.image_size)
-    say(f"data {bundle.name}: {bundle.description}")
     import torch
 
-    torch.manual_seed(args.seed)
-    model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes, input_size=bundle.input_size)
+    from ..text.job import TEXT_MODELS
+
+    job = None
+    if model_name in TEXT_MODELS:  # a pretrained transformer distilled on text (hwprune/text/job.py)
+        from ..text.job import minilm_job
+
+        if args.granularity == "blocks" or budget.kind in ("latency", "speedup") or args.rpc or args.tracker:
+            raise HwpruneError(f"--model {model_name} prunes attention heads and MLP neurons with --sparsity, --flops or "
+                               "--params on onnxruntime here; weight blocks (--granularity blocks), latency budgets and "
+                               "RPC devices work with the CNN models")
+        job = minilm_job(args.data, args.seed)
+        data_name, train_data, test_data = job.data, job.task, None
+        model = job.model
+        say(f"data {job.data}: {job.description}")
+    else:
+        bundle = load_dataset(data_name, seed=args.seed, image_size=args.image_size)
+        say(f"data {bundle.name}: {bundle.description}")
+        train_data, test_data = bundle.train, bundle.test
+        torch.manual_seed(args.seed)
+        model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes, input_size=bundle.input_size)
     say(f"model {model_name}: {sum(p.numel() for p in model.parameters()):,} parameters")
     settings = TrainSettings()
+    if job is not None:
+        settings.lr, settings.batch_size, settings.weight_decay = job.lr, job.batch_size, job.weight_decay
     if args.lr is not None:
         settings.lr = args.lr
     if args.batch_size is not None:
@@ -154,6 +173,10 @@ def run(args) -> int:
                        latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,
                        granularity=args.granularity or "channels",
                        latency_runtime=args.latency_runtime, profile=args.profile)
+    if job is not None:
+        config.epochs_dense, config.epochs_regularize, config.epochs_finetune = job.epochs
+        config.method_options = {**job.method_options.get(args.method, {}), **config.method_options}
+        config.finetune_lr_scale = 1.0
     if args.epochs:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = args.epochs
     out = Path(args.out) if args.out else fit_module._default_dir(config, {"model": model_name, "data": data_name, "target": target.name})
@@ -168,10 +191,10 @@ def run(args) -> int:
         atomic_write_json(out / "run.json", {"args": {k: getattr(args, k) for k in _SAVED}, "command": command})
     # How to rebuild the model from the run folder alone (hwprune export reads it from the plan's meta).
     info = {"model": model_name, "data": data_name, "command": command,
-            "model_args": {"in_channels": bundle.in_channels, "num_classes": bundle.num_classes,
-                           "input_size": bundle.input_size}}
+            "model_args": {} if job is not None else {"in_channels": bundle.in_channels, "num_classes": bundle.num_classes,
+                                                       "input_size": bundle.input_size}}
     try:
-        result = fit(model, bundle.train, test_data=bundle.test, target=target, config=config, out_dir=out,
+        result = fit(model, train_data, test_data=test_data, target=target, config=config, out_dir=out,
                      progress=say, run_info=info, measure=not args.no_latency, remote=remote)
     except KeyboardInterrupt:
         print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..groups import NORMALIZED, PRODUCER, Group, Member
-from . import ops
+from . import hf, ops
 from .ops import Ctx, Unsupported, Value
 from .trace import module_of, resolve_excludes, trace
 
@@ -155,6 +155,8 @@ def discover_groups(model: nn.Module, example_inputs, *, exclude=(), target=None
     ``example_inputs``: a tensor or a tuple of tensors of the model's input shape. ``exclude``: layer
     names or globs whose input and output channels stay; a name that matches nothing is an error.
     ``target``: a :class:`~hwprune.target.Target`, which sets each group's channel multiple.
+    Hugging Face ``PreTrainedModel``s are not traced: their blocks are matched by pattern
+    (:mod:`hwprune.graph.hf`) and ``example_inputs`` is not used (it may be None).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
@@ -164,8 +166,11 @@ def discover_groups(model: nn.Module, example_inputs, *, exclude=(), target=None
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     excluded = resolve_excludes(model, exclude)
-    gm = trace(model, tuple(example_inputs), excluded)
-    ctx = _walk(gm, excluded)
+    if hf.is_hf_model(model):  # not traceable: blocks are recognised by pattern (see graph/hf.py)
+        ctx = hf.discover_by_pattern(model, excluded)
+    else:
+        gm = trace(model, tuple(example_inputs), excluded)
+        ctx = _walk(gm, excluded)
     groups = _build_groups(ctx)
     if target is not None:
         for g in groups:
@@ -184,6 +189,11 @@ def _build_groups(ctx: Ctx) -> list[Group]:
         a = b = np.zeros(0, dtype=np.int64)
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
     _, label = connected_components(graph, directed=False)
+
+    tagged: dict[int, object] = {}
+    for ids, tag in ctx.tags:
+        for lab in np.unique(label[ids]):
+            tagged.setdefault(int(lab), tag)
 
     blocked: dict[int, str] = {}
     for ids, reason in ctx.blocked:
@@ -226,10 +236,13 @@ def _build_groups(ctx: Ctx) -> list[Group]:
         kinds = frozenset(ctx.layer_kind[m] for m in layers if m in ctx.layer_kind)
         reasons = [blocked[l] for l in order if l in blocked]
         name = members[producers[0]][0][0] or "(model)"
+        kind = "channels" if "conv" in kinds else "neurons"
+        tag = tagged.get(order[0])
+        if tag is not None:  # attention heads: the target's head multiple applies, not the linear one
+            name, kind, kinds = tag.name, tag.kind, frozenset({tag.layer_kind})
         names[name] += 1
         if names[name] > 1:
             name = f"{name}#{names[name]}"
-        kind = "channels" if "conv" in kinds else "neurons"
         g = Group(name, len(order), group_members, kinds, 1, reasons[0] if reasons else None, kind, layers)
         groups.append((producers[0], g))
     groups.sort(key=lambda t: t[0])

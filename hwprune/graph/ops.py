@@ -53,6 +53,7 @@ class Ctx:
         self._member_ids: dict[tuple[str, str, int, str], np.ndarray] = {}
         self.layer_kind: dict[str, str] = {}
         self.normalized: set[str] = set()  # layers whose output goes straight into a BatchNorm
+        self.tags: list[tuple[np.ndarray, "UnitTag"]] = []  # units that are not plain channels (heads)
 
     def new(self, count: int) -> np.ndarray:
         ids = np.arange(self.n, self.n + count, dtype=np.int64)
@@ -80,6 +81,11 @@ class Ctx:
         self._member_ids[key] = ids
         self.members.append((module, param, dim, role, ids))
 
+    def tag(self, ids: np.ndarray, tag: "UnitTag") -> None:
+        """Mark ``ids`` as units of another kind than channels (attention heads): the group built from
+        them takes the tag's name, kind and layer kind (which sets its hardware multiple)."""
+        self.tags.append((np.asarray(ids), tag))
+
     def fresh(self, shape, axis: int | None, reason: str | None = None) -> Value:
         """A value whose channels are new (and blocked with ``reason`` if given)."""
         if shape is None or axis is None or len(shape) == 0:
@@ -88,6 +94,16 @@ class Ctx:
         if reason:
             self.block(ids, reason)
         return Value(tuple(shape), axis, ids)
+
+
+@dataclass(frozen=True)
+class UnitTag:
+    """What a tagged unit is: ``kind`` ('heads'), ``layer_kind`` (the target key whose multiple
+    applies, 'attention') and the group's ``name`` (the attention layer)."""
+
+    kind: str
+    layer_kind: str
+    name: str
 
 
 class Unsupported(Exception):

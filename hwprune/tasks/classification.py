@@ -1,0 +1,72 @@
+"""Image classification: the task of the built-in CNNs (cross-entropy, top-1 accuracy).
+
+This is the behaviour the pipeline had before tasks existed, moved here unchanged: the same loaders,
+seeds, loss, BatchNorm recalibration, ONNX export and check.
+
+Example:
+    >>> task = ClassificationTask(data.train, data.test)          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..train import epoch_loader, eval_loader, evaluate, recalibrate_bn, train_epoch
+from .base import Task
+
+
+def _as_dataset(data):
+    if isinstance(data, DataLoader):
+        return data.dataset, data.collate_fn
+    return data, None
+
+
+class ClassificationTask(Task):
+    """``(input, label)`` datasets or DataLoaders; accuracy on ``test_data`` (None: not measured)."""
+
+    name = "classification"
+    metric = "accuracy"
+    metric_label = "test acc"
+
+    def __init__(self, train_data, test_data=None):
+        self.train_set, self.collate = _as_dataset(train_data)
+        self.test_set: Dataset | None = _as_dataset(test_data)[0] if test_data is not None else None
+        sample = self.train_set[0][0]
+        self.example = sample.unsqueeze(0) if isinstance(sample, torch.Tensor) else torch.as_tensor(sample).unsqueeze(0)
+
+    def steps_per_epoch(self, settings) -> int:
+        return -(-len(self.train_set) // settings.batch_size)
+
+    def train_epoch(self, model, optimizer, *, settings, seed, stage, epoch, lr_at, step0, regularizer=None,
+                    on_step=None, device="cpu", after_backward=None):
+        loader = epoch_loader(self.train_set, settings, seed, stage, epoch, self.collate)
+        return train_epoch(model, loader, optimizer, lr_at=lr_at, step0=step0, regularizer=regularizer,
+                           on_step=on_step, device=device, after_backward=after_backward)
+
+    def evaluate(self, model: nn.Module) -> float | None:
+        if self.test_set is None:
+            return None
+        return evaluate(model, eval_loader(self.test_set, collate_fn=self.collate), "cpu")[0]
+
+    def recalibrate(self, model, settings, seed, device="cpu") -> None:
+        recalibrate_bn(model, self.train_set, settings, seed, self.collate, device)
+
+    def check_inputs(self) -> torch.Tensor:
+        source = self.test_set if self.test_set is not None else self.train_set
+        n = min(256, len(source))
+        return torch.stack([torch.as_tensor(source[i][0]) for i in range(n)])
+
+    def export_onnx(self, model, path: str | os.PathLike) -> None:
+        from ..export.onnx import export_onnx
+
+        export_onnx(model, self.example, path)
+
+    def onnx_max_abs_diff(self, path, model) -> tuple[float, int]:
+        from ..export.onnx import onnx_max_abs_diff
+
+        check = self.check_inputs()
+        return onnx_max_abs_diff(path, model, check), len(check)

@@ -1,0 +1,1 @@
+"""Text: an offline English corpus, the MiniLM sentence encoder, and embedding quality measures."""

@@ -1,0 +1,58 @@
+"""``hwprune fit --model minilm``: the pretrained sentence encoder, its corpus and its defaults.
+
+Example:
+    >>> job = minilm_job(data=None, seed=0)                              # doctest: +SKIP
+    >>> job.task.metric, len(job.task.held_out)
+    ('mean_cosine', 400)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import DataError
+from ..tasks.distill import SentenceDistillTask
+from .corpus import python_doc_sentences, split_sentences
+
+TEXT_MODELS = ("minilm",)
+CORPORA = ("pydoc",)
+HELD_OUT = 400  # 79,800 sentence pairs for the Spearman correlation
+
+
+@dataclass
+class TextJob:
+    """A model, its task, and the training defaults that suit it (flags the user types win)."""
+
+    model: nn.Module
+    task: SentenceDistillTask
+    data: str
+    description: str
+    epochs: tuple[int, int, int] = (0, 2, 3)  # pretrained: no dense training; regularize; fine-tune
+    lr: float = 2e-4  # AdamW (tasks/distill.py)
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    # Per method, settings that suit a pretrained transformer (options the user types win). WGSEF's
+    # default cap lets surviving units shrink 5% per step, harmless before a BatchNorm but not here:
+    # MiniLM's held-out cosine fell to 0.48 within one epoch. 0.2% per step keeps the function.
+    method_options: dict = field(default_factory=lambda: {"wgsef": {"max_shrink": 0.002}})
+
+
+def minilm_job(data: str | None, seed: int) -> TextJob:
+    """all-MiniLM-L6-v2 distilled from itself on Python's documentation text (see text/corpus.py)."""
+    from .minilm import load_minilm
+
+    data = data or "pydoc"
+    name, _, count = data.partition(":")
+    if name not in CORPORA or (count and not (count.isdigit() and int(count) > 0)):
+        raise DataError(f"--data {data!r}: --model minilm trains on text; expected {' or '.join(CORPORA)}, "
+                        "optionally with the number of training sentences to use (e.g. pydoc:200)")
+    sentences = python_doc_sentences()
+    train, held_out = split_sentences(sentences, HELD_OUT, seed=seed)
+    if count:  # fewer training sentences (quick runs, tests); the held-out set stays the same
+        train = train[: int(count)]
+    model, tokenizer = load_minilm()
+    corpus = f"pydoc_data.topics (Python's documentation text, ships with Python): {len(sentences)} sentences"
+    task = SentenceDistillTask(model, tokenizer, train, held_out, corpus=corpus)
+    return TextJob(model, task, data, f"{corpus}; {len(train)} train, {len(held_out)} held out")
