@@ -237,7 +237,7 @@ class _Run:
         self.state: dict[str, Any] = {
             "stage": "dense", "epoch": 0, "history": [], "acc": {}, "plan": None, "projection": None,
             "norms_before": None, "norms_after": None, "dense_model": None, "regularizer": None,
-            "target_fraction": None, "zero_fraction": None, "finetune_plan": None,
+            "target_fraction": None, "zero_fraction": None, "finetune_plan": None, "seconds": 0.0,
         }
 
     # --- helpers -------------------------------------------------------------------------------
@@ -253,6 +253,8 @@ class _Run:
         return self.task.evaluate(model)
 
     def save(self, optimizer=None, regularizer=None, controller=None) -> None:
+        if hasattr(self, "_t_start"):
+            self.state["seconds"] = time.perf_counter() - self._t_start
         payload = dict(self.state)
         payload["model"] = self.model.state_dict()
         payload["optimizer"] = optimizer.state_dict() if optimizer is not None else None
@@ -287,11 +289,12 @@ class _Run:
 
     # --- the run -------------------------------------------------------------------------------
     def execute(self) -> FitResult:
-        t_start = time.perf_counter()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         resumed = self.resume()
+        # the run's wall time adds up over resumed sessions (checkpoints carry what came before)
+        self._t_start = t_start = time.perf_counter() - float(self.state.get("seconds") or 0.0)
         # Reject an impossible budget before any training (groups depend only on the architecture).
         groups = self.groups(self.template)
         cost = self.cost_model(self.template, groups)

@@ -154,6 +154,8 @@ def test_cli_resume_after_sigkill_gives_the_same_result(tmp_path):
     ra = json.loads((tmp_path / "ref" / "report.json").read_text())
     rb = json.loads((tmp_path / "killed" / "report.json").read_text())
     assert ra["accuracy"] == rb["accuracy"]
+    # the wall time counts the killed session's finished epochs too, not only the resumed session
+    assert rb["run"]["seconds"] >= sum(h["seconds"] for h in rb["history"])
 
 
 @pytest.mark.parametrize(
