@@ -143,7 +143,7 @@ def fmt(values, pct=False, digits=2):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="ResNet-20, 1 seed, 3k train subset, epochs 4 4 3")
+    ap.add_argument("--quick", action="store_true", help="ResNet-20, 1 seed, 1.5k train / 1k test subsets, epochs 3 3 2")
     ap.add_argument("--models", default="resnet20,vgg16-bn")
     ap.add_argument("--budgets", default="0.5,0.25", help="fractions of FLOPs to keep")
     ap.add_argument("--seeds", default="0,1,2")
@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
-        args.models, args.seeds, args.train_subset, args.epochs = "resnet20", "0", 3000, [4, 4, 3]
-        args.test_subset = args.test_subset or 2000
+        args.models, args.seeds, args.train_subset, args.epochs = "resnet20", "0", 1500, [3, 3, 2]
+        args.test_subset = args.test_subset or 1000
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     if any(m in TP for m in methods):

@@ -39,7 +39,13 @@ def test_two_processes_match_one_with_wgsef(tmp_path):
     compare(tmp_path, "wgsef")
 
 
+def test_two_processes_match_one_with_polarization(tmp_path):
+    """Polarization's mean runs over every scale factor of the network: DDP keeps them identical on
+    every rank, so each rank computes the same mean without a collective."""
+    compare(tmp_path, "polarization")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["slimming", "group-lasso", "deephoyer"])
+@pytest.mark.parametrize("method", ["slimming", "group-lasso", "deephoyer", "autoprune", "ista-bn", "magnitude", "uniform"])
 def test_two_processes_match_one(tmp_path, method):
     compare(tmp_path, method)
