@@ -104,6 +104,7 @@ class Profile:
     layers: dict[str, LayerTable]
     statistic: str = ""
     models: list[dict[str, Any]] = field(default_factory=list)
+    blocks: Any = None  # a hwprune.profile_blocks.BlockSection: BSR kernel time over block densities
     path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,6 +115,7 @@ class Profile:
             "statistic": self.statistic,
             "warmup": self.warmup, "repeats": self.repeats, "call_overhead_ms": round(self.call_overhead_ms, 6),
             "models": self.models, "layers": [t.to_dict() for t in self.layers.values()],
+            **({"blocks": self.blocks.to_dict()} if self.blocks is not None else {}),
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -140,6 +142,8 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<profile>") -> "Profile":
+        from .profile_blocks import section_from_dict
+
         r = _Check(source)
         r.mapping(data, "(top level)")
         if data.get("format") != FORMAT:
@@ -173,6 +177,7 @@ class Profile:
             repeats=r.get(data, "repeats", int, "an integer"), call_overhead_ms=float(overhead), layers=layers,
             statistic=r.get(data, "statistic", str, "a description of the statistic", default=""),
             models=r.get(data, "models", list, "a list", default=[]),
+            blocks=section_from_dict(r, data["blocks"]) if "blocks" in data else None,
         )
 
 
@@ -232,3 +237,6 @@ def _layer_from_dict(r: _Check, raw: Any, where: str) -> LayerTable:
         key=r.get(raw, "key", str, "a string", prefix=p), op=op, shape=r.get(raw, "shape", dict, "a mapping", prefix=p),
         grid=[list(g) for g in grid], ms=ms, used_by=r.get(raw, "used_by", list, "a list", prefix=p, default=[]),
     )
+
+
+from .profile_blocks import BlockSection, BlockTable, predict_block_latency  # noqa: E402  (the blocks section)

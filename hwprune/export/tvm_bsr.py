@@ -45,6 +45,7 @@ class RewrittenLayer:
     spec: KernelSpec
     schedule: Schedule
     im2col: bool
+    input_hw: tuple[int, int] | None = None  # a conv's input height and width
 
 
 @dataclass
@@ -166,53 +167,23 @@ def rewrite_sparse(mod, layers_by_var: dict[str, SparseLayer]):
                     return self.conv(call, layer)
             return call
 
-        def kernel_call(self, layer: SparseLayer, x3, spec: KernelSpec):
-            sched = choose_schedule(spec)
-            func = bsr_primfunc(spec, sched, name=_symbol(layer.name)).with_attr("op_pattern", OP_OPAQUE)
-            gv = self.builder_.add_func(func, _symbol(layer.name))
-            data, indices, indptr = layer.kernel_arrays()
-            out = relax.call_tir(gv, [x3, relax.const(data), relax.const(indices), relax.const(indptr)],
-                                 out_ty=relax.TensorType(spec.out_shape if spec.positions else spec.out_shape + (1,), "float32"))
-            return out, sched
-
         def linear(self, x, layer: SparseLayer):
-            shape = [int(s) for s in x.ty.shape]
-            o, k = layer.shape
-            rows = int(np.prod(shape[:-1]))
-            spec = KernelSpec(o, k, layer.block, layer.kernel_arrays()[1].size, rows)
-            x3 = self.builder_.emit(relax.op.reshape(x, (rows, k, 1)))
-            out, sched = self.kernel_call(layer, x3, spec)
-            y = self.builder_.emit(out)
-            done.append(RewrittenLayer(layer.name, spec, sched, False))
-            return relax.op.reshape(y, shape[:-1] + [o])
+            out, rewritten = emit_linear(self.builder_, x, [int(s) for s in x.ty.shape], layer, _symbol(layer.name))
+            done.append(rewritten)
+            return out
 
         def conv(self, call, layer: SparseLayer):
             attrs = call.attrs
-            x = call.args[0]
-            n, c, h, w = (int(s) for s in x.ty.shape)
-            out_shape = [int(s) for s in call.ty.shape]
-            geo = layer.conv
-            strides, padding, dilation = (list(map(int, attrs.strides)), list(map(int, attrs.padding)),
-                                          list(map(int, attrs.dilation)))
+            padding = list(map(int, attrs.padding))
             if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW" or int(attrs.groups) != 1
                     or padding[0] != padding[2] or padding[1] != padding[3]):
                 raise HwpruneError(f"sparse layer '{layer.name}': conv2d with layout {attrs.data_layout}/"
                                    f"{attrs.kernel_layout}, groups {attrs.groups}, padding {padding} is not supported")
-            ho, wo = out_shape[2], out_shape[3]
-            pointwise = tuple(geo["kernel"]) == (1, 1) and strides == [1, 1] and padding[:2] == [0, 0]
-            o, k = layer.shape
-            if pointwise:
-                cols = self.builder_.emit(relax.op.reshape(x, (n, c, h * w)))
-            else:
-                f = im2col_primfunc(n, c, h, w, tuple(geo["kernel"]), strides, padding[:2], dilation,
-                                    name=_symbol(layer.name) + "_im2col").with_attr("op_pattern", OP_OPAQUE)
-                gv = self.builder_.add_func(f, _symbol(layer.name) + "_im2col")
-                cols = self.builder_.emit(relax.call_tir(gv, [x], out_ty=relax.TensorType((n, k, ho * wo), "float32")))
-            spec = KernelSpec(o, k, layer.block, layer.kernel_arrays()[1].size, n, ho * wo)
-            out, sched = self.kernel_call(layer, cols, spec)
-            y = self.builder_.emit(out)
-            done.append(RewrittenLayer(layer.name, spec, sched, not pointwise))
-            return relax.op.reshape(y, out_shape)
+            out, rewritten = emit_conv(self.builder_, call.args[0], [int(s) for s in call.args[0].ty.shape],
+                                       [int(s) for s in call.ty.shape], layer, list(map(int, attrs.strides)),
+                                       padding[:2], list(map(int, attrs.dilation)), _symbol(layer.name))
+            done.append(rewritten)
+            return out
 
     new = _Rewriter(mod).transform()
     missing = sorted({l.name for l in layers_by_var.values()} - {d.name for d in done})
@@ -220,6 +191,60 @@ def rewrite_sparse(mod, layers_by_var: dict[str, SparseLayer]):
         raise HwpruneError(f"sparse layer(s) {', '.join(missing)}: no matmul/conv2d of their weight was found in the "
                            "imported graph, so no BSR kernel could replace them")
     return new, done
+
+
+def _kernel_call(bb, layer: SparseLayer, x3, spec: KernelSpec, symbol: str):
+    """Register the layer's BSR PrimFunc as ``symbol`` and call it on ``x3`` (weights as constants)."""
+    from tvm import relax
+
+    sched = choose_schedule(spec)
+    func = bsr_primfunc(spec, sched, name=symbol).with_attr("op_pattern", OP_OPAQUE)
+    gv = bb.add_func(func, symbol)
+    data, indices, indptr = layer.kernel_arrays()
+    out = relax.call_tir(gv, [x3, relax.const(data), relax.const(indices), relax.const(indptr)],
+                         out_ty=relax.TensorType(spec.out_shape if spec.positions else spec.out_shape + (1,), "float32"))
+    return out, sched
+
+
+def emit_linear(bb, x, x_shape: list[int], layer: SparseLayer, symbol: str):
+    """``x · Wᵀ`` of a sparse linear layer on its BSR kernel, emitted into ``bb``; returns the (not yet
+    emitted) output expression in the layer's output shape and the :class:`RewrittenLayer`.
+
+    Shared by the export's graph rewrite and the block profiler (so that both time the same code).
+    """
+    from tvm import relax
+
+    o, k = layer.shape
+    rows = int(np.prod(x_shape[:-1]))
+    spec = KernelSpec(o, k, layer.block, layer.kernel_arrays()[1].size, rows)
+    x3 = bb.emit(relax.op.reshape(x, (rows, k, 1)))
+    out, sched = _kernel_call(bb, layer, x3, spec, symbol)
+    y = bb.emit(out)
+    return relax.op.reshape(y, list(x_shape[:-1]) + [o]), RewrittenLayer(layer.name, spec, sched, False)
+
+
+def emit_conv(bb, x, x_shape: list[int], out_shape: list[int], layer: SparseLayer, strides, padding, dilation,
+              symbol: str):
+    """A sparse NCHW conv (groups 1, symmetric ``padding`` ``[ph, pw]``) as im2col (none for a 1x1 conv
+    with stride 1 and no padding) + its BSR kernel, emitted into ``bb``; like :func:`emit_linear`."""
+    from tvm import relax
+
+    n, c, h, w = x_shape
+    ho, wo = out_shape[2], out_shape[3]
+    geo = layer.conv
+    pointwise = tuple(geo["kernel"]) == (1, 1) and list(strides) == [1, 1] and list(padding) == [0, 0]
+    o, k = layer.shape
+    if pointwise:
+        cols = bb.emit(relax.op.reshape(x, (n, c, h * w)))
+    else:
+        f = im2col_primfunc(n, c, h, w, tuple(geo["kernel"]), list(strides), list(padding), list(dilation),
+                            name=symbol + "_im2col").with_attr("op_pattern", OP_OPAQUE)
+        gv = bb.add_func(f, symbol + "_im2col")
+        cols = bb.emit(relax.call_tir(gv, [x], out_ty=relax.TensorType((n, k, ho * wo), "float32")))
+    spec = KernelSpec(o, k, layer.block, layer.kernel_arrays()[1].size, n, ho * wo)
+    out, sched = _kernel_call(bb, layer, cols, spec, symbol)
+    y = bb.emit(out)
+    return relax.op.reshape(y, list(out_shape)), RewrittenLayer(layer.name, spec, sched, not pointwise, (h, w))
 
 
 def _symbol(layer: str) -> str:
