@@ -4,6 +4,11 @@ Without ``--model``/``--data`` it profiles the layers of the embedded default th
 (``small-resnet`` on ``digits``). The profile is written atomically to the target's
 ``latency.profile`` (``profiles/<target>.json``) or ``--out``. A target that is not this machine is
 profiled only on its own device, over TVM RPC.
+
+``--granularity blocks`` measures the block-sparse side instead (:mod:`hwprune.block_profiler`): the
+BSR kernel of every sparse layer shape at ``--densities``, and the same layer dense, on this machine.
+It adds (or replaces) the profile's ``blocks`` section and never changes its width tables.
+Example: ``hwprune profile --target host-cpu --granularity blocks --densities 0.1,0.5,1.0``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="where to write (default: the target's profile, profiles/<target>.json)")
     p.add_argument("--append", action="store_true",
                    help="keep the tables of an existing profile (same machine, runtime and batch) and add this model's")
+    p.add_argument("--granularity", choices=["widths", "blocks"], default="widths",
+                   help="widths (kept channels; default) or blocks (BSR kernels over block densities, this machine "
+                        "only; written to the profile's blocks section, width tables untouched)")
+    p.add_argument("--densities", default=None, metavar="D1,D2,...",
+                   help="kept fractions of blocks to measure with --granularity blocks (default 0.1,0.3,0.5,0.7,1.0)")
     p.add_argument("--max-points", type=int, default=8, help="grid points per width axis (default 8)")
     p.add_argument("--repeats", type=int, default=40, help="timed calls per grid point (default 40)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the target's latency.batch_size)")
@@ -63,11 +73,23 @@ def run(args) -> int:
             raise HwpruneError(f"{flag} {value}: expected an integer >= {lo}")
     if args.batch_size is not None and args.batch_size < 1:
         raise HwpruneError(f"--batch-size {args.batch_size}: expected a positive integer")
+    if args.granularity == "blocks" and (args.rpc or args.tracker):
+        raise HwpruneError("--granularity blocks measures on this machine only: timing a block profile on an RPC "
+                           "device (its dense reference and the interleaved rounds over RPC) is not built yet; "
+                           "run hwprune profile --granularity blocks on the device itself")
+    if args.densities is not None and args.granularity != "blocks":
+        raise HwpruneError("--densities is for --granularity blocks (width profiles use --max-points)")
     target = load_target(args.target)
     remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
     runtime = args.runtime or ("tvm" if remote is not None else "onnxruntime")
     out = Path(args.out) if args.out else _default_out(target)
-    existing = Profile.load(out) if args.append and out.is_file() else None
+    if args.granularity == "blocks":
+        from ..block_profiler import DEFAULT_DENSITIES, parse_densities
+
+        densities = parse_densities(args.densities) if args.densities is not None else list(DEFAULT_DENSITIES)
+        existing = Profile.load(out) if out.is_file() else None  # its width tables are kept either way
+    else:
+        existing = Profile.load(out) if args.append and out.is_file() else None
     model_name, data_name = args.model or DEFAULT_MODEL, args.data or DEFAULT_DATA
     bundle = load_dataset(data_name, image_size=args.image_size)
     torch.manual_seed(0)
@@ -77,6 +99,19 @@ def run(args) -> int:
     settings = ProfileSettings(max_points=args.max_points, repeats=args.repeats, rounds=min(4, args.repeats),
                                batch_size=args.batch_size)
     print(f"target {target.name}: {target.description}")
+    if args.granularity == "blocks":
+        from ..block_profiler import measure_block_profile, summary as blocks_summary
+
+        print(f"block profile of {model_name} ({data_name}, input {tuple(example.shape)}) at densities "
+              f"{', '.join(f'{d:g}' for d in densities)} on this machine", flush=True)
+        profile = measure_block_profile([(model, example, model_name, data_name)], target, densities=densities,
+                                        runtime=runtime, settings=settings, existing=existing, append=args.append,
+                                        progress=lambda m: print(m, flush=True))
+        profile.save(out)
+        print()
+        print(blocks_summary(profile))
+        print(f"\nwrote {out}" + (f" (its {len(existing.layers)} width tables unchanged)" if existing else ""))
+        return 0
     print(f"profiling {model_name} ({data_name}, input {tuple(example.shape)}) with {runtime}"
           + (f" on the {remote.describe()}" if remote else " on this machine"), flush=True)
     profile = measure_profile([(model, example, model_name, data_name)], target, runtime=runtime, remote=remote,

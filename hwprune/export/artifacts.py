@@ -263,10 +263,19 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
         "how_to_load": "lib = tvm.runtime.load_module('model.so'); vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()); "
                        "y = vm['main'](tvm.runtime.tensor(x)).numpy()  # x: float32 of input.shape",
     }
+    prediction, why_not = predicted_sparse_time(run.target, layers, build.layers, batch_size)
+    if prediction is not None:
+        manifest["predicted_sparse_layers"] = prediction
     atomic_write_json(out_dir / "manifest.json", manifest)
     result = ExportResult("tvm", out_dir, [so, out_dir / "manifest.json", ref], manifest)
     result.notes.append(f"{len(build.layers)} sparse layers on BSR kernels; compiled in {build.compile_s:.1f} s for "
                         f"{dict(run.target.tvm.target)}; batch size {batch_size} (the library is specialised to it)")
+    if prediction is not None:
+        result.notes.append(f"predicted sparse-layer time {prediction['total_ms']:.4f} ms (dense "
+                            f"{prediction['dense_total_ms']:.4f} ms) from {prediction['profile']}: a prediction from "
+                            f"the profile measured on {prediction['measured_on']}, not a measurement of model.so")
+    elif why_not:
+        result.notes.append(f"no predicted sparse-layer time: {why_not}")
     declared = (run.target.shape_for(kind, "blocks") for kind in ("conv", "linear"))
     wanted = {(b.rows, b.cols) for b in declared if b is not None}
     planned = {tuple(l.block) for l in layers}
@@ -278,6 +287,62 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
         return result
     return _checked(result, "tvm", so, ref, f"TVM {tvm.__version__} runtime", f"a batch of {batch_size} from {run.inputs_from}") \
         if check else result
+
+
+def predicted_sparse_time(target, layers, rewritten, batch_size: int) -> tuple[dict | None, str]:
+    """The sparse layers' time predicted from the target's latency profile (its ``blocks`` section), for
+    ``manifest.json``; or ``(None, why not)``. Nothing here is measured: the export does not time the library.
+
+    ``layers``: the :class:`~hwprune.sparse.bsr.SparseLayer` list; ``rewritten``: what the build put on
+    kernels (:class:`~hwprune.export.tvm_bsr.RewrittenLayer`, with each kernel's stored blocks).
+    """
+    from ..errors import ProfileError
+    from ..profile_blocks import block_key
+    from ..profile_format import Profile
+
+    path = target.profile_path()
+    hint = f"hwprune profile --target {target.name} --granularity blocks --model MODEL --append"
+    if path is None or not path.is_file():
+        return None, f"target '{target.name}' has no latency profile{f' at {path}' if path else ''} (measure: {hint})"
+    try:
+        prof = Profile.load(path)
+    except ProfileError as e:
+        return None, str(e)
+    if prof.blocks is None:
+        return None, f"{path} has no blocks section (measure: {hint})"
+    if prof.blocks.batch_size != batch_size:
+        return None, (f"{path}'s blocks section was measured at batch {prof.blocks.batch_size}, the library is built "
+                      f"for batch {batch_size}")
+    by_name = {l.name: l for l in layers}
+    rows, missing = [], []
+    for done in rewritten:
+        layer = by_name[done.name]
+        if layer.kind == "conv":
+            c = layer.conv
+            shape = {"kernel": list(c["kernel"]), "stride": list(c["stride"]), "padding": list(c["padding"]),
+                     "dilation": list(c["dilation"]), "input_hw": list(done.input_hw or ())}
+            op = "conv2d"
+        else:
+            op, shape = "linear", {}
+        key = block_key(op, shape, layer.shape, done.spec.block)
+        table = prof.blocks.tables.get(key)
+        density = done.spec.nnz / (layer.grid[0] * layer.grid[1])  # the blocks the kernel runs over
+        if table is None or not table.covers(density):
+            missing.append(f"{done.name} ({key}, density {density:.3f})")
+            continue
+        rows.append({"layer": done.name, "table": key, "density": round(density, 6),
+                     "predicted_ms": round(table.predict(density), 6), "dense_ms": round(table.dense_ms, 6)})
+    if missing:
+        return None, f"{path} does not cover {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} (measure: {hint})"
+    return {
+        "what": "a prediction from the latency profile (BSR kernel time interpolated over block density, per sparse "
+                "layer; bias, activations and the other layers not included), not a measurement of model.so",
+        "profile": str(path), "profile_created": prof.blocks.info.get("created"), "measured_on": prof.measured_on,
+        "machine": prof.machine, "runtime": prof.blocks.runtime, "dense_runtime": prof.blocks.dense_runtime,
+        "batch_size": prof.blocks.batch_size, "layers": rows,
+        "total_ms": round(sum(r["predicted_ms"] for r in rows), 6),
+        "dense_total_ms": round(sum(r["dense_ms"] for r in rows), 6),
+    }, ""
 
 
 def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *, target: str | None = None,
