@@ -223,13 +223,14 @@ def _check_same_machine(old: Profile, target: Target) -> None:
                            f"({'; '.join(problems)}); write a new profile with --out")
 
 
-def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES, runtime: str = "onnxruntime",
+def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES, runtime: str | None = None,
                           settings: ProfileSettings | None = None, existing: Profile | None = None,
                           append: bool = False, progress=print) -> Profile:
     """Measure the blocks section for ``models`` on this machine and return the profile to write.
 
-    ``existing`` (the profile already at the output path) keeps its width tables unchanged and sets the
-    dense runtime; ``append`` also keeps its block tables (shapes measured again here are replaced).
+    ``existing`` (the profile already at the output path) keeps its width tables unchanged, and their
+    runtime is the dense one (``runtime``, default onnxruntime, only without width tables); ``append``
+    also keeps its block tables (shapes measured again here are replaced).
     """
     from . import tvm_build
 
@@ -241,7 +242,14 @@ def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES
         raise ProfileError(f"target '{target.name}' builds {tvm_build.target_arch(target)} code, which cannot run here")
     if existing is not None:
         _check_same_machine(existing, target)
-        runtime = existing.runtime.get("name", runtime) if existing.layers else runtime
+        if existing.layers:
+            theirs = existing.runtime.get("name")
+            if runtime is not None and runtime != theirs:
+                raise ProfileError(f"{existing.path}: its width tables were measured with {theirs}, and the dense "
+                                   f"layers of a blocks section are timed on the same runtime: drop --runtime {runtime} "
+                                   "or write another profile with --out")
+            runtime = theirs
+    runtime = runtime or "onnxruntime"
     if runtime not in ("onnxruntime", "tvm"):
         raise ProfileError(f"dense runtime {runtime!r}: expected onnxruntime or tvm")
     tvm = tvm_build.require_tvm()

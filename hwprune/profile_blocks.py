@@ -172,8 +172,8 @@ def find_block_table(profile, layer: str, *, model: str | None = None) -> BlockT
     if layer in section.tables:
         return section.tables[layer]
     found = {t.key: t for t in section.tables.values()
-             for u in t.used_by if u == layer or (":" not in layer and u.split(":", 1)[-1] == layer
-                                                   and (model is None or u.split(":", 1)[0] == model))}
+             for u in t.used_by if u == layer or (":" not in layer and u.rsplit(":", 1)[-1] == layer
+                                                   and (model is None or u.rsplit(":", 1)[0] == model))}
     if len(found) == 1:
         return next(iter(found.values()))
     if len(found) > 1:

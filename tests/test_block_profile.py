@@ -145,6 +145,8 @@ def test_cli_adds_a_blocks_section_and_keeps_the_width_tables(tmp_path, capsys, 
     assert "this machine only" in err and len(err.strip().splitlines()) == 1
     assert main(base + ["--granularity", "blocks", "--densities", "0.5,2"]) == 2
     assert "--densities" in capsys.readouterr().err
+    assert main(base + ["--granularity", "blocks", "--runtime", "tvm"]) == 2
+    assert "measured with onnxruntime" in capsys.readouterr().err
     assert Profile.load(out).to_dict() == prof.to_dict()
 
 

@@ -105,7 +105,7 @@ def run(args) -> int:
         print(f"block profile of {model_name} ({data_name}, input {tuple(example.shape)}) at densities "
               f"{', '.join(f'{d:g}' for d in densities)} on this machine", flush=True)
         profile = measure_block_profile([(model, example, model_name, data_name)], target, densities=densities,
-                                        runtime=runtime, settings=settings, existing=existing, append=args.append,
+                                        runtime=args.runtime, settings=settings, existing=existing, append=args.append,
                                         progress=lambda m: print(m, flush=True))
         profile.save(out)
         print()
