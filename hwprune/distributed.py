@@ -124,6 +124,35 @@ def rank_share(indices: list[int]) -> tuple[list[int], float]:
     return share, (len(share) * w / n) if n else 0.0
 
 
+def global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of ``x`` over the global batch of all ranks, and the
+    global count per channel. Differentiable: gradients flow to every rank's input."""
+    import torch.distributed.nn.functional as dnn
+
+    dims = [0] + list(range(2, x.dim()))
+    count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+    packed = dnn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+    c = x.shape[1]
+    n = packed[-1]
+    mean = packed[:c] / n
+    return mean, packed[c : 2 * c] / n - mean * mean, n
+
+
+def batch_norm_global(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """Batch normalization of ``x`` with global-batch statistics (no running averages touched), for
+    code that re-normalizes with other γ, β, as AutoPrune's gates do. In one process: local statistics."""
+    if not _INFO.enabled:
+        return torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    mean, var, _ = global_moments(x)
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
 class SyncedBatchNorm(nn.BatchNorm2d):
     """BatchNorm whose training statistics cover the global batch of all ranks, on CPU too.
 
@@ -138,16 +167,8 @@ class SyncedBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and _INFO.enabled):
             return super().forward(x)
-        import torch.distributed.nn.functional as dnn
-
-        dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        packed = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        packed = dnn.all_reduce(packed)  # differentiable: gradients flow to every rank's input
+        mean, var, n = global_moments(x)
         c = x.shape[1]
-        n = packed[-1]
-        mean = packed[:c] / n
-        var = packed[c : 2 * c] / n - mean * mean
         with torch.no_grad():
             if self.track_running_stats:
                 self.num_batches_tracked += 1

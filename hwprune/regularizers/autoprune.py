@@ -111,8 +111,10 @@ def _bn_forward(bn: nn.modules.batchnorm._BatchNorm, x, weight, bias):
     """``bn(x)`` with other γ, β: batch statistics in training (the module's own call has already
     updated the running averages), running statistics in evaluation, as ``_BatchNorm.forward``."""
     use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
-    if use_batch:
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
+    if use_batch:  # under torchrun: the global batch's statistics, as the module itself uses
+        from ..distributed import batch_norm_global
+
+        return batch_norm_global(x, weight, bias, bn.eps)
     return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
 
 

@@ -166,6 +166,21 @@ class InputRecorder:
         if module.training and args and isinstance(args[0], torch.Tensor):
             self.inputs = args[0][: self.keep].detach().clone()
 
+    def global_inputs(self) -> torch.Tensor | None:
+        """The recorded inputs as one process would have recorded them: under torchrun each rank saw its
+        contiguous share of the last global batch, so the shares are joined in rank order (every rank
+        gets the same tensor, and the fold that uses it gives the same model on every rank)."""
+        from .. import distributed
+
+        if not distributed.info().enabled:
+            return self.inputs
+        import torch.distributed as dist
+
+        shares: list = [None] * distributed.info().world
+        dist.all_gather_object(shares, self.inputs)
+        parts = [t for t in shares if t is not None]
+        return torch.cat(parts)[: self.keep] if parts else None
+
 
 @dataclass
 class FoldReport:

@@ -112,9 +112,10 @@ class IstaBn(Regularizer):
         if bool(self.rescaled.any()):
             self._rescale(1.0 / self.config.alpha)
         self.recorder.detach()
-        if self.config.fold and self.recorder.inputs is not None:
+        inputs = self.recorder.global_inputs() if self.config.fold else None  # a collective: every rank calls it
+        if inputs is not None:
             removed = ~self.index.keep_from_plan(keep)
-            self.fold_report = fold_removed_constants(self.ctx.model, self.index, removed, self.recorder.inputs, self.bn_of)
+            self.fold_report = fold_removed_constants(self.ctx.model, self.index, removed, inputs, self.bn_of)
         self.scales.fold_gates()
 
     # --- γ–W rescaling -------------------------------------------------------------------------
