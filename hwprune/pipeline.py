@@ -475,6 +475,9 @@ class _Run:
         groups = self.groups(self.model)
         reg, controller, target_fraction = self.build_regularizer(groups)
         reg.attach(resumed=self.state["epoch"] > 0)
+        if reg.calibrates:  # every rank measures the same inputs, so every rank gets the same plan
+            self.model.eval()
+            reg.calibrate(lambda n: self.task.calibration_forward(self.model, n, self.config.seed, self.device))
         if self.state["norms_before"] is None:
             self.state["norms_before"] = reg.scores().tolist()
         if reg.trains:

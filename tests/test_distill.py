@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hwprune.text.corpus import python_doc_sentences, split_sentences
+from hwprune.text.corpus import python_doc_sentences, split_sentences, stdlib_docstring_sentences
 from hwprune.text.quality import embedding_quality
 
 from conftest import cli_env
@@ -28,6 +28,16 @@ def test_python_doc_corpus_is_real_prose_and_split_is_seeded():
     assert len(held) == 100 and len(train) == len(s) - 100 and not set(train) & set(held)
     assert split_sentences(s, 100, seed=0) == (train, held)
     assert split_sentences(s, 100, seed=1)[1] != held
+
+
+def test_stdlib_docstring_corpus_adds_prose_and_leaves_held_out_sentences_out():
+    held = python_doc_sentences()[:50]
+    s = stdlib_docstring_sentences(exclude=held)
+    assert len(s) > 5000 and len(set(s)) == len(s) and not set(s) & set(held)
+    assert all(x[0].isupper() and x[-1] in ".!?" and 40 <= len(x) <= 300 for x in s)
+    # A docstring every CPython has (json.dumps); read from the source, the module is not imported.
+    assert any(x.startswith("Serialize ``obj`` to a JSON formatted ``str``") for x in s)
+    assert stdlib_docstring_sentences(exclude=s[:10])[:5] == s[10:15]
 
 
 def test_quality_measures():
@@ -144,5 +154,5 @@ def test_minilm_cli_rejects_image_data_in_one_line():
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "hwprune: error: --data 'digits': --model minilm trains on text; expected pydoc, optionally with the number "
+        "hwprune: error: --data 'digits': --model minilm trains on text; expected pydoc or stdlib, optionally with the number "
         "of training sentences to use (e.g. pydoc:200)"]

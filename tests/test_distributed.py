@@ -54,7 +54,7 @@ def test_two_processes_match_one_with_polarization(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["slimming", "group-lasso", "deephoyer", "magnitude", "uniform"])
+@pytest.mark.parametrize("method", ["slimming", "group-lasso", "deephoyer", "magnitude", "uniform", "fluctuation"])
 def test_two_processes_match_one(tmp_path, method):
     compare(tmp_path, method)
 

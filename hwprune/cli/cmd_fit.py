@@ -15,6 +15,7 @@ from ..io import atomic_write_json
 
 DEFAULT_MODEL = "small-resnet"
 DEFAULT_DATA = "digits"
+DEFAULT_METHOD = "wgsef"
 
 
 def add_parser(sub) -> None:
@@ -37,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--granularity", choices=["channels", "blocks"], default=None,
                    help="what a unit is: whole channels/neurons (default; the model is sliced) or weight blocks of the "
                    "target's block shape (the model is masked; export the BSR kernels with hwprune export --format tvm)")
-    p.add_argument("--method", default="wgsef", help="regularizer (default: wgsef)")
+    p.add_argument("--method", default=None,
+                   help="regularizer (default: wgsef; fluctuation for --model minilm)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the method, e.g. --method-option weighting=uniform (repeatable)")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("DENSE", "REGULARIZE", "FINETUNE"),
@@ -150,6 +152,7 @@ def run(args) -> int:
                                "--params on onnxruntime here; weight blocks (--granularity blocks), latency budgets and "
                                "RPC devices work with the CNN models")
         job = minilm_job(args.data, args.seed)
+        args.method = args.method or job.method
         data_name, train_data, test_data = job.data, job.task, None
         model = job.model
         say(f"data {job.data}: {job.description}")
@@ -168,6 +171,7 @@ def run(args) -> int:
     if args.batch_size is not None:
         settings.batch_size = args.batch_size
     settings.num_workers = args.workers
+    args.method = args.method or DEFAULT_METHOD
     config = FitConfig(budget=budget, method=args.method, method_options=_parse_options(args.method_option),
                        train=settings, seed=args.seed, exclude=tuple(args.exclude),
                        latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,

@@ -5,6 +5,8 @@ plus one :class:`Regularizer` implementation. The pipeline drives it through one
 
 * ``attach(resumed)`` once the regularized stage starts (or resumes): install gates, auxiliary masks, or
   rescale parameters (methods that need nothing leave it empty);
+* ``calibrate(forward)`` right after, for methods with ``calibrates = True``: statistics of real
+  inputs (``forward(n)`` runs ``n`` training inputs through the model, no gradients);
 * per step: ``loss = task_loss + reg.penalty()``, ``optimizer.step()``, ``reg.after_step(lr, step)``
   (proximal operators, clamps, auxiliary updates);
 * between steps a :class:`StrengthController` reads ``reg.zero_fraction()`` and moves
@@ -71,12 +73,17 @@ class Regularizer:
     # control_value answers at once can afford fast moves; a delayed answer calls for calm ones.
     controller_max_step: ClassVar[float] = 1.4
     trains: ClassVar[bool] = True  # False: no regularized epochs (one-shot pruning)
+    calibrates: ClassVar[bool] = False  # True: needs forward passes over training data before scoring
     from_scratch: ClassVar[bool] = False  # True: re-initialize the sliced model and train it anew
 
     def attach(self, resumed: bool = False) -> None:
         """Install what the method needs on the model (gates, masks, hooks). ``resumed``: the model's
         weights come from a checkpoint taken after a previous ``attach``, so one-time transformations
         of the weights (rescaling) must not be applied again; hooks are installed either way."""
+
+    def calibrate(self, forward) -> None:
+        """Measure what the method needs on real inputs before scoring (``calibrates = True`` only):
+        ``forward(n)`` runs ``n`` training inputs through the model without gradients."""
 
     def finalize(self, groups, keep: dict[str, np.ndarray]) -> None:
         """Before masking and slicing: fold gates/constants into the kept weights, remove hooks."""

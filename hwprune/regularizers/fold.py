@@ -191,52 +191,86 @@ class FoldReport:
     max_std: float = 0.0  # largest spread of a removed channel over the inputs (0: truly constant)
 
 
+class ChannelMoments:
+    """Per input channel of some layers, the running mean and variance of what they read, over any
+    number of forward passes (dim 1 of a conv's input, the last dim of a linear's).
+
+    Example:
+        >>> with ChannelMoments(net, ["fc"]) as moments:   # doctest: +SKIP
+        ...     net(x1); net(x2)
+        >>> mean, std = moments.stats()["fc"]               # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], outputs: bool = False):
+        self.model, self.layers, self.outputs = model, list(layers), outputs
+        self.sums: dict[str, list] = {}
+        self.out_sums: dict[str, list] = {}
+        self._hooks: list = []
+
+    @staticmethod
+    def _accumulate(table: dict, name: str, mod: nn.Module, x: torch.Tensor) -> None:
+        x = x.detach().double()
+        if isinstance(mod, nn.Linear):
+            x, dims = x.reshape(-1, x.shape[-1]), (0,)
+        else:
+            dims = tuple(d for d in range(x.dim()) if d != 1)
+        n = x.numel() / x.shape[-1 if isinstance(mod, nn.Linear) else 1]
+        s, sq = x.sum(dims).cpu(), (x * x).sum(dims).cpu()
+        acc = table.get(name)
+        table[name] = [s, sq, n] if acc is None else [acc[0] + s, acc[1] + sq, acc[2] + n]
+
+    def __enter__(self) -> "ChannelMoments":
+        for name in self.layers:
+            layer = self.model.get_submodule(name)
+            self._hooks.append(layer.register_forward_pre_hook(
+                lambda mod, args, name=name: self._accumulate(self.sums, name, mod, args[0])))
+            if self.outputs:
+                self._hooks.append(layer.register_forward_hook(
+                    lambda mod, args, out, name=name: self._accumulate(self.out_sums, name, mod, out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def stats(self, outputs: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, std) per channel of what each layer read (``outputs``: wrote), in float64."""
+        out = {}
+        for name, (s, sq, n) in (self.out_sums if outputs else self.sums).items():
+            mean = s / n
+            out[name] = (mean, (sq / n - mean * mean).clamp_min(0).sqrt())
+        return out
+
+
 @torch.no_grad()
 def channel_stats(model: nn.Module, layers: list[str], inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(mean, std) of each input channel of ``layers`` (dim 1 for convs, the last dim for linears) over
     ``inputs`` in evaluation mode."""
-    sums: dict[str, list] = {}
-    hooks = []
-    for name in layers:
-        layer = model.get_submodule(name)
-
-        def pre(mod, args, name=name):
-            x = args[0].detach().double()
-            if isinstance(mod, nn.Linear):
-                x = x.reshape(-1, x.shape[-1])
-                dims = (0,)
-            else:
-                dims = tuple(d for d in range(x.dim()) if d != 1)
-            n = x.numel() / x.shape[-1 if isinstance(mod, nn.Linear) else 1]
-            sums[name] = [x.sum(dims), (x * x).sum(dims), n]
-
-        hooks.append(layer.register_forward_pre_hook(pre))
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        model(inputs)
+        with ChannelMoments(model, layers) as moments:
+            model(inputs)
     finally:
-        for h in hooks:
-            h.remove()
         for m, t in was:
             m.train(t)
-    out = {}
-    for name, (s, sq, n) in sums.items():
-        mean = s / n
-        out[name] = (mean, (sq / n - mean * mean).clamp_min(0).sqrt())
-    return out
+    return moments.stats()
 
 
 @torch.no_grad()
-def fold_removed_constants(model: nn.Module, index: UnitIndex, removed: torch.Tensor, inputs: torch.Tensor,
-                           bn_of: dict[str, str] | None = None) -> FoldReport:
+def fold_removed_constants(model: nn.Module, index: UnitIndex, removed: torch.Tensor, inputs: torch.Tensor | None,
+                           bn_of: dict[str, str] | None = None,
+                           stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> FoldReport:
     """Fold what the removed units carry into the layers that read them (METHODS.md §4.4).
 
     ``removed``: a boolean per unit. For each reading layer (a consumer: conv with ``groups == 1`` or
     linear), ``delta[o] = Σ_{c removed} (Σ_{u,v} W[o, c, u, v]) · mean_c`` goes into its bias, or out of
     the running mean of the BatchNorm right after it (``bn_of``, see :func:`bn_after`). Call it before
     the removed units are masked; afterwards the masked model computes what the model computed before
-    (exactly for 1x1 convs and linear layers when the removed channels are constant).
+    (exactly for 1x1 convs and linear layers when the removed channels are constant). The channel
+    means come from ``inputs`` (run through the model), or from ``stats`` measured beforehand
+    (:class:`ChannelMoments`).
 
     Example:
         >>> report = fold_removed_constants(net, index, ~keep, x, bn_after(net))   # doctest: +SKIP
@@ -255,17 +289,18 @@ def fold_removed_constants(model: nn.Module, index: UnitIndex, removed: torch.Te
         sel = flag[gid.cpu()]
         if bool(sel.any()):
             readers[module] = sel
-    stats = channel_stats(model, list(readers), inputs)
+    if stats is None:
+        stats = channel_stats(model, list(readers), inputs)
     for module, sel in readers.items():
         layer = model.get_submodule(module)
         if getattr(layer, "groups", 1) != 1 or module not in stats:
             report.unfolded.append(module)
             continue
-        mean, std = stats[module]
+        mean, std = (t.detach().double().cpu() for t in stats[module])
         report.max_std = max(report.max_std, float(std[sel].max()))
-        w = layer.weight.detach().double()
+        w = layer.weight.detach().double().cpu()
         wsum = w.sum(dim=tuple(range(2, w.dim()))) if w.dim() > 2 else w  # (out, in)
-        delta = (wsum[:, sel] @ mean[sel]).to(layer.weight.dtype)
+        delta = (wsum[:, sel] @ mean[sel]).to(layer.weight.dtype).to(layer.weight.device)
         if getattr(layer, "bias", None) is not None:
             layer.bias.add_(delta)
             report.folded[module] = "bias"

@@ -7,6 +7,8 @@ A task owns the data and knows what the model computes. The pipeline calls:
   regularizer's hooks after every step (see :func:`hwprune.train.train_epoch`);
 * ``evaluate(model)``: the quality measure on held-out data, higher is better (``metric`` names it);
 * ``recalibrate(model, ...)``: refresh statistics a pruned model needs (BatchNorm), or nothing;
+* ``calibration_forward(model, n, seed)``: run ``n`` training inputs through the model, no gradients
+  (for methods that score units by what the layers see, e.g. ``fluctuation``);
 * ``export_onnx`` / ``onnx_max_abs_diff`` / ``latency_feeds``: the exported model, its check against
   torch, and inputs to time it with;
 * ``report(dense, pruned)``: extra measurements for ``report.json`` (may be empty).
@@ -48,6 +50,13 @@ class Task:
 
     def recalibrate(self, model: nn.Module, settings, seed: int, device="cpu") -> None:
         """Nothing to refresh by default."""
+
+    def calibration_forward(self, model: nn.Module, samples: int, seed: int, device="cpu") -> None:
+        """Run ``samples`` training inputs (a seeded choice, the same on every rank) through ``model``
+        in evaluation mode without gradients; hooks on the model see them."""
+        from ..errors import HwpruneError
+
+        raise HwpruneError(f"the {self.name} task cannot run calibration passes; choose a method that does not need them")
 
     def make_optimizer(self, model: nn.Module, settings, no_decay=(), extra_groups=(), special_groups=()):
         from ..train import make_optimizer

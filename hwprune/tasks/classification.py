@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -54,6 +55,19 @@ class ClassificationTask(Task):
 
     def recalibrate(self, model, settings, seed, device="cpu") -> None:
         recalibrate_bn(model, self.train_set, settings, seed, self.collate, device)
+
+    @torch.no_grad()
+    def calibration_forward(self, model, samples: int, seed: int, device="cpu") -> None:
+        was = model.training
+        model.eval()
+        order = np.random.default_rng(seed).permutation(len(self.train_set))[:samples]
+        try:
+            for start in range(0, len(order), 64):
+                items = [self.train_set[int(i)] for i in order[start : start + 64]]
+                x = self.collate(items)[0] if self.collate is not None else torch.stack([torch.as_tensor(it[0]) for it in items])
+                model(x.to(device))
+        finally:
+            model.train(was)
 
     def check_inputs(self) -> torch.Tensor:
         source = self.test_set if self.test_set is not None else self.train_set

@@ -195,6 +195,24 @@ class SentenceDistillTask(Task):
         secs = time.perf_counter() - t0
         return EpochStats(total / max(seen, 1), cos_sum / max(seen, 1), secs, seen / max(secs, 1e-9), lr)
 
+    @torch.no_grad()
+    def calibration_forward(self, model, samples: int, seed: int, device="cpu") -> None:
+        """Training sentences in batches of equal length: no padding token reaches the statistics."""
+        was = model.training
+        model.eval()
+        chosen = np.random.default_rng(seed).permutation(len(self.train_ids))[:samples]
+        by_length: dict[int, list[int]] = {}
+        for i in sorted(chosen.tolist()):
+            by_length.setdefault(len(self.train_ids[i]), []).append(i)
+        try:
+            for length in sorted(by_length):
+                idx = by_length[length]
+                for start in range(0, len(idx), self.eval_batch):
+                    ids = torch.as_tensor([self.train_ids[i] for i in idx[start : start + self.eval_batch]])
+                    model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device))
+        finally:
+            model.train(was)
+
     # --- quality ------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module) -> float:
         """Mean cosine between the model's and the dense model's embeddings of the held-out sentences."""
