@@ -359,17 +359,16 @@ def layer_candidates(model, layer: SparseLayer, x: torch.Tensor) -> tuple[dict, 
 
 def model_layers(args) -> tuple[list[dict], dict]:
     from hwprune.export.artifacts import load_run
-    from hwprune.sparse.bsr import sparse_layers
 
     run_dir = Path(args.run) if args.run else train_run(args)
     run = load_run(run_dir)
-    layers = sparse_layers(run.model, run.plan)
+    layers = run.sparse_layers()
     inputs: dict[str, torch.Tensor] = {}
     hooks = [run.model.get_submodule(l.name).register_forward_hook(
         lambda m, a, o, name=l.name: inputs.__setitem__(name, a[0].detach().clone())) for l in layers]
     rows = []
     for batch in BATCHES:
-        x = run.inputs.repeat(-(-batch // len(run.inputs)), *[1] * (run.inputs.dim() - 1))[:batch]
+        (x,) = run.batch(batch)
         with torch.no_grad():
             run.model(x)
         for layer in layers:
@@ -399,7 +398,7 @@ def whole_model(run, layers, rounds: int) -> dict:
     from hwprune.export.onnx import export_onnx
     from hwprune.export.tvm_bsr import build_sparse_module
 
-    x = run.inputs[:1]
+    (x,) = run.batch(1)
     build = build_sparse_module(run.model, x, layers, TARGET)
     vm = tvm.runtime.vm.VirtualMachine(build.executable, tvm.cpu())
     xa = tvm.runtime.tensor(x.numpy())

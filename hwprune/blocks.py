@@ -173,16 +173,20 @@ def block_groups(model: nn.Module, example_inputs, target, *, exclude=(), includ
     ``exclude``: layer names or globs kept dense (a name that matches nothing is an error);
     ``include_output``: also block the layers that write the model output (the classifier).
     """
+    from .graph.hf import is_hf_model
     from .graph.trace import resolve_excludes, trace
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     excluded = resolve_excludes(model, exclude)
-    gm = trace(model, tuple(example_inputs), excluded)
-    outputs = output_layers(gm)
-    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
-    groups: list[BlockGroup] = []
     skipped: dict[str, str] = {}
+    if is_hf_model(model):  # not traceable with torch.fx: the linears of the blocks the adapters recognise
+        called, outputs = _hf_block_layers(model, excluded, skipped)
+    else:
+        gm = trace(model, tuple(example_inputs), excluded)
+        outputs = output_layers(gm)
+        called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    groups: list[BlockGroup] = []
     for name in dict.fromkeys(called):
         module = model.get_submodule(name)
         kind = next((k for t, k in LAYER_KINDS.items() if type(module) is t), None)
@@ -208,6 +212,28 @@ def block_groups(model: nn.Module, example_inputs, target, *, exclude=(), includ
         why = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:6])
         raise ModelError(f"no layer can be cut into weight blocks ({why or 'the model has no Linear/Conv2d layers'})")
     return groups, skipped
+
+
+def _hf_block_layers(model: nn.Module, excluded: set[str], skipped: dict[str, str]) -> tuple[list[str], set[str]]:
+    """A transformers model's blockable layers without a trace: the linears inside the attention and
+    feed-forward blocks that :mod:`hwprune.graph.hf`'s adapters recognise (Q, K, V, the attention
+    output, the MLP's up and down projections), in module order. Their inputs and outputs stay inside
+    a block (each block ends in a residual add and a LayerNorm), so none of them writes the model
+    output. Every other layer with a weight matrix (embeddings, the pooler, a task head) stays dense,
+    with the reason in ``skipped``.
+    """
+    from .graph.hf import discover_by_pattern
+
+    recognised = set(discover_by_pattern(model, excluded).layer_kind)
+    names = []
+    for name, module in model.named_modules():
+        if name in recognised:
+            names.append(name)
+        elif name and any(p.dim() >= 2 for p in module.parameters(recurse=False)) and not any(
+                name == e or name.startswith(e + ".") for e in excluded):
+            skipped[name] = (f"{type(module).__name__} outside the attention and MLP blocks hwprune recognises "
+                             "(embeddings, pooler and heads stay dense)")
+    return names, set()
 
 
 class BlockIndex:

@@ -67,6 +67,38 @@ def provider_note(target: Target) -> tuple[list[str], str]:
     return use, note
 
 
+def interleaved_times(calls: dict, repeats: int, block: int = BLOCK) -> dict[str, list[float]]:
+    """Milliseconds of ``repeats`` timed calls of each zero-argument callable, taking turns.
+
+    Models take turns in blocks of consecutive calls (first call of a block untimed), not call by
+    call: a model in service runs call after call with its weights in cache, and right after
+    another model it would be timed with that model's cache footprint. Measured here (default
+    model, 1 thread, one process): call by call was 8% slower than in blocks for the dense model and
+    18-20% for it at half and 30% width. Blocks still alternate often (who goes first alternates too),
+    so drift on a shared machine hits every model alike.
+
+    Example:
+        >>> t = interleaved_times({"a": lambda: None, "b": lambda: None}, repeats=20)
+        >>> len(t["a"]), len(t["b"])
+        (20, 20)
+    """
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    block = max(1, min(block, repeats))
+    done, r = 0, 0
+    while done < repeats:
+        n = min(block, repeats - done)
+        for k in names if r % 2 == 0 else names[::-1]:
+            calls[k]()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                calls[k]()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        done += n
+        r += 1
+    return times
+
+
 def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: int | None = None,
                          warmup: int | None = None, repeats: int | None = None, seed: int = 0,
                          feeds=None) -> LatencyResult:
@@ -94,32 +126,12 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
     for k, s in sessions.items():
         for _ in range(warmup):
             s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    names = list(sessions)
-    # Models take turns in blocks of consecutive calls (first call of a block untimed), not call by
-    # call: a model in service runs call after call with its weights in cache, and right after
-    # another model it would be timed with that model's cache footprint. Measured here (default
-    # model, 1 thread, one process): call by call was 8% slower than in blocks for the dense model and
-    # 18-20% for it at half and 30% width. Blocks still alternate often, so drift on a shared machine
-    # hits every model alike.
-    block = max(1, min(BLOCK, repeats))
-    done = 0
-    r = 0
-    while done < repeats:
-        n = min(block, repeats - done)
-        for k in names if r % 2 == 0 else names[::-1]:  # alternate who goes first
-            sessions[k].run(None, feeds[k])
-            for _ in range(n):
-                t0 = time.perf_counter()
-                sessions[k].run(None, feeds[k])
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        done += n
-        r += 1
+    times = interleaved_times({k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}, repeats)
     stats = {
         k: LatencyStats(float(np.median(v)), float(np.percentile(v, 10)), float(np.percentile(v, 90)), len(v))
         for k, v in times.items()
     }
-    used = sessions[names[0]].get_providers()[0] if names else providers[0]
+    used = sessions[next(iter(sessions))].get_providers()[0] if sessions else providers[0]
     threads = target.onnxruntime.threads or "default"
     runtime = f"onnxruntime {ort.__version__} {used}, {threads} thread{'s' if threads != 1 else ''}"
     on_target = target.is_local

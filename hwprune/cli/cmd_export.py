@@ -6,6 +6,7 @@
   as ``model.so`` (loads with ``tvm.runtime.load_module`` + ``relax.VirtualMachine``).
 
 Every artifact is then loaded in a fresh process with its runtime alone and compared with torch.
+``--measure`` (tvm) times the library against onnxruntime on this machine and says where it ran.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--target", default=None, help="override the run's target (name or YAML path); tvm compiles for it")
     p.add_argument("--batch-size", type=int, default=1, help="batch size the TVM library is compiled for (default 1)")
     p.add_argument("--no-check", action="store_true", help="skip the fresh-process check against torch")
+    p.add_argument("--measure", action="store_true",
+                   help="tvm: time the library against onnxruntime (same model, dense shapes) on this machine, in turns")
     p.set_defaults(command="export")
 
 
@@ -30,6 +33,6 @@ def run(args) -> int:
     from ..export.artifacts import export_run
 
     result = export_run(args.run_dir, args.format, args.out, target=args.target, batch_size=args.batch_size,
-                        check=not args.no_check)
+                        check=not args.no_check, measure=args.measure)
     print(result)
     return 0

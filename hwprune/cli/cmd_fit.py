@@ -147,10 +147,10 @@ def run(args) -> int:
     if model_name in TEXT_MODELS:  # a pretrained transformer distilled on text (hwprune/text/job.py)
         from ..text.job import minilm_job
 
-        if args.granularity == "blocks" or budget.kind in ("latency", "speedup") or args.rpc or args.tracker:
-            raise HwpruneError(f"--model {model_name} prunes attention heads and MLP neurons with --sparsity, --flops or "
-                               "--params on onnxruntime here; weight blocks (--granularity blocks), latency budgets and "
-                               "RPC devices work with the CNN models")
+        if budget.kind in ("latency", "speedup") or args.rpc or args.tracker:
+            raise HwpruneError(f"--model {model_name} prunes attention heads and MLP neurons (or, with --granularity "
+                               "blocks, weight blocks of its linear layers) with --sparsity, --flops or --params, timed "
+                               "here; latency budgets and RPC devices work with the CNN models")
         job = minilm_job(args.data, args.seed)
         args.method = args.method or job.method
         data_name, train_data, test_data = job.data, job.task, None

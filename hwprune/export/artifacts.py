@@ -41,14 +41,53 @@ class ExportError(HwpruneError):
 
 @dataclass
 class LoadedRun:
-    """A run folder's pruned model (eval mode, trained weights), plan, target and check inputs."""
+    """A run folder's pruned model (eval mode, trained weights), plan, target and check inputs.
+
+    ``model`` is what gets exported; ``inputs`` are its positional inputs (batch first), named
+    ``input_names``. For a sentence encoder, ``model`` wraps the pruned transformer (token ids and mask
+    in, pooled embedding out) and ``pruned`` is the transformer itself, the module the plan names
+    layers in; ``layer_prefix`` is its name inside ``model``.
+    """
 
     run_dir: Path
     model: nn.Module
     plan: Plan
     target: Any
-    inputs: torch.Tensor
+    inputs: tuple[torch.Tensor, ...]
     inputs_from: str
+    input_names: tuple[str, ...] = ("input",)
+    output_name: str = "output"
+    pruned: nn.Module | None = None
+    layer_prefix: str = ""
+    dynamic_axes: dict | None = None  # ONNX: None = a dynamic batch axis
+
+    def __post_init__(self):
+        if isinstance(self.inputs, torch.Tensor):
+            self.inputs = (self.inputs,)
+        if self.pruned is None:
+            self.pruned = self.model
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.inputs[0])
+
+    def batch(self, size: int) -> tuple[torch.Tensor, ...]:
+        """``size`` samples of the check inputs (repeated when there are fewer)."""
+        reps = -(-size // self.n_inputs)
+        return tuple(x.repeat(reps, *[1] * (x.dim() - 1))[:size] for x in self.inputs)
+
+    def reference_inputs(self, xs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+        """The inputs as ``reference.npz`` stores them: ``input.<position>.<name>`` (dtype kept)."""
+        return {f"input.{i}.{n}": x.numpy() for i, (n, x) in enumerate(zip(self.input_names, xs))}
+
+    def sparse_layers(self):
+        """The plan's block-sparse layers, named as in ``model``."""
+        from ..sparse.bsr import sparse_layers
+
+        layers = sparse_layers(self.pruned, self.plan)
+        for layer in layers:
+            layer.name = self.layer_prefix + layer.name
+        return layers
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -91,7 +130,14 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
         raise ExportError(f"{run / 'plan.json'}: meta has no 'model'/'model_args', so the model cannot be rebuilt "
                           "from the folder (a run started from Python): export from Python with "
                           "hwprune.export.artifacts.export_model(model, plan, ...)")
-    model = build_model(name, **model_args)
+    from ..text.job import TEXT_MODELS
+
+    if name in TEXT_MODELS:
+        from ..text.minilm import load_minilm
+
+        model, tokenizer = load_minilm()
+    else:
+        model = build_model(name, **model_args)
     apply_plan(model, plan)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
@@ -110,6 +156,8 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
             errors.append(str(e))
     if tgt is None:
         raise ExportError(f"{run}: cannot load the run's target ({'; '.join(errors) or 'none recorded'}); give --target")
+    if name in TEXT_MODELS:
+        return _text_run(run, model, plan, tgt, tokenizer, seed=int(args.get("seed") or 0), n_inputs=n_inputs)
     shape = list(plan.input_shape)
     try:
         bundle = load_dataset(plan.meta["data"], seed=int(args.get("seed") or 0), image_size=args.get("image_size"))
@@ -120,6 +168,24 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
         inputs = torch.randn([n_inputs] + shape[1:], generator=torch.Generator().manual_seed(0))
         source = f"{n_inputs} random normal inputs (the dataset '{plan.meta.get('data')}' did not load: {e})"
     return LoadedRun(run, model, plan, tgt, inputs.float(), source)
+
+
+def _text_run(run: Path, model: nn.Module, plan: Plan, target, tokenizer, *, seed: int, n_inputs: int) -> LoadedRun:
+    """A sentence-encoder run: the pruned transformer inside its pooling wrapper, checked on held-out
+    sentences (the same ones the run's report measured) padded to the latency length, 128 tokens."""
+    from ..tasks.distill import LATENCY_SEQ_LEN
+    from ..text.corpus import python_doc_sentences, split_sentences
+    from ..text.job import HELD_OUT
+    from ..text.minilm import SentenceEncoder
+
+    _, held_out = split_sentences(python_doc_sentences(), HELD_OUT, seed=seed)
+    batch = tokenizer(held_out[:n_inputs], padding="max_length", truncation=True, max_length=LATENCY_SEQ_LEN,
+                      return_tensors="pt")
+    inputs = (batch["input_ids"].long(), batch["attention_mask"].long())
+    source = f"{len(inputs[0])} held-out sentences padded to {LATENCY_SEQ_LEN} tokens"
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "embedding": {0: "batch"}}
+    return LoadedRun(run, SentenceEncoder(model).eval(), plan, target, inputs, source, ("input_ids", "attention_mask"),
+                     "embedding", pruned=model, layer_prefix="encoder.", dynamic_axes=axes)
 
 
 @dataclass
@@ -147,8 +213,9 @@ class ExportResult:
 
 
 def _save_reference(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()})
+    buf = io.BytesIO()  # floats as float32; integer inputs (token ids) keep their type
+    np.savez(buf, **{k: np.ascontiguousarray(v, dtype=None if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float32)
+                     for k, v in arrays.items()})
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -175,9 +242,12 @@ def export_onnx_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Exp
     """The pruned model as ONNX (dynamic batch): sliced for a channel plan, masked for a block plan."""
     from .onnx import export_onnx
 
-    path = export_onnx(run.model, run.inputs[:1], out_dir / "model.onnx")
-    ref = _save_reference(out_dir / "reference.npz", {"input": run.inputs.numpy(), "output": run.model(run.inputs).numpy()})
-    manifest = {"format": "onnx", "file": "model.onnx", "opset": 17, "input_shape": ["batch"] + list(run.inputs.shape[1:]),
+    path = export_onnx(run.model, tuple(x[:1] for x in run.inputs), out_dir / "model.onnx",
+                       input_names=run.input_names, output_name=run.output_name, dynamic_axes=run.dynamic_axes)
+    ref = _save_reference(out_dir / "reference.npz", {**run.reference_inputs(run.inputs), "output": run.model(*run.inputs).numpy()})
+    manifest = {"format": "onnx", "file": "model.onnx", "opset": 17,
+                "inputs": {n: [(run.dynamic_axes or {}).get(n, {0: "batch"}).get(d, size) for d, size in enumerate(x.shape)]
+                           for n, x in zip(run.input_names, run.inputs)},
                 "granularity": run.plan.granularity, "reference": "reference.npz", "hwprune": __version__}
     atomic_write_json(out_dir / "manifest.json", manifest)
     result = ExportResult("onnx", out_dir, [path, out_dir / "manifest.json", ref], manifest)
@@ -192,9 +262,7 @@ def export_npz_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Expo
     and ``manifest.json`` (layer, kind, shape, padded shape, format, block, density, conv geometry)."""
     import scipy.sparse as sp
 
-    from ..sparse.bsr import sparse_layers
-
-    layers = sparse_layers(run.model, run.plan)
+    layers = run.sparse_layers()
     files, entries, biases = [], [], {}
     for layer in layers:
         buf = io.BytesIO()
@@ -224,7 +292,7 @@ def export_npz_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Expo
             captured["out:" + name] = out.numpy()
         hooks.append(run.model.get_submodule(layer.name).register_forward_hook(hook))
     try:
-        run.model(run.inputs[:4])
+        run.model(*(x[:4] for x in run.inputs))
     finally:
         for h in hooks:
             h.remove()
@@ -235,25 +303,81 @@ def export_npz_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Expo
 
 
 @torch.no_grad()
-def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bool = True) -> ExportResult:
-    """The model compiled with TVM for the target, every sparse layer on its BSR kernel, as ``model.so``."""
-    from ..sparse.bsr import sparse_layers
+def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, repeats: int | None = None,
+                       warmup: int | None = None) -> dict[str, Any]:
+    """Time the compiled sparse model against onnxruntime on the same model with dense shapes (what a
+    block plan's ``model.onnx`` is: onnxruntime computes the zero blocks like any others), on the same
+    inputs, taking turns, on this machine. Returns the manifest's ``measured`` entry.
+    """
+    import platform
+    import tempfile
+
+    import onnxruntime as ort
+    import tvm
+
+    from ..latency import interleaved_times, provider_note
+    from ..target import host_description
+    from .onnx import export_onnx, ort_session
+
+    tgt = run.target
+    repeats = repeats or tgt.latency.repeats
+    warmup = tgt.latency.warmup if warmup is None else warmup
+    providers, _ = provider_note(tgt)
+    with tempfile.TemporaryDirectory(prefix="hwprune-measure-") as tmp:
+        path = export_onnx(run.model, xs, Path(tmp) / "dense-shapes.onnx", input_names=run.input_names,
+                           output_name=run.output_name, dynamic_batch=False)
+        sess = ort_session(path, providers, tgt.onnxruntime.threads)
+    feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)}
+    vm = tvm.runtime.vm.VirtualMachine(build.executable, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(x.numpy())) for x in xs]
+    main = vm["main"]
+    tvm_name, ort_name = "TVM model.so (BSR kernels)", "onnxruntime, dense shapes"
+    calls = {tvm_name: lambda: main(*args), ort_name: lambda: sess.run(None, feeds)}
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = interleaved_times(calls, repeats)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    threads = tgt.onnxruntime.threads or "default"
+    return {
+        "what": "wall time of one call of the whole model, median of the timed calls, both runtimes taking turns on "
+                "the same inputs",
+        "batch_size": int(xs[0].shape[0]), "input_shapes": [list(x.shape) for x in xs], "repeats": repeats, "warmup": warmup,
+        "median_ms": {k: round(v, 4) for k, v in med.items()},
+        "p10_p90_ms": {k: [round(float(np.percentile(v, 10)), 4), round(float(np.percentile(v, 90)), 4)] for k, v in times.items()},
+        "ratio": round(med[tvm_name] / med[ort_name], 4),
+        "runtimes": {tvm_name: f"TVM {tvm.__version__}, {dict(tgt.tvm.target)}, sparse layers on hwprune's BSR kernels "
+                               "and batched matmuls on its hand kernel, every other op TVM's untuned default",
+                     ort_name: f"onnxruntime {ort.__version__} {sess.get_providers()[0]}, {threads} thread"
+                               f"{'s' if threads != 1 else ''}"},
+        "threads": "TVM_NUM_THREADS / OMP_NUM_THREADS as set in the environment",
+        "measured_on": f"this machine: {host_description()}, {platform.node()}",
+        "on_target": bool(tgt.is_local),
+        **({} if tgt.is_local else {"note": f"measured on this machine, NOT on the target device '{tgt.device.name}'"}),
+    }
+
+
+@torch.no_grad()
+def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bool = True,
+                      measure: bool = False) -> ExportResult:
+    """The model compiled with TVM for the target, every sparse layer on its BSR kernel, as ``model.so``;
+    ``measure``: also time it against onnxruntime here (not for a cross-compiled library)."""
     from .tvm_bsr import build_sparse_module
 
     tvm = require_tvm()
 
     if batch_size < 1:
         raise ExportError(f"--batch-size {batch_size}: expected a positive batch size")
-    layers = sparse_layers(run.model, run.plan)
-    reps = -(-batch_size // len(run.inputs))
-    x = run.inputs.repeat(reps, *[1] * (run.inputs.dim() - 1))[:batch_size]
-    build = build_sparse_module(run.model, x, layers, run.target.tvm.target)
+    layers = run.sparse_layers()
+    xs = run.batch(batch_size)
+    build = build_sparse_module(run.model, xs, layers, run.target.tvm.target)
     so = build.export(out_dir / "model.so", cross_compiler=run.target.tvm.cross_compiler)
-    ref = _save_reference(out_dir / "reference.npz", {"input": x.numpy(), "output": run.model(x).numpy()})
+    ref = _save_reference(out_dir / "reference.npz", {**run.reference_inputs(xs), "output": run.model(*xs).numpy()})
     manifest = {
         "format": "hwprune-tvm-bsr", "version": 1, "file": "model.so", "hwprune": __version__, "tvm": tvm.__version__,
         "target": {"name": run.target.name, "tvm": dict(run.target.tvm.target)},
-        "input": {"shape": list(x.shape), "dtype": "float32"}, "reference": "reference.npz",
+        "inputs": [{"name": n, "shape": list(x.shape), "dtype": str(x.numpy().dtype)} for n, x in zip(run.input_names, xs)],
+        "reference": "reference.npz",
         "compile_seconds": round(build.compile_s, 2),
         "layers": [{"layer": l.name, "kernel": l.schedule.strategy, "tile": l.schedule.tile, "chains": l.schedule.chains,
                     "im2col": l.im2col, "matrix": [l.spec.out_features, l.spec.in_features], "block": list(l.spec.block),
@@ -261,11 +385,14 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
         "scheduling": "sparse layers: hand-written BSR kernels (hwprune.sparse.kernels); every other op: TVM's default "
                       "lowering, not tuned",
         "how_to_load": "lib = tvm.runtime.load_module('model.so'); vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()); "
-                       "y = vm['main'](tvm.runtime.tensor(x)).numpy()  # x: float32 of input.shape",
+                       "y = vm['main'](*[tvm.runtime.tensor(x) for x in inputs]).numpy()  # in the order and shapes of 'inputs'",
     }
     prediction, why_not = predicted_sparse_time(run.target, layers, build.layers, batch_size)
     if prediction is not None:
         manifest["predicted_sparse_layers"] = prediction
+    measured = None
+    if measure and not run.target.tvm.cross_compiler:
+        measured = manifest["measured"] = measure_tvm_export(run, build, xs)
     atomic_write_json(out_dir / "manifest.json", manifest)
     result = ExportResult("tvm", out_dir, [so, out_dir / "manifest.json", ref], manifest)
     result.notes.append(f"{len(build.layers)} sparse layers on BSR kernels; compiled in {build.compile_s:.1f} s for "
@@ -276,6 +403,13 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
                             f"the profile measured on {prediction['measured_on']}, not a measurement of model.so")
     elif why_not:
         result.notes.append(f"no predicted sparse-layer time: {why_not}")
+    if measured is not None:
+        (t_name, t_ms), (o_name, o_ms) = measured["median_ms"].items()
+        result.notes.append(f"measured (batch {batch_size}, {measured['measured_on']}): {t_name} {t_ms:.3f} ms, {o_name} "
+                            f"{o_ms:.3f} ms: {measured['ratio']:.3f}x" + (f"; {measured['note']}" if "note" in measured else ""))
+    elif measure:
+        result.notes.append(f"not measured: the library is cross-compiled with {run.target.tvm.cross_compiler} for "
+                            f"'{run.target.device.name}', which cannot be reached from here")
     declared = (run.target.shape_for(kind, "blocks") for kind in ("conv", "linear"))
     wanted = {(b.rows, b.cols) for b in declared if b is not None}
     planned = {tuple(l.block) for l in layers}
@@ -346,9 +480,10 @@ def predicted_sparse_time(target, layers, rewritten, batch_size: int) -> tuple[d
 
 
 def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *, target: str | None = None,
-               batch_size: int = 1, check: bool = True) -> ExportResult:
+               batch_size: int = 1, check: bool = True, measure: bool = False) -> ExportResult:
     """Export a finished fit run folder as ``fmt`` (onnx | npz | tvm) into ``out`` (default
-    ``RUN_DIR/export/<fmt>``), then check the artifact in a fresh process.
+    ``RUN_DIR/export/<fmt>``), then check the artifact in a fresh process. ``measure`` (tvm): time the
+    library against onnxruntime on this machine and put the numbers in ``manifest.json``.
 
     Example:
         >>> print(export_run("runs/demo", "npz"))                   # doctest: +SKIP
@@ -364,4 +499,4 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
         return export_onnx_format(run, out_dir, check)
     if fmt == "npz":
         return export_npz_format(run, out_dir, check)
-    return export_tvm_format(run, out_dir, batch_size, check)
+    return export_tvm_format(run, out_dir, batch_size, check, measure)

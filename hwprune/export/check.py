@@ -11,7 +11,7 @@ Usage (what :func:`check_in_fresh_process` runs)::
     python -c "import runpy, sys; sys.argv = [...]; runpy.run_path('check.py', run_name='__main__')" \\
         tvm model.so reference.npz
 
-``reference.npz`` holds ``input`` and ``output`` (whole model), or ``in:<layer>`` / ``out:<layer>``
+``reference.npz`` holds the model's inputs (``input.<position>.<name>``) and ``output`` (whole model), or ``in:<layer>`` / ``out:<layer>``
 pairs (npz export: each sparse layer on its own).
 """
 
@@ -23,6 +23,12 @@ import subprocess
 import sys
 
 
+def model_inputs(ref) -> list:
+    """The model's inputs in order: ``input.<position>.<name>`` entries (or one ``input``)."""
+    keyed = sorted((int(k.split(".")[1]), k) for k in ref if k.startswith("input."))
+    return [ref[k] for _, k in keyed] if keyed else [ref["input"]]
+
+
 def _check_onnx(path: str, ref) -> float:
     import numpy as np
     import onnxruntime as ort
@@ -30,7 +36,8 @@ def _check_onnx(path: str, ref) -> float:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    out = sess.run(None, {sess.get_inputs()[0].name: ref["input"]})[0]
+    feeds = {i.name: x for i, x in zip(sess.get_inputs(), model_inputs(ref))}
+    out = sess.run(None, feeds)[0]
     return float(np.abs(out - ref["output"]).max())
 
 
@@ -40,7 +47,7 @@ def _check_tvm(path: str, ref) -> float:
     from tvm.runtime.vm import VirtualMachine
 
     vm = VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(ref["input"])).numpy()
+    out = vm["main"](*[tvm.runtime.tensor(x) for x in model_inputs(ref)]).numpy()
     return float(np.abs(out - ref["output"]).max())
 
 

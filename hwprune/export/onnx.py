@@ -20,8 +20,13 @@ from ..io import atomic_write_bytes
 OPSET = 17
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *, dynamic_batch: bool = True) -> Path:
+def export_onnx(model: nn.Module, example_input, path: str | os.PathLike, *, dynamic_batch: bool = True,
+                input_names=("input",), output_name: str = "output", dynamic_axes: dict | None = None) -> Path:
     """Write ``model`` as ONNX (opset 17, batch axis dynamic), atomically.
+
+    ``example_input``: one tensor, or a tuple of the model's positional inputs named ``input_names``.
+    ``dynamic_axes`` (torch.onnx's format) replaces the default, a dynamic batch axis on every input
+    and the output.
 
     Uses torch's TorchScript-based exporter: on these models it is exact and about 15x faster than the
     dynamo exporter (0.3 s against 4.7 s on a small CNN).
@@ -30,13 +35,16 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
         >>> export_onnx(pruned, torch.zeros(1, 1, 8, 8), "model.onnx")      # doctest: +SKIP
     """
     model = model.eval()
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    names = list(input_names)
+    if dynamic_axes is None and dynamic_batch:
+        dynamic_axes = {**{n: {0: "batch"} for n in names}, output_name: {0: "batch"}}
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example_input,), buf, dynamo=False, opset_version=OPSET,
-            input_names=["input"], output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
+            model, args, buf, dynamo=False, opset_version=OPSET,
+            input_names=names, output_names=[output_name], dynamic_axes=dynamic_axes,
         )
     return atomic_write_bytes(path, buf.getvalue())
 

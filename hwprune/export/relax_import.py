@@ -50,7 +50,8 @@ class ImportedModel:
     mod: object
     params: dict[str, np.ndarray]
     var_of: dict[str, str]
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]  # of the first input
+    n_inputs: int = 1
 
     def bound(self, mod=None):
         """``mod`` (default: the imported one) with every remaining parameter bound as a constant and
@@ -58,14 +59,15 @@ class ImportedModel:
         from tvm import relax
 
         mod = self.mod if mod is None else mod
-        names = {p.name for p in mod["main"].params[1:]}
+        names = {p.name for p in mod["main"].params[self.n_inputs:]}
         consts = {k: v for k, v in self.params.items() if k in names}
         mod = relax.transform.BindParams("main", consts)(mod)
         return relax.transform.DeadCodeElimination(["main"])(mod)
 
 
-def import_torch(model: nn.Module, example: torch.Tensor) -> ImportedModel:
-    """Trace ``model`` (eval mode, static shape of ``example``) into Relax, parameters kept as inputs.
+def import_torch(model: nn.Module, example) -> ImportedModel:
+    """Trace ``model`` (eval mode, static shapes of ``example``: one tensor or a tuple of the model's
+    positional inputs) into Relax, parameters kept as inputs after the model's own.
 
     Batch norms are decomposed into elementwise ops (``DecomposeOpsForInference``).
     """
@@ -74,11 +76,12 @@ def import_torch(model: nn.Module, example: torch.Tensor) -> ImportedModel:
     from tvm.relax.frontend.torch import from_exported_program
 
     model = model.eval()
+    args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.no_grad():
-                ep = torch.export.export(model, (example,))
+                ep = torch.export.export(model, args)
             # torch's decomposition runs first (1-2 s): without it the frontend's own eval-mode batch_norm
             # was wrong in TVM 0.27 (conv + BN: max |diff| 0.28 against torch; with it, 2e-7).
             mod = from_exported_program(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True)
@@ -89,6 +92,6 @@ def import_torch(model: nn.Module, example: torch.Tensor) -> ImportedModel:
     mod = relax.transform.DecomposeOpsForInference()(mod)
     sig = ep.graph_signature
     fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-    names = [p.name for p in mod["main"].params[1:]]
+    names = [p.name for p in mod["main"].params[len(args):]]
     values = {n: v.numpy() for n, v in zip(names, params["main"])}
-    return ImportedModel(mod, values, {fqn[n]: n for n in names if n in fqn}, tuple(example.shape))
+    return ImportedModel(mod, values, {fqn[n]: n for n in names if n in fqn}, tuple(args[0].shape), len(args))

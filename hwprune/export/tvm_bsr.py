@@ -79,13 +79,13 @@ class SparseBuild:
         os.replace(tmp, path)
         return path
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Run the compiled model in this process (the check in a fresh process is :mod:`.check`)."""
+    def run(self, *xs: np.ndarray) -> np.ndarray:
+        """Run the compiled model in this process on its inputs (the check in a fresh process is :mod:`.check`)."""
         import tvm
         from tvm import relax
 
         vm = relax.VirtualMachine(self.executable, tvm.cpu())
-        return vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        return vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in xs]).numpy()
 
 
 @contextlib.contextmanager
@@ -129,6 +129,7 @@ def rewrite_sparse(mod, layers_by_var: dict[str, SparseLayer]):
     from tvm import relax
 
     done: list[RewrittenLayer] = []
+    dense_calls: dict[tuple, object] = {}  # hand kernels of the dense ops (batched matmul, GELU), by shape
 
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):
@@ -147,6 +148,11 @@ def rewrite_sparse(mod, layers_by_var: dict[str, SparseLayer]):
                 if not isinstance(expr, relax.Var):
                     return None
                 bound = self.lookup_binding(expr)
+                # torch decomposes a linear on a non-contiguous 3-D input into a bmm with the weight
+                # broadcast over the batch: look through the broadcast (the kernel reads it once)
+                if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.broadcast_to" \
+                        and isinstance(bound.args[0], relax.Var):
+                    bound = self.lookup_binding(bound.args[0])
                 if not (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.permute_dims"):
                     return None
                 expr = bound.args[0]
@@ -161,6 +167,9 @@ def rewrite_sparse(mod, layers_by_var: dict[str, SparseLayer]):
                 layer = self.weight_var(call.args[1], transposed=True)
                 if layer is not None and layer.kind == "linear":
                     return self.linear(call.args[0], layer)
+                return emit_batch_matmul(self.builder_, call, dense_calls)
+            elif name == "relax.nn.gelu":  # exact GELU (the tanh form is relax.nn.gelu_tanh)
+                return emit_gelu(self.builder_, call, dense_calls)
             elif name == "relax.nn.conv2d":
                 layer = self.weight_var(call.args[1], transposed=False)
                 if layer is not None and layer.kind == "conv":
@@ -191,6 +200,55 @@ def rewrite_sparse(mod, layers_by_var: dict[str, SparseLayer]):
         raise HwpruneError(f"sparse layer(s) {', '.join(missing)}: no matmul/conv2d of their weight was found in the "
                            "imported graph, so no BSR kernel could replace them")
     return new, done
+
+
+def emit_batch_matmul(bb, call, kernels: dict):
+    """A dense batched matmul of two activations (a transformer's ``Q·Kᵀ`` and ``P·V``): on the hand
+    kernel :func:`hwprune.tvm_dense.kernels.batch_matmul` when both operands are static 3-D float32
+    tensors and the output width is a multiple of 8; otherwise ``call`` unchanged. One kernel per shape."""
+    from tvm import relax
+
+    from ..tvm_dense.kernels import batch_matmul
+
+    a, b = call.args
+    sa, sb = _static_shape(a), _static_shape(b)
+    if (sa is None or sb is None or (len(sa), len(sb)) != (3, 3) or sa[0] != sb[0] or sa[2] != sb[1] or sb[2] % 8
+            or {str(a.ty.dtype), str(b.ty.dtype)} != {"float32"}):
+        return call
+    key = ("bmm", sa[0], sa[1], sa[2], sb[2])
+    gv = _hand_kernel(bb, kernels, key, "bmm_" + "x".join(map(str, key[1:])), lambda: batch_matmul(*key[1:]))
+    return relax.call_tir(gv, [a, b], out_ty=relax.TensorType((sa[0], sa[1], sb[2]), "float32"))
+
+
+def _static_shape(expr) -> list[int] | None:
+    try:
+        return [int(d) for d in expr.ty.shape]
+    except (AttributeError, TypeError, ValueError):  # symbolic or unknown shape
+        return None
+
+
+def _hand_kernel(bb, kernels: dict[tuple, object], key: tuple, name: str, build):
+    """The GlobalVar of the hand kernel for ``key`` (built by ``build()`` the first time, then shared)."""
+    if key not in kernels:
+        func = build().with_attr("op_pattern", OP_OPAQUE).with_attr("global_symbol", name)
+        kernels[key] = bb.add_func(func, name)
+    return kernels[key]
+
+
+def emit_gelu(bb, call, kernels: dict):
+    """Exact GELU on the vectorized hand kernel :func:`hwprune.tvm_dense.kernels.gelu` (static float32
+    shapes; otherwise ``call`` unchanged)."""
+    from tvm import relax
+
+    from ..tvm_dense.kernels import gelu
+
+    (x,) = call.args
+    shape = _static_shape(x)
+    if shape is None or str(x.ty.dtype) != "float32":
+        return call
+    key = ("gelu", *shape)
+    gv = _hand_kernel(bb, kernels, key, "gelu_" + "x".join(map(str, shape)), lambda: gelu(tuple(shape)))
+    return relax.call_tir(gv, [x], out_ty=relax.TensorType(tuple(shape), "float32"))
 
 
 def _kernel_call(bb, layer: SparseLayer, x3, spec: KernelSpec, symbol: str):
@@ -261,10 +319,11 @@ def tvm_target(target_dict: dict):
         raise HwpruneError(f"TVM target {target_dict}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def build_sparse_module(model: nn.Module, example: torch.Tensor, layers: list[SparseLayer], target_dict: dict) -> SparseBuild:
+def build_sparse_module(model: nn.Module, example, layers: list[SparseLayer], target_dict: dict) -> SparseBuild:
     """Import ``model``, put every layer of ``layers`` on its BSR kernel, compile for ``target_dict``.
 
-    ``example`` fixes the input shape, batch included (the kernels are specialised to it).
+    ``example`` (a tensor, or a tuple of the model's inputs) fixes the input shapes, batch included
+    (the kernels are specialised to them).
     """
     tvm = require_tvm()
     t0 = time.perf_counter()
@@ -280,4 +339,4 @@ def build_sparse_module(model: nn.Module, example: torch.Tensor, layers: list[Sp
             raise
         raise HwpruneError(f"compiling the sparse model for {target_dict} failed: "
                            f"{str(e).splitlines()[-1] if str(e) else type(e).__name__}") from None
-    return SparseBuild(ex, done, dict(target_dict), tuple(example.shape), time.perf_counter() - t0)
+    return SparseBuild(ex, done, dict(target_dict), imported.input_shape, time.perf_counter() - t0)

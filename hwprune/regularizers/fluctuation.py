@@ -17,6 +17,10 @@ contribution ``W[:, removed] · x̄[removed]`` is added to the reading layer's b
 running mean of the BatchNorm right after it), so what disappears is only the fluctuation the score
 counted (the same fold as Ye et al.'s ISTA, :func:`~hwprune.regularizers.fold.fold_removed_constants`).
 
+**Weight blocks** (``--granularity blocks``): a block of layer ``W`` sums the same terms over its
+entries, ``Σ_{(o, i) in block} Var(x_i) · W[o, i]² / Var(y_o)``, and a removed block's mean
+contribution ``W_block · x̄`` goes into that layer's own bias.
+
 Choices where the paper is silent or differs (docs/methods.md): the statistics come from ``samples``
 training inputs run through the model in evaluation mode before pruning (the paper: 1,024 sequences
 of WikiText-2); scores are not standardized per layer, because hwprune's projection already compares
@@ -76,13 +80,14 @@ class Fluctuation(Regularizer):
         self.stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.out_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.fold_report: FoldReport | None = None
-        blocks = [g.name for g in self.index.groups if g.kind == "blocks"]
-        if blocks:
-            raise HwpruneError(f"--method fluctuation scores whole channels, neurons and heads by what their readers "
-                               f"see; {blocks[0]} is a group of weight blocks. Use --granularity channels, or "
-                               "--method magnitude / wgsef for blocks")
+        # Weight blocks: each block layer reads its own input; a block is scored by the same sum over its
+        # (output row, input column) entries and compensated in the layer's own bias.
+        self.blocks = any(g.kind == "blocks" for g in self.index.groups)
         # The layers that read a unit through weight columns: (module, unit id per input feature).
         self.readers: dict[str, torch.Tensor] = {}
+        if self.blocks:
+            self.readers = {g.name: None for g in self.index.groups}
+            return
         for (module, param, dim), gid in self.index.entries(CONSUMER).items():
             if param == "weight" and dim == 1 and _reads_columns(self.ctx.model.get_submodule(module)):
                 self.readers[module] = gid.cpu()
@@ -108,20 +113,27 @@ class Fluctuation(Regularizer):
                 "calibration (torch.nn.MultiheadAttention, for one, uses its out_proj weight directly); "
                 "use --method magnitude or wgsef for this model")
 
+    def _effective_weight(self, module: str) -> torch.Tensor:
+        """``W[o, c] · σ(x_c)`` (``relative``: also ``/ σ(y_o)``) as an ``(O, K)`` matrix: its squared entries
+        are the score terms. A conv's input channel spreads over its kernel taps (im2col column order)."""
+        w = get_tensor(self.ctx.model, module, "weight").detach().double().cpu()
+        std = self.stats[module][1]
+        taps = int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
+        eff = w.reshape(w.shape[0], -1) * std.repeat_interleave(taps)[None]
+        if self.config.relative:
+            eff = eff / self.stats_out_var(module).sqrt()[:, None]
+        return eff
+
     def scores(self) -> np.ndarray:
         if self.stats is None:  # before calibration (or used outside fit): the unit norms, never all zeros
             return super().scores()
+        if self.blocks:  # a block's score: the sum of its entries' terms
+            return torch.cat([g.block_sq_norms(self._effective_weight(g.name)) for g in self.index.groups]).numpy()
         n = self.index.n_units
         acc = torch.zeros(n + 1, dtype=torch.float64)
-        for module, gid in self.readers.items():
-            w = get_tensor(self.ctx.model, module, "weight").detach().double().cpu()
-            w2 = w * w
-            if self.config.relative:  # per output: the share of that output's variance
-                out_var = self.stats_out_var(module)
-                w2 = w2 / out_var.reshape([-1] + [1] * (w.dim() - 1))
-            col_sq = w2.sum(dim=tuple(d for d in range(w.dim()) if d != 1))  # ‖W[:, i]‖² per input i
-            var = self.stats[module][1] ** 2
-            acc.index_add_(0, gid, var * col_sq)
+        for module, gid in self.readers.items():  # Var(x_i) · Σ_o W[o, i]² (/ Var(y_o)), over a conv's taps too
+            eff = self._effective_weight(module)
+            acc.index_add_(0, gid, eff.pow(2).reshape(eff.shape[0], len(gid), -1).sum(dim=(0, 2)))
         return acc[:n].numpy()
 
     def stats_out_var(self, module: str) -> torch.Tensor:
@@ -133,6 +145,31 @@ class Fluctuation(Regularizer):
         return 0.0
 
     def finalize(self, groups, keep) -> None:
-        if self.config.compensate and self.stats is not None:
+        if self.config.compensate and self.stats is not None and self.blocks:
+            self.fold_report = self._compensate_blocks(keep)
+        elif self.config.compensate and self.stats is not None:
             removed = ~self.index.keep_from_plan(keep)
             self.fold_report = fold_removed_constants(self.ctx.model, self.index, removed, None, stats=self.stats)
+
+    @torch.no_grad()
+    def _compensate_blocks(self, keep) -> FoldReport:
+        """Add each removed block's mean contribution ``W_block · x̄`` to its layer's bias (a layer
+        without a bias is left as it is and listed in the report)."""
+        report = FoldReport()
+        removed = ~self.index.keep_from_plan(keep)
+        for g, a, b in self.index._spans():
+            gone = removed[a:b]
+            if not bool(gone.any()):
+                continue
+            layer = self.ctx.model.get_submodule(g.name)
+            if getattr(layer, "bias", None) is None:
+                report.unfolded.append(g.name)
+                continue
+            w = layer.weight.detach().double()
+            mean = self.stats[g.name][0].to(w.device)
+            taps = int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
+            dropped = w.reshape(w.shape[0], -1) * g.expand(gone.to(w.device, w.dtype)).reshape(w.shape[0], -1)
+            layer.bias.add_((dropped @ mean.repeat_interleave(taps)).to(layer.bias.dtype))
+            report.folded[g.name] = "bias"
+            report.max_std = max(report.max_std, float(self.stats[g.name][1].max()))
+        return report
