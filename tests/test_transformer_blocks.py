@@ -113,8 +113,9 @@ def test_sentence_encoder_builds_with_bsr_linears_and_hand_attention_kernels_and
     text = imported.bound(mod)["main"].script()
     assert len(done) == 12 and all(d.spec.columns == 32 for d in done)  # batch 2 x 16 tokens per kernel call
     # no matmul is left: linears on BSR kernels, Q·Kᵀ and P·V (per head) on the batched-matmul kernel
-    assert "R.matmul" not in text and "R.nn.gelu" not in text
+    assert "R.matmul" not in text and "R.nn.gelu" not in text and "R.nn.softmax" not in text
     assert text.count("bmm_8x16x8x16") == 2 and text.count("bmm_8x16x16x8") == 2 and text.count("gelu_2x16x64") == 2
+    assert text.count("softmax_2x4x16x16") == 2
     build = build_sparse_module(enc, (ids, mask), layers, {"kind": "llvm", "mcpu": "core-avx2"})
     with torch.no_grad():
         want = enc(ids, mask).numpy()
@@ -123,9 +124,9 @@ def test_sentence_encoder_builds_with_bsr_linears_and_hand_attention_kernels_and
     assert np.abs(got - want).max() < 1e-5 and np.abs(got).max() > 0.1  # a real embedding, not zeros
 
 
-def test_hand_kernels_for_batched_matmul_and_gelu_match_numpy_and_torch():
+def test_hand_kernels_for_batched_matmul_softmax_and_gelu_match_numpy_and_torch():
     tvm = pytest.importorskip("tvm")
-    from hwprune.tvm_dense.kernels import batch_matmul, gelu
+    from hwprune.tvm_dense.kernels import batch_matmul, gelu, softmax
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2"})
     rng = np.random.default_rng(0)
@@ -141,6 +142,13 @@ def test_hand_kernels_for_batched_matmul_and_gelu_match_numpy_and_torch():
     tvm.compile(gelu((3, 40)), target=target)(tvm.runtime.tensor(x), y)
     np.testing.assert_allclose(y.numpy(), torch.nn.functional.gelu(torch.from_numpy(x)).numpy(), atol=1e-5)
 
+    for shape in [(2, 3, 16), (5, 12)]:  # rows of a multiple of 8 (vectorized) and of 12 (not)
+        x = (rng.standard_normal(shape) * 6).astype(np.float32)
+        x[0, ..., 0] = 80.0  # a dominant logit: the row's max is subtracted first
+        y = tvm.runtime.tensor(np.zeros_like(x))
+        tvm.compile(softmax(shape), target=target)(tvm.runtime.tensor(x), y)
+        want = torch.softmax(torch.from_numpy(x), -1).numpy()
+        np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-7)
 
 def test_two_input_artifacts_load_and_match_in_a_fresh_process(tmp_path):
     """The TVM library and the ONNX model of a sentence encoder (token ids + mask in), checked as the

@@ -129,7 +129,7 @@ def rewrite_sparse(mod, layers_by_var: dict[str, SparseLayer]):
     from tvm import relax
 
     done: list[RewrittenLayer] = []
-    dense_calls: dict[tuple, object] = {}  # hand kernels of the dense ops (batched matmul, GELU), by shape
+    dense_calls: dict[tuple, object] = {}  # hand kernels of the dense ops (batched matmul, softmax, GELU), by shape
 
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):
@@ -169,7 +169,9 @@ def rewrite_sparse(mod, layers_by_var: dict[str, SparseLayer]):
                     return self.linear(call.args[0], layer)
                 return emit_batch_matmul(self.builder_, call, dense_calls)
             elif name == "relax.nn.gelu":  # exact GELU (the tanh form is relax.nn.gelu_tanh)
-                return emit_gelu(self.builder_, call, dense_calls)
+                return emit_elementwise(self.builder_, call, dense_calls, "gelu")
+            elif name == "relax.nn.softmax":
+                return emit_elementwise(self.builder_, call, dense_calls, "softmax")
             elif name == "relax.nn.conv2d":
                 layer = self.weight_var(call.args[1], transposed=False)
                 if layer is not None and layer.kind == "conv":
@@ -235,19 +237,21 @@ def _hand_kernel(bb, kernels: dict[tuple, object], key: tuple, name: str, build)
     return kernels[key]
 
 
-def emit_gelu(bb, call, kernels: dict):
-    """Exact GELU on the vectorized hand kernel :func:`hwprune.tvm_dense.kernels.gelu` (static float32
-    shapes; otherwise ``call`` unchanged)."""
+def emit_elementwise(bb, call, kernels: dict, op: str):
+    """Exact GELU or a last-axis softmax on the vectorized hand kernels of :mod:`hwprune.tvm_dense.kernels`
+    (static float32 shapes; otherwise ``call`` unchanged)."""
     from tvm import relax
 
-    from ..tvm_dense.kernels import gelu
+    from ..tvm_dense import kernels as K
 
     (x,) = call.args
     shape = _static_shape(x)
     if shape is None or str(x.ty.dtype) != "float32":
         return call
-    key = ("gelu", *shape)
-    gv = _hand_kernel(bb, kernels, key, "gelu_" + "x".join(map(str, shape)), lambda: gelu(tuple(shape)))
+    if op == "softmax" and int(call.attrs.axis) not in (-1, len(shape) - 1):
+        return call
+    key = (op, *shape)
+    gv = _hand_kernel(bb, kernels, key, f"{op}_" + "x".join(map(str, shape)), lambda: getattr(K, op)(tuple(shape)))
     return relax.call_tir(gv, [x], out_ty=relax.TensorType(tuple(shape), "float32"))
 
 

@@ -14,7 +14,8 @@ busy, and with 16 ymm registers 8 accumulators leave room for the weights and th
 Measured here (1 thread, batch 1) this is 0.5x-1.3x onnxruntime's time per layer with no tuning.
 
 Two more are for transformers, used by the block-sparse export (:mod:`hwprune.export.tvm_bsr`):
-:func:`batch_matmul` (attention's ``Q·Kᵀ`` and ``P·V``) and :func:`gelu` (vectorized, polynomial erf).
+:func:`batch_matmul` (attention's ``Q·Kᵀ`` and ``P·V``), :func:`softmax` and :func:`gelu` (vectorized,
+polynomial exp and erf).
 
 Every function returns a scheduled ``tirx.PrimFunc`` in destination-passing style (the output is the
 last argument), ready for ``relax.call_tir``.
@@ -400,6 +401,40 @@ def gelu(shape: tuple[int, ...], lanes: int = 8):
     if total % lanes == 0:
         _, inner = sch.split(fused, [None, lanes])
         sch.vectorize(inner)
+    return sch.mod["main"]
+
+
+def softmax(shape: tuple[int, ...], lanes: int = 8):
+    """Softmax over the last axis (attention probabilities), one row at a time: the row's max, then
+    ``exp(x - max)`` with TVM's ``fast_exp`` polynomial (vectorized; 1.3e-6 relative to torch), the sum,
+    and the scaled row. TVM's default lowering calls the scalar ``expf`` per element (measured on
+    ``(12, 128, 128)``: 2.2 ms against 0.31 ms).
+    """
+    from tvm import te, topi
+    from tvm.s_tir import Schedule
+
+    *lead, n = shape
+    X = te.placeholder(tuple(shape), name="X")
+    k = te.reduce_axis((0, n), "k")
+    mx = te.compute(tuple(lead), lambda *i: te.max(X(*i, k), axis=k), name="mx")
+    shifted = te.compute(tuple(shape), lambda *i: X(*i) - mx(*i[:-1]), name="shifted")
+    e = topi.fast_exp(shifted)
+    k2 = te.reduce_axis((0, n), "k2")
+    total = te.compute(tuple(lead), lambda *i: te.sum(e(*i, k2), axis=k2), name="total")
+    Y = te.compute(tuple(shape), lambda *i: e(*i) * (1.0 / total(*i[:-1])), name="Y")
+    sch = Schedule(te.create_prim_func([X, Y]))
+    sch.compute_inline(sch.get_sblock("shifted"))
+    out = sch.get_sblock("Y")
+    row = sch.fuse(*sch.get_loops(out)[:-1]) if lead else None
+    exp_block = sch.get_sblock("T_fast_exp")
+    sch.set_scope(exp_block, 0, "local")  # one row of exponentials, reused by the sum and the scaling
+    if row is not None:
+        for name in ("total", "T_fast_exp", "mx"):
+            sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+    if n % lanes == 0:
+        for block in (exp_block, out):
+            _, inner = sch.split(sch.get_loops(block)[-1], [None, lanes])
+            sch.vectorize(inner)
     return sch.mod["main"]
 
 
