@@ -229,10 +229,10 @@ def _hf_block_layers(model: nn.Module, excluded: set[str], skipped: dict[str, st
     for name, module in model.named_modules():
         if name in recognised:
             names.append(name)
-        elif name and any(p.dim() >= 2 for p in module.parameters(recurse=False)) and not any(
-                name == e or name.startswith(e + ".") for e in excluded):
-            skipped[name] = (f"{type(module).__name__} outside the attention and MLP blocks hwprune recognises "
-                             "(embeddings, pooler and heads stay dense)")
+        elif name and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            skipped[name] = "excluded" if any(name == e or name.startswith(e + ".") for e in excluded) else (
+                f"{type(module).__name__} outside the attention and MLP blocks hwprune recognises "
+                "(embeddings, pooler and heads stay dense)")
     return names, set()
 
 

@@ -146,6 +146,13 @@ def test_minilm_cli_run(tmp_path):
     heads = [g for g in plan["groups"] if g["name"].endswith("attention")]
     assert len(heads) == 6 and sum(len(g["keep"]) for g in heads) == 36  # 50% of the 6 x 12 heads
     assert "held-out mean cosine" in proc.stdout
+    # the sliced encoder is rebuilt from the run folder alone and exported (two inputs, checked in a fresh process)
+    proc = subprocess.run([sys.executable, "-m", "hwprune", "export", str(out), "--format", "onnx"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checked in a fresh process (onnxruntime)" in proc.stdout
+    manifest = json.loads((out / "export" / "onnx" / "manifest.json").read_text())
+    assert manifest["inputs"] == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ def test_bert_blocks_are_the_attention_and_mlp_linears_and_the_rest_stays_dense_
     # an excluded block keeps its linears dense
     groups, skipped = bert_blocks(model, exclude=["encoder.layer.1.attention"])
     assert not any(g.name.startswith("encoder.layer.1.attention") for g in groups) and len(groups) == 8
+    assert skipped["encoder.layer.1.attention.self.query"] == "excluded"
 
 
 def fluctuation_on_blocks(model, groups, **options):

@@ -346,8 +346,9 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
         "median_ms": {k: round(v, 4) for k, v in med.items()},
         "p10_p90_ms": {k: [round(float(np.percentile(v, 10)), 4), round(float(np.percentile(v, 90)), 4)] for k, v in times.items()},
         "ratio": round(med[tvm_name] / med[ort_name], 4),
-        "runtimes": {tvm_name: f"TVM {tvm.__version__}, {dict(tgt.tvm.target)}, sparse layers on hwprune's BSR kernels "
-                               "and batched matmuls on its hand kernel, every other op TVM's untuned default",
+        "runtimes": {tvm_name: f"TVM {tvm.__version__}, {dict(tgt.tvm.target)}, sparse layers on hwprune's BSR kernels, "
+                               "attention matmuls, softmax and GELU on its hand kernels, every other op TVM's "
+                               "untuned default",
                      ort_name: f"onnxruntime {ort.__version__} {sess.get_providers()[0]}, {threads} thread"
                                f"{'s' if threads != 1 else ''}"},
         "threads": "TVM_NUM_THREADS / OMP_NUM_THREADS as set in the environment",
