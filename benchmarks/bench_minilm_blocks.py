@@ -32,21 +32,21 @@ from hwprune.blocks import BlockIndex, block_groups, mask_blocks  # noqa: E402
 from hwprune.budget import Budget  # noqa: E402
 from hwprune.export.artifacts import LoadedRun, measure_tvm_export  # noqa: E402
 from hwprune.export.tvm_bsr import build_sparse_module  # noqa: E402
+from hwprune.plan import Plan  # noqa: E402
 from hwprune.regularizers import RegContext, build_regularizer  # noqa: E402
-from hwprune.sparse.bsr import SparseLayer  # noqa: E402
 from hwprune.target import load_target  # noqa: E402
-from hwprune.text.corpus import python_doc_sentences, split_sentences  # noqa: E402
-from hwprune.text.job import HELD_OUT  # noqa: E402
-from hwprune.text.minilm import SentenceEncoder, load_minilm  # noqa: E402
+from hwprune.text.job import pydoc_split  # noqa: E402
+from hwprune.text.minilm import INPUT_NAMES, OUTPUT_NAME, SentenceEncoder, load_minilm  # noqa: E402
 
 
 def cut(sparsity: float, target, train: list[str], tokenizer):
-    """A fresh MiniLM with ``sparsity`` of its blocks removed as the fit removes them (no distillation)."""
+    """A fresh MiniLM with ``sparsity`` of its blocks removed as the fit removes them (no distillation),
+    and its block plan."""
     model, _ = load_minilm()
-    ids = [tokenizer(s, truncation=True, max_length=128)["input_ids"] for s in train[:512]]
     groups, _ = block_groups(model, None, target)
     if sparsity == 0:
-        return model, groups, {g.name: np.arange(g.size) for g in groups}
+        return model, Plan.from_groups(groups, {g.name: np.arange(g.size) for g in groups}, [1, 128])
+    ids = [tokenizer(s, truncation=True, max_length=128)["input_ids"] for s in train[:512]]
     index = BlockIndex(model, groups)
     reg = build_regularizer("fluctuation", RegContext(model, index, keep_units=index.n_units), {})
 
@@ -60,7 +60,7 @@ def cut(sparsity: float, target, train: list[str], tokenizer):
     keep = reg.project(groups, Budget("sparsity", sparsity)).keep
     reg.finalize(groups, keep)
     mask_blocks(model, groups, keep)
-    return model, groups, keep
+    return model, Plan.from_groups(groups, keep, [1, 128])
 
 
 def main(argv=None) -> int:
@@ -74,23 +74,21 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     target = load_target(args.target)
     _, tokenizer = load_minilm()
-    train, held_out = split_sentences(python_doc_sentences(), HELD_OUT, seed=0)
+    train, held_out = pydoc_split(seed=0)
     rows = []
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        model, groups, keep = cut(sparsity, target, train, tokenizer)
-        layers = [SparseLayer.from_dense("encoder." + g.name, "linear", model.get_submodule(g.name).weight.detach().numpy(),
-                                         g.block, g.block_mask(keep[g.name]),
-                                         bias=model.get_submodule(g.name).bias.detach().numpy()) for g in groups]
+        model, plan = cut(sparsity, target, train, tokenizer)
         enc = SentenceEncoder(model).eval()
-        kept = sum(len(k) for k in keep.values()) / sum(g.size for g in groups)
+        kept = sum(len(g.keep) for g in plan.groups) / sum(g.size for g in plan.groups)
         for batch in [int(b) for b in args.batches.split(",")]:
             tok = tokenizer(held_out[:batch], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
             xs = (tok["input_ids"].long(), tok["attention_mask"].long())
+            # the export's view of the model: the wrapper, the plan on the transformer inside it
+            run = LoadedRun(Path("."), enc, plan, target, xs, "held-out sentences", INPUT_NAMES, OUTPUT_NAME,
+                            pruned=model, layer_prefix="encoder.")
             t0 = time.perf_counter()
-            build = build_sparse_module(enc, xs, layers, target.tvm.target)
+            build = build_sparse_module(enc, xs, run.sparse_layers(), target.tvm.target)
             compile_s = time.perf_counter() - t0
-            run = LoadedRun(Path("."), enc, None, target, xs, "held-out sentences", ("input_ids", "attention_mask"),
-                            "embedding")
             with torch.no_grad():
                 diff = float(np.abs(build.run(*(x.numpy() for x in xs)) - enc(*xs).numpy()).max())
             m = measure_tvm_export(run, build, xs, repeats=args.repeats, warmup=3)

@@ -67,13 +67,9 @@ class LoadedRun:
         if self.pruned is None:
             self.pruned = self.model
 
-    @property
-    def n_inputs(self) -> int:
-        return len(self.inputs[0])
-
     def batch(self, size: int) -> tuple[torch.Tensor, ...]:
         """``size`` samples of the check inputs (repeated when there are fewer)."""
-        reps = -(-size // self.n_inputs)
+        reps = -(-size // len(self.inputs[0]))
         return tuple(x.repeat(reps, *[1] * (x.dim() - 1))[:size] for x in self.inputs)
 
     def reference_inputs(self, xs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
@@ -174,18 +170,16 @@ def _text_run(run: Path, model: nn.Module, plan: Plan, target, tokenizer, *, see
     """A sentence-encoder run: the pruned transformer inside its pooling wrapper, checked on held-out
     sentences (the same ones the run's report measured) padded to the latency length, 128 tokens."""
     from ..tasks.distill import LATENCY_SEQ_LEN
-    from ..text.corpus import python_doc_sentences, split_sentences
-    from ..text.job import HELD_OUT
-    from ..text.minilm import SentenceEncoder
+    from ..text.job import pydoc_split
+    from ..text.minilm import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAME, SentenceEncoder
 
-    _, held_out = split_sentences(python_doc_sentences(), HELD_OUT, seed=seed)
+    _, held_out = pydoc_split(seed)
     batch = tokenizer(held_out[:n_inputs], padding="max_length", truncation=True, max_length=LATENCY_SEQ_LEN,
                       return_tensors="pt")
     inputs = (batch["input_ids"].long(), batch["attention_mask"].long())
     source = f"{len(inputs[0])} held-out sentences padded to {LATENCY_SEQ_LEN} tokens"
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "embedding": {0: "batch"}}
-    return LoadedRun(run, SentenceEncoder(model).eval(), plan, target, inputs, source, ("input_ids", "attention_mask"),
-                     "embedding", pruned=model, layer_prefix="encoder.", dynamic_axes=axes)
+    return LoadedRun(run, SentenceEncoder(model).eval(), plan, target, inputs, source, INPUT_NAMES, OUTPUT_NAME,
+                     pruned=model, layer_prefix="encoder.", dynamic_axes=DYNAMIC_AXES)
 
 
 @dataclass
@@ -351,7 +345,7 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
                                "untuned default",
                      ort_name: f"onnxruntime {ort.__version__} {sess.get_providers()[0]}, {threads} thread"
                                f"{'s' if threads != 1 else ''}"},
-        "threads": "TVM_NUM_THREADS / OMP_NUM_THREADS as set in the environment",
+        "threads": {tvm_name: 1, ort_name: threads},  # no TVM kernel here has parallel loops
         "measured_on": f"this machine: {host_description()}, {platform.node()}",
         "on_target": bool(tgt.is_local),
         **({} if tgt.is_local else {"note": f"measured on this machine, NOT on the target device '{tgt.device.name}'"}),
@@ -383,8 +377,9 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
         "layers": [{"layer": l.name, "kernel": l.schedule.strategy, "tile": l.schedule.tile, "chains": l.schedule.chains,
                     "im2col": l.im2col, "matrix": [l.spec.out_features, l.spec.in_features], "block": list(l.spec.block),
                     "stored_blocks": l.spec.nnz, "batch_columns": l.spec.columns} for l in build.layers],
-        "scheduling": "sparse layers: hand-written BSR kernels (hwprune.sparse.kernels); every other op: TVM's default "
-                      "lowering, not tuned",
+        "scheduling": "sparse layers: hand-written BSR kernels (hwprune.sparse.kernels); batched matmuls of two "
+                      "activations, softmax and GELU: hand kernels (hwprune.tvm_dense.kernels); every other op: TVM's "
+                      "default lowering, not tuned. No kernel has parallel loops: one thread",
         "how_to_load": "lib = tvm.runtime.load_module('model.so'); vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()); "
                        "y = vm['main'](*[tvm.runtime.tensor(x) for x in inputs]).numpy()  # in the order and shapes of 'inputs'",
     }

@@ -113,13 +113,19 @@ class Fluctuation(Regularizer):
                 "calibration (torch.nn.MultiheadAttention, for one, uses its out_proj weight directly); "
                 "use --method magnitude or wgsef for this model")
 
+    def _matrix_and_column_stats(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's weight as the ``(O, K)`` matrix and the mean and std of what each column reads (a
+        conv's input channel spread over its kernel taps, im2col column order), float64 on the CPU."""
+        w = get_tensor(self.ctx.model, module, "weight").detach().double().cpu()
+        taps = int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
+        mean, std = self.stats[module]
+        return w.reshape(w.shape[0], -1), mean.repeat_interleave(taps), std.repeat_interleave(taps)
+
     def _effective_weight(self, module: str) -> torch.Tensor:
         """``W[o, c] · σ(x_c)`` (``relative``: also ``/ σ(y_o)``) as an ``(O, K)`` matrix: its squared entries
-        are the score terms. A conv's input channel spreads over its kernel taps (im2col column order)."""
-        w = get_tensor(self.ctx.model, module, "weight").detach().double().cpu()
-        std = self.stats[module][1]
-        taps = int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
-        eff = w.reshape(w.shape[0], -1) * std.repeat_interleave(taps)[None]
+        are the score terms."""
+        w, _, std = self._matrix_and_column_stats(module)
+        eff = w * std[None]
         if self.config.relative:
             eff = eff / self.stats_out_var(module).sqrt()[:, None]
         return eff
@@ -156,20 +162,17 @@ class Fluctuation(Regularizer):
         """Add each removed block's mean contribution ``W_block · x̄`` to its layer's bias (a layer
         without a bias is left as it is and listed in the report)."""
         report = FoldReport()
-        removed = ~self.index.keep_from_plan(keep)
-        for g, a, b in self.index._spans():
-            gone = removed[a:b]
-            if not bool(gone.any()):
+        removed = self.index.split(~self.index.keep_from_plan(keep))
+        for g in self.index.groups:
+            if not bool(removed[g.name].any()):
                 continue
             layer = self.ctx.model.get_submodule(g.name)
             if getattr(layer, "bias", None) is None:
                 report.unfolded.append(g.name)
                 continue
-            w = layer.weight.detach().double()
-            mean = self.stats[g.name][0].to(w.device)
-            taps = int(np.prod(w.shape[2:])) if w.dim() > 2 else 1
-            dropped = w.reshape(w.shape[0], -1) * g.expand(gone.to(w.device, w.dtype)).reshape(w.shape[0], -1)
-            layer.bias.add_((dropped @ mean.repeat_interleave(taps)).to(layer.bias.dtype))
+            w, mean, std = self._matrix_and_column_stats(g.name)
+            gone = g.expand(removed[g.name].double().cpu()).reshape(w.shape)  # 1 where a weight's block was removed
+            layer.bias.add_(((w * gone) @ mean).to(device=layer.bias.device, dtype=layer.bias.dtype))
             report.folded[g.name] = "bias"
-            report.max_std = max(report.max_std, float(self.stats[g.name][1].max()))
+            report.max_std = max(report.max_std, float(std[gone.any(0)].max()))
         return report

@@ -22,10 +22,8 @@ Example:
 from __future__ import annotations
 
 import copy
-import io
 import os
 import time
-import warnings
 import zlib
 from typing import Any
 
@@ -33,7 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write_bytes
 from ..text.minilm import SentenceEncoder, mean_pool
 from ..text.quality import embedding_quality
 from ..train import DivergedError, EpochStats
@@ -230,17 +227,11 @@ class SentenceDistillTask(Task):
     # --- export -------------------------------------------------------------------------------
     def export_onnx(self, model: nn.Module, path: str | os.PathLike) -> None:
         """The encoder with pooling, token ids and mask in (batch and sequence axes dynamic), embedding out."""
-        enc = SentenceEncoder(model).eval()
-        buf = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                enc, self.example, buf, dynamo=False, opset_version=17,
-                input_names=["input_ids", "attention_mask"], output_names=["embedding"],
-                dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                              "embedding": {0: "batch"}},
-            )
-        atomic_write_bytes(path, buf.getvalue())
+        from ..export.onnx import export_onnx
+        from ..text.minilm import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAME
+
+        export_onnx(SentenceEncoder(model), self.example, path, input_names=INPUT_NAMES, output_name=OUTPUT_NAME,
+                    dynamic_axes=DYNAMIC_AXES)
 
     @torch.no_grad()
     def onnx_max_abs_diff(self, path, model) -> tuple[float, int]:

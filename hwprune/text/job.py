@@ -45,6 +45,18 @@ class TextJob:
     method_options: dict = field(default_factory=lambda: {"wgsef": {"max_shrink": 0.002}})
 
 
+def pydoc_split(seed: int) -> tuple[list[str], list[str]]:
+    """(training, held-out) sentences of Python's documentation: the held-out ones are what every MiniLM
+    report measures and what ``hwprune export`` checks on.
+
+    Example:
+        >>> train, held_out = pydoc_split(seed=0)
+        >>> len(held_out)
+        400
+    """
+    return split_sentences(python_doc_sentences(), HELD_OUT, seed=seed)
+
+
 def minilm_job(data: str | None, seed: int) -> TextJob:
     """all-MiniLM-L6-v2 distilled from itself on Python's documentation text (see text/corpus.py)."""
     from .minilm import load_minilm
@@ -54,9 +66,8 @@ def minilm_job(data: str | None, seed: int) -> TextJob:
     if name not in CORPORA or (count and not (count.isdigit() and int(count) > 0)):
         raise DataError(f"--data {data!r}: --model minilm trains on text; expected {' or '.join(CORPORA)}, "
                         "optionally with the number of training sentences to use (e.g. pydoc:200)")
-    sentences = python_doc_sentences()
-    train, held_out = split_sentences(sentences, HELD_OUT, seed=seed)
-    corpus = f"pydoc_data.topics (Python's documentation text, ships with Python): {len(sentences)} sentences"
+    train, held_out = pydoc_split(seed)
+    corpus = f"pydoc_data.topics (Python's documentation text, ships with Python): {len(train) + len(held_out)} sentences"
     if name == "stdlib":  # the same held-out sentences; more training text
         extra = stdlib_docstring_sentences(exclude=held_out)
         train += extra

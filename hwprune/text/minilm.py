@@ -60,6 +60,13 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return F.normalize((hidden * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
 
 
+# The exported encoder's interface (ONNX and TVM): inputs in order, output, and the axes left dynamic.
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "embedding"
+DYNAMIC_AXES = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                "embedding": {0: "batch"}}
+
+
 class SentenceEncoder(nn.Module):
     """A transformer encoder plus mean pooling and normalization: token ids in, one unit vector per
     sentence out. This is what is exported to ONNX and timed."""
