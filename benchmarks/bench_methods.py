@@ -4,7 +4,10 @@ Reproduce:
     apt-get install -y dataset-fashion-mnist          # the data (Debian package, offline)
     pip install --no-deps torch-pruning==1.6.1        # benchmark-only dependency
     python benchmarks/bench_methods.py --quick        # < 30 min on 2 cores: ResNet-20, 1 seed, small subset
-    python benchmarks/bench_methods.py                # the full protocol (docs/benchmarks.md), hours
+    python benchmarks/bench_methods.py                # the full protocol (docs/benchmarks.md), days on 2 cores
+    python benchmarks/bench_methods.py --models resnet20 --seeds 0,1,2 --train-subset 1500 --test-subset 2000 \
+        --epochs 10 3 2 --json out.json               # three seeds of ResNet-20, 43 min (docs/benchmarks.md)
+    python benchmarks/bench_methods.py --summarize benchmarks/results/methods-resnet20-3seeds.json
 
 Protocol (the same for every method, in one process):
 1. per (model, seed): train the dense model for D epochs on a fixed training subset of Fashion-MNIST;
@@ -50,7 +53,10 @@ from hwprune.target import load_target  # noqa: E402
 from hwprune.train import (TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,  # noqa: E402
                            train_epoch)
 
-OURS = ["wgsef", "polarization", "autoprune", "ista-bn", "slimming", "group-lasso", "deephoyer", "magnitude", "uniform"]
+OURS = ["wgsef", "polarization", "autoprune", "ista-bn", "slimming", "group-lasso", "deephoyer", "magnitude",
+        "magnitude-mean", "uniform"]
+# Rows that are one hwprune method with options: name -> (method, --method-option values)
+VARIANTS = {"magnitude-mean": ("magnitude", {"normalize": "mean"})}
 TP = ["tp-group-norm", "tp-bn-scale", "tp-magnitude"]
 
 
@@ -74,7 +80,8 @@ def run_ours(method, dense, train, test, budget, args, seed, out_dir):
     d, r, f = args.epochs
     # The dense model is shared (epochs_dense=0: keep its weights). A from-scratch method trains for
     # all stages' epochs (FitConfig sums them), so uniform gets D + R + F through its fine-tune share.
-    cfg = FitConfig(budget=budget, method=method, epochs_dense=0, epochs_regularize=r,
+    method, options = VARIANTS.get(method, (method, {}))
+    cfg = FitConfig(budget=budget, method=method, method_options=options, epochs_dense=0, epochs_regularize=r,
                     epochs_finetune=f + (d if method == "uniform" else 0), seed=seed, train=TrainSettings())
     res = hwprune.fit(copy.deepcopy(dense), train, test_data=test, target=args.target, config=cfg, out_dir=out_dir,
                       progress=None, measure=False, run_info={"model": "bench"})
@@ -154,7 +161,13 @@ def main(argv=None) -> int:
     ap.add_argument("--target", default="host-cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-dense-reference", dest="dense_reference", action="store_false",
+                    help="skip the dense model trained for all D + R + F epochs (the equal-budget reference)")
+    ap.add_argument("--summarize", type=Path, default=None, metavar="JSON",
+                    help="print the tables of an earlier run's --json file and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize)
     if args.quick:
         args.models, args.seeds, args.train_subset, args.epochs = "resnet20", "0", 1500, [3, 3, 2]
         args.test_subset = args.test_subset or 1000
@@ -183,6 +196,19 @@ def main(argv=None) -> int:
             row["acc"].append(acc_dense), row["flops"].append(1.0), row["params"].append(count_params(dense))
             row["secs"].append(time.perf_counter() - t0)
             print(f"[{model_name} seed {seed}] dense {100 * acc_dense:.2f}% ({time.perf_counter() - t0:.0f}s)", flush=True)
+            if args.dense_reference:
+                # What no pruning reaches with every method's epoch budget: the dense model trained from
+                # scratch for D + R + F (uniform at width 1). Without it, "pruned beats dense" can be just
+                # more training.
+                t0 = time.perf_counter()
+                torch.manual_seed(seed)
+                ref = build_model(model_name, in_channels=1, num_classes=10, input_size=28)
+                train_dense(ref, train, TrainSettings(), sum(args.epochs), seed)
+                r = rows.setdefault((model_name, "dense-same-epochs", 1.0), {"acc": [], "flops": [], "params": [],
+                                                                             "lat": [], "ratio": [], "shock": [], "secs": []})
+                r["acc"].append(evaluate(ref, eval_loader(test))[0]), r["flops"].append(1.0)
+                r["params"].append(count_params(ref)), r["secs"].append(time.perf_counter() - t0)
+                print(f"[{model_name} seed {seed}] dense, {sum(args.epochs)} epochs {100 * r['acc'][-1]:.2f}%", flush=True)
             for keep in [float(b) for b in args.budgets.split(",")]:
                 for method in methods:
                     t0 = time.perf_counter()
@@ -203,14 +229,44 @@ def main(argv=None) -> int:
                           f"{r['flops'][-1]:.3f}  latency {ratio:.3f}x  shock {100 * (shock or 0):.1f}%  ({secs:.0f}s)", flush=True)
     print(f"\ntotal {time.perf_counter() - t_all:.0f}s; seeds {args.seeds}; train subset {args.train_subset}; "
           f"epochs {args.epochs}; test {len(test)} images\n")
+    if args.json:
+        args.json.write_text(json.dumps([{"model": k[0], "method": k[1], "keep": k[2], **v} for k, v in rows.items()], indent=1))
+    print_tables(rows)
+    return 0
+
+
+def print_tables(rows: dict[tuple, dict[str, list]]) -> None:
+    """The per-method table (mean ± std over seeds), then hwprune's best against Torch-Pruning's best
+    at each budget as paired differences: every seed shares one dense model and one data subset, so the
+    per-seed difference removes the variance they share."""
     head = "| model | FLOPs kept (asked) | method | top-1 (%) | FLOPs kept | params | ORT latency vs dense | acc. right after pruning (%) | wall s |"
     print(head)
     print("|" + "---|" * 9)
     for (model_name, method, keep), r in rows.items():
         print(f"| {model_name} | {keep:g} | {method} | {fmt(r['acc'], True)} | {fmt(r['flops'], digits=3)} | "
               f"{fmt(r['params'], digits=0)} | {fmt(r['ratio'], digits=3)} | {fmt(r['shock'], True, 1)} | {fmt(r['secs'], digits=0)} |")
-    if args.json:
-        args.json.write_text(json.dumps([{"model": k[0], "method": k[1], "keep": k[2], **v} for k, v in rows.items()], indent=1))
+    print("\n| model | FLOPs kept | hwprune's best | its best pruning method (not uniform) | Torch-Pruning's best | best − TP best (pts, paired) | that method − TP best |")
+    print("|" + "---|" * 7)
+    for model_name, keep in sorted({(k[0], k[2]) for k in rows if k[2] < 1}, key=lambda mk: (mk[0], -mk[1])):
+        acc = {k[1]: r["acc"] for k, r in rows.items() if k[0] == model_name and k[2] == keep}
+        best = lambda names: max(names, key=lambda m: statistics.mean(acc[m])) if names else None  # noqa: E731
+        ours, reg, tp = best([m for m in acc if m in OURS]), best([m for m in acc if m in OURS and m != "uniform"]), \
+            best([m for m in acc if m in TP])
+        if ours is None or tp is None:
+            continue
+
+        def paired(a):
+            return fmt([x - y for x, y in zip(acc[a], acc[tp])], True) if a else "–"
+
+        print(f"| {model_name} | {keep:g} | {ours} {fmt(acc[ours], True)} | {reg} {fmt(acc[reg], True) if reg else '–'} | "
+              f"{tp} {fmt(acc[tp], True)} | {paired(ours)} | {paired(reg)} |")
+
+
+def summarize(path: Path) -> int:
+    """Print the tables again from a ``--json`` file, without training anything."""
+    rows = {(r["model"], r["method"], r["keep"]): {k: v for k, v in r.items() if k not in ("model", "method", "keep")}
+            for r in json.loads(path.read_text())}
+    print_tables(rows)
     return 0
 
 

@@ -63,6 +63,19 @@ def test_magnitude_scores_are_group_norms_per_entry():
     assert not reg.trains
 
 
+def test_magnitude_mean_normalizer_divides_by_each_groups_mean():
+    torch.manual_seed(0)
+    model = tiny_resnet(1, 10, 8)
+    groups, index, ctx = setup(model, torch.zeros(1, 1, 8, 8))
+    raw = build_regularizer("magnitude", ctx).scores()
+    scaled = build_regularizer("magnitude", ctx, {"normalize": "mean"}).scores()
+    for a, b in zip(index.offsets[:-1], index.offsets[1:]):
+        np.testing.assert_allclose(scaled[a:b], raw[a:b] / raw[a:b].mean())
+    assert len(index.offsets) > 2 and not np.allclose(scaled, raw)  # several groups, and it changed them
+    with pytest.raises(ValueError, match="normalize='max'.*none, mean"):
+        build_regularizer("magnitude", ctx, {"normalize": "max"})
+
+
 def test_group_lasso_prox_is_the_group_soft_threshold():
     torch.manual_seed(0)
     model = tiny_resnet(1, 10, 8)

@@ -18,9 +18,21 @@ from ..groups import CONSUMER, NORMALIZED, PRODUCER
 from .base import Regularizer, register
 
 
+NORMALIZERS = ("none", "mean")
+
+
 @dataclass
 class MagnitudeConfig:
-    """Magnitude pruning has no settings."""
+    """``normalize``: ``none`` ranks the per-entry group norms of all groups against each other;
+    ``mean`` first divides each unit's norm by the mean norm of its group (Torch-Pruning's
+    ``normalizer="mean"``), so that a group whose weights are small as a whole (a wide layer's
+    fan-in shrinks its initial weights) is not cut first for that alone."""
+
+    normalize: str = "none"
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZERS:
+            raise ValueError(f"magnitude: normalize={self.normalize!r}; expected one of {', '.join(NORMALIZERS)}")
 
 
 @register
@@ -32,7 +44,12 @@ class Magnitude(Regularizer):
     def scores(self) -> np.ndarray:
         roles = (PRODUCER, NORMALIZED, CONSUMER)
         sq = self.index.sq_norms(roles).double()
-        return (sq / self.index.sizes(roles).clamp_min(1)).sqrt().cpu().numpy()
+        norms = (sq / self.index.sizes(roles).clamp_min(1)).sqrt().cpu().numpy()
+        if self.config.normalize == "mean":
+            offsets = self.index.offsets
+            for a, b in zip(offsets[:-1], offsets[1:]):
+                norms[a:b] /= max(float(norms[a:b].mean()), 1e-30)
+        return norms
 
 
 @dataclass
