@@ -137,6 +137,16 @@ def latency_ratio(dense, pruned, x, target, workdir):
     return r.stats["pruned"].median_ms, r.stats["pruned"].median_ms / r.stats["dense"].median_ms
 
 
+FIELDS = ("acc", "flops", "params", "lat", "ratio", "shock", "secs")  # one list per row, a value per seed
+
+
+def record(rows: dict[tuple, dict[str, list]], key: tuple, **values) -> None:
+    """Append one seed's ``values`` to the row ``key`` (a field not given stays shorter: not measured)."""
+    row = rows.setdefault(key, {f: [] for f in FIELDS})
+    for field, value in values.items():
+        row[field].append(value)
+
+
 def fmt(values, pct=False, digits=2):
     values = [v for v in values if v is not None]
     if not values:
@@ -191,10 +201,8 @@ def main(argv=None) -> int:
             train_dense(dense, train, TrainSettings(), args.epochs[0], seed)
             acc_dense = evaluate(dense, eval_loader(test))[0]
             x = torch.zeros(1, 1, 28, 28)
-            row = rows.setdefault((model_name, "dense", 1.0), {"acc": [], "flops": [], "params": [], "lat": [],
-                                                               "ratio": [], "shock": [], "secs": []})
-            row["acc"].append(acc_dense), row["flops"].append(1.0), row["params"].append(count_params(dense))
-            row["secs"].append(time.perf_counter() - t0)
+            record(rows, (model_name, "dense", 1.0), acc=acc_dense, flops=1.0, params=count_params(dense),
+                   secs=time.perf_counter() - t0)
             print(f"[{model_name} seed {seed}] dense {100 * acc_dense:.2f}% ({time.perf_counter() - t0:.0f}s)", flush=True)
             if args.dense_reference:
                 # What no pruning reaches with every method's epoch budget: the dense model trained from
@@ -204,11 +212,10 @@ def main(argv=None) -> int:
                 torch.manual_seed(seed)
                 ref = build_model(model_name, in_channels=1, num_classes=10, input_size=28)
                 train_dense(ref, train, TrainSettings(), sum(args.epochs), seed)
-                r = rows.setdefault((model_name, "dense-same-epochs", 1.0), {"acc": [], "flops": [], "params": [],
-                                                                             "lat": [], "ratio": [], "shock": [], "secs": []})
-                r["acc"].append(evaluate(ref, eval_loader(test))[0]), r["flops"].append(1.0)
-                r["params"].append(count_params(ref)), r["secs"].append(time.perf_counter() - t0)
-                print(f"[{model_name} seed {seed}] dense, {sum(args.epochs)} epochs {100 * r['acc'][-1]:.2f}%", flush=True)
+                acc_ref = evaluate(ref, eval_loader(test))[0]
+                record(rows, (model_name, "dense-same-epochs", 1.0), acc=acc_ref, flops=1.0, params=count_params(ref),
+                       secs=time.perf_counter() - t0)
+                print(f"[{model_name} seed {seed}] dense, {sum(args.epochs)} epochs {100 * acc_ref:.2f}%", flush=True)
             for keep in [float(b) for b in args.budgets.split(",")]:
                 for method in methods:
                     t0 = time.perf_counter()
@@ -220,13 +227,11 @@ def main(argv=None) -> int:
                         secs = time.perf_counter() - t0
                         acc = evaluate(pruned, eval_loader(test))[0]
                         lat, ratio = latency_ratio(dense, pruned, x, args.target, tmp)
-                    r = rows.setdefault((model_name, method, keep), {"acc": [], "flops": [], "params": [], "lat": [],
-                                                                     "ratio": [], "shock": [], "secs": []})
-                    r["acc"].append(acc), r["flops"].append(count_flops(pruned, x) / count_flops(dense, x))
-                    r["params"].append(count_params(pruned)), r["lat"].append(lat), r["ratio"].append(ratio)
-                    r["shock"].append(shock), r["secs"].append(secs)
+                    flops = count_flops(pruned, x) / count_flops(dense, x)
+                    record(rows, (model_name, method, keep), acc=acc, flops=flops, params=count_params(pruned), lat=lat,
+                           ratio=ratio, shock=shock, secs=secs)
                     print(f"[{model_name} seed {seed} keep {keep}] {method:14s} acc {100 * acc:.2f}%  flops "
-                          f"{r['flops'][-1]:.3f}  latency {ratio:.3f}x  shock {100 * (shock or 0):.1f}%  ({secs:.0f}s)", flush=True)
+                          f"{flops:.3f}  latency {ratio:.3f}x  shock {100 * (shock or 0):.1f}%  ({secs:.0f}s)", flush=True)
     print(f"\ntotal {time.perf_counter() - t_all:.0f}s; seeds {args.seeds}; train subset {args.train_subset}; "
           f"epochs {args.epochs}; test {len(test)} images\n")
     if args.json:
@@ -249,9 +254,12 @@ def print_tables(rows: dict[tuple, dict[str, list]]) -> None:
     print("|" + "---|" * 7)
     for model_name, keep in sorted({(k[0], k[2]) for k in rows if k[2] < 1}, key=lambda mk: (mk[0], -mk[1])):
         acc = {k[1]: r["acc"] for k, r in rows.items() if k[0] == model_name and k[2] == keep}
-        best = lambda names: max(names, key=lambda m: statistics.mean(acc[m])) if names else None  # noqa: E731
-        ours, reg, tp = best([m for m in acc if m in OURS]), best([m for m in acc if m in OURS and m != "uniform"]), \
-            best([m for m in acc if m in TP])
+
+        def best(names):
+            return max(names, key=lambda m: statistics.mean(acc[m])) if names else None
+
+        ours, reg, tp = (best([m for m in acc if m in OURS]), best([m for m in acc if m in OURS and m != "uniform"]),
+                         best([m for m in acc if m in TP]))
         if ours is None or tp is None:
             continue
 

@@ -83,10 +83,11 @@ class Fluctuation(Regularizer):
         # Weight blocks: each block layer reads its own input; a block is scored by the same sum over its
         # (output row, input column) entries and compensated in the layer's own bias.
         self.blocks = any(g.kind == "blocks" for g in self.index.groups)
-        # The layers that read a unit through weight columns: (module, unit id per input feature).
-        self.readers: dict[str, torch.Tensor] = {}
+        # The layers whose inputs are measured, with the unit id of each input feature (None for a block
+        # layer: its units are its own blocks, not the features it reads).
+        self.readers: dict[str, torch.Tensor | None] = {}
         if self.blocks:
-            self.readers = {g.name: None for g in self.index.groups}
+            self.readers = dict.fromkeys(g.name for g in self.index.groups)
             return
         for (module, param, dim), gid in self.index.entries(CONSUMER).items():
             if param == "weight" and dim == 1 and _reads_columns(self.ctx.model.get_submodule(module)):
