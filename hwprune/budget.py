@@ -2,16 +2,18 @@
 
 A :class:`Budget` says what the user asked for: remove a fraction of the prunable units
 (``sparsity``), keep a fraction of the FLOPs or parameters, or meet a latency. :func:`project` chooses
-which units to keep:
+which units to keep, in two steps:
 
-* every group keeps a count its hardware multiple allows (a multiple, or the full width), never zero;
-* units are removed in those chunks, least important first: the chunk with the smallest
-  *score per unit of cost saved* goes next (score = unit norm / unit weight; for sparsity every unit
-  costs 1, for FLOPs the saving is the marginal MACs, recomputed after each removal);
-* it stops at the achievable cost closest to the target (ties: the one that meets the budget); a
-  latency budget is a ceiling: it stops at the closest cost that meets it.
+1. **how many** units each group keeps: an allocation policy (:mod:`hwprune.allocation`: ``global``
+   by default, ``uniform``, ``sensitivity``, ``learned``) over the counts the hardware allows (a
+   multiple of the group's multiple, or the full width; never zero);
+2. **which**: within each group the units with the highest scores stay.
 
-With multiples of 1 a sparsity budget is met exactly: ``round(s·N)`` of the ``N`` units go.
+Exactness: a sparsity budget removes the reachable number of units nearest ``s·N`` (with multiples of
+1 exactly ``round(s·N)``); FLOPs and parameter budgets land within 1% of the request, or, when no
+combination of allowed widths is that close, at the nearest reachable cost; a latency budget is a
+ceiling, met within 1% below it where reachable. :attr:`Projection.status` and
+:attr:`Projection.reason` say which happened and why.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .errors import BudgetError
 from .groups import Group
 
 KINDS = ("sparsity", "flops", "params", "latency", "speedup")
+DEFAULT_ALLOCATION = "global"  # the policy that won docs/benchmarks.md's allocation comparison
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class Projection:
     units: int
     removed_units: int
     keep_mask: np.ndarray = field(repr=False)
+    allocation: str = DEFAULT_ALLOCATION
+    status: str = "exact"  # exact | within-tolerance | nearest-reachable | nearest-found (hwprune.allocation)
+    reason: str = ""
 
     @property
     def sparsity(self) -> float:
@@ -92,6 +98,9 @@ class _UnitCount:
 
     def __call__(self, keep):
         return float(keep.sum())
+
+    def batch(self, keeps):
+        return np.asarray(keeps).sum(axis=0)
 
     def unit_savings(self, keep):
         return np.ones(len(keep))
@@ -156,98 +165,56 @@ def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = N
         )
 
 
-def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostModel | None = None) -> Projection:
+def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostModel | None = None,
+            allocation: "AllocationConfig | str | None" = None, sensitivity=None) -> Projection:
     """Choose the kept units of every prunable group so that the budget is met as exactly as the
     hardware multiples allow.
 
     ``scores``: one importance value per unit, in the order of the prunable groups (as
-    :class:`~hwprune.groups.UnitIndex` numbers them); low scores go first.
+    :class:`~hwprune.groups.UnitIndex` numbers them); within a group the lowest go first.
+    ``allocation``: the policy that decides each group's kept count (a name or an
+    :class:`~hwprune.allocation.AllocationConfig`; default ``global``). ``sensitivity``: per prunable
+    group, the measured loss increase at each allowed count (for the ``sensitivity`` policy).
 
     Example:
         >>> proj = project(groups, norms, Budget("sparsity", 0.7))             # doctest: +SKIP
         >>> proj.achieved
         0.7
     """
+    from .allocation import AllocationConfig
+
+    config = allocation if isinstance(allocation, AllocationConfig) else AllocationConfig(allocation or DEFAULT_ALLOCATION)
     check_budget(groups, budget, cost)
     prunable = [g for g in groups if g.prunable]
+    scores = np.asarray(scores, dtype=np.float64)
     if budget.kind == "sparsity" and len({g.kind == "heads" for g in prunable}) > 1:
-        return _project_per_kind(prunable, np.asarray(scores, dtype=np.float64), budget)
+        return _project_per_kind(prunable, scores, budget, config)
     offsets = np.concatenate([[0], np.cumsum([g.size for g in prunable])]).astype(np.int64)
     n = int(offsets[-1])
-    scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (n,):
         raise ValueError(f"expected {n} scores, got {scores.shape}")
     target, cost_fn = _target_and_cost(budget, n, cost)
-    allowed = [g.allowed_keep_counts() for g in prunable]
-    if budget.kind == "sparsity" and all(a == list(range(g.min_keep, g.size + 1)) for g, a in zip(prunable, allowed)):
-        keep, current = _unit_steps(prunable, offsets, scores, target)
+    if (budget.kind == "sparsity" and config.policy == "learned" and config.floor <= 0 and np.isinf(config.cap)
+            and all(g.multiple == 1 for g in prunable)):
+        keep, current = _unit_steps(prunable, offsets, scores, target)  # tens of thousands of blocks: one sort
+        return _result(prunable, offsets, keep, current, budget, cost_fn, config.policy, "exact",
+                       f"{int(n - keep.sum())} of {n} units removed: round({budget.value:g} x {n})")
+    return _allocate(prunable, offsets, scores, budget, target, cost_fn, config, sensitivity)
+
+
+def _allocate(prunable, offsets, scores, budget, target, cost_fn, config, sensitivity) -> Projection:
+    from .allocation import allocate, build_problem, keep_indices
+
+    if budget.kind == "sparsity":
+        problem = build_problem(prunable, scores, "sparsity", target, cost_fn)
+        alloc = allocate(problem, config, sensitivity, keep_target=target)
     else:
-        keep, current = _greedy(prunable, offsets, scores, target, cost_fn, allowed, ceiling=budget.kind == "latency")
-    return _result(prunable, offsets, keep, current, budget, cost_fn)
-
-
-def _greedy(prunable, offsets, scores, target, cost_fn, allowed, ceiling=False):
-    """Remove the cheapest chunk (score per cost saved) until the target; O(removed chunks x groups).
-    ``ceiling``: the target must be met (a latency budget), not merely approached."""
-    n = int(offsets[-1])
-    keep = np.ones(n)
-    # Within a group, units go in ascending score order (ties: higher index first, stable).
-    order = [offsets[i] + np.argsort(scores[offsets[i] : offsets[i + 1]], kind="stable") for i in range(len(prunable))]
-    kept = [g.size for g in prunable]
-
-    def chunk(i):
-        lower = [c for c in allowed[i] if c < kept[i]]
-        if not lower:
-            return None
-        removed = prunable[i].size - kept[i]
-        return order[i][removed : prunable[i].size - lower[-1]]
-
-    current = cost_fn(keep)
-    while current > target + 1e-9:
-        savings = cost_fn.unit_savings(keep)
-        best, best_ratio = None, np.inf
-        candidates = []
-        for i in range(len(prunable)):
-            c = chunk(i)
-            if c is None:
-                continue
-            saving = float(savings[c].sum())
-            if saving <= 0:
-                continue
-            ratio = float(scores[c].sum()) / saving
-            candidates.append((i, c, ratio))
-            if ratio < best_ratio:
-                best, best_ratio = (i, c, ratio), ratio
-        if best is None:
-            break
-        best = best[:2]
-        trial = keep.copy()
-        trial[best[1]] = 0
-        after = cost_fn(trial)
-        if after < target - 1e-9:
-            # The next chunk overshoots: land on the achievable cost closest to the target; among equally
-            # close choices prefer one that meets the budget, then the least important chunk.
-            options = [(abs(current - target), 1, np.inf, None)]
-            for i, c, ratio in candidates:
-                t = keep.copy()
-                t[c] = 0
-                v = cost_fn(t)
-                options.append((abs(v - target), 0 if v <= target + 1e-9 else 1, ratio, (i, c, v)))
-            if ceiling:  # meet it first, then come closest
-                *_, pick = min(options, key=lambda o: (o[1], round(o[0], 9), o[2]))
-            else:
-                *_, pick = min(options, key=lambda o: (round(o[0], 9), o[1], o[2]))
-            if pick is not None:
-                i, c, after = pick
-                keep[c] = 0
-                kept[i] -= len(c)
-                current = after
-            break
-        keep[best[1]] = 0
-        kept[best[0]] -= len(best[1])
-        current = after
-
-    return keep, current
+        problem = build_problem(prunable, scores, budget.kind, target, cost_fn)
+        alloc = allocate(problem, config, sensitivity)
+    keep = np.zeros(int(offsets[-1]))
+    for i, idx in enumerate(keep_indices(problem, alloc.counts)):
+        keep[offsets[i] + idx] = 1.0
+    return _result(prunable, offsets, keep, cost_fn(keep), budget, cost_fn, alloc.policy, alloc.status, alloc.reason)
 
 
 def _unit_steps(prunable, offsets, scores, target):
@@ -280,7 +247,7 @@ def _unit_steps(prunable, offsets, scores, target):
     return keep, current
 
 
-def _result(prunable, offsets, keep, current, budget, cost_fn) -> Projection:
+def _result(prunable, offsets, keep, current, budget, cost_fn, policy, status, reason) -> Projection:
     n = int(offsets[-1])
     keep_by_group = {
         g.name: np.flatnonzero(keep[offsets[i] : offsets[i + 1]]) for i, g in enumerate(prunable)
@@ -292,10 +259,11 @@ def _result(prunable, offsets, keep, current, budget, cost_fn) -> Projection:
         achieved = current
     else:
         achieved = current / cost_fn(np.ones(n))
-    return Projection(keep_by_group, budget.kind, budget.value, achieved, n, removed, keep.astype(bool))
+    return Projection(keep_by_group, budget.kind, budget.value, achieved, n, removed, keep.astype(bool), policy,
+                      status, reason)
 
 
-def _project_per_kind(prunable: list[Group], scores: np.ndarray, budget: Budget) -> Projection:
+def _project_per_kind(prunable: list[Group], scores: np.ndarray, budget: Budget, config) -> Projection:
     """A sparsity budget over attention heads *and* other units: the fraction is removed from each kind
     separately. A head (Q, K, V rows and output columns: 4·d·hidden weights) and an FFN neuron
     (2·hidden weights) are not the same amount of model, so one global count would let either kind
@@ -305,7 +273,7 @@ def _project_per_kind(prunable: list[Group], scores: np.ndarray, budget: Budget)
     for heads in (True, False):
         idx = [i for i, g in enumerate(prunable) if (g.kind == "heads") == heads]
         part = np.concatenate([scores[offsets[i] : offsets[i + 1]] for i in idx])
-        sub = project([prunable[i] for i in idx], part, budget)
+        sub = project([prunable[i] for i in idx], part, budget, allocation=config)
         keep.update(sub.keep)
         removed += sub.removed_units
         for i in idx:
@@ -313,4 +281,5 @@ def _project_per_kind(prunable: list[Group], scores: np.ndarray, budget: Budget)
             m[sub.keep[prunable[i].name]] = True
             mask[offsets[i] : offsets[i + 1]] = m
     n = int(offsets[-1])
-    return Projection(keep, budget.kind, budget.value, removed / n, n, removed, mask)
+    return Projection(keep, budget.kind, budget.value, removed / n, n, removed, mask, config.policy, sub.status,
+                      "attention heads and the other units each lose the fraction asked")

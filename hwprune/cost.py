@@ -49,6 +49,13 @@ class CostModel:
         f1, f2 = self._factors(c)
         return float(self.constant + np.sum(self.coeff * f1 * f2))
 
+    def batch(self, keeps: np.ndarray) -> np.ndarray:
+        """The cost of every column of ``keeps`` (units x candidates) at once."""
+        c = self.fixed[:, None] + self.A @ np.asarray(keeps, dtype=np.float64)
+        f1 = np.where((self.v1 >= 0)[:, None], c[np.maximum(self.v1, 0)], 1.0)
+        f2 = np.where((self.v2 >= 0)[:, None], c[np.maximum(self.v2, 0)], 1.0)
+        return self.constant + (self.coeff[:, None] * f1 * f2).sum(axis=0)
+
     def unit_savings(self, keep: np.ndarray) -> np.ndarray:
         """First-order cost saved by removing each unit alone, given the current ``keep``."""
         c = self.counts(keep)

@@ -65,20 +65,42 @@ class FitConfig:
     granularity: str = "channels"  # or "blocks": weight blocks of the target's block shape
     latency_runtime: str | None = None  # "onnxruntime" (default here) or "tvm" (always on an RPC device)
     profile: str | None = None  # latency profile for a latency budget (default: the target's)
+    # how many units each group keeps (hwprune.allocation); None: the method's default (global for most)
+    allocation: str | None = None
+    allocation_options: dict[str, Any] = field(default_factory=dict)  # floor / cap
+    # Knowledge distillation while fine-tuning a classifier: the loss is (1 - a)·CE + a·T²·KL(teacher ‖
+    # student) with the dense model as teacher, a = ``distill``, T = ``distill_temperature``.
+    distill: float = 0.0
+    distill_temperature: float = 4.0
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise HwpruneError(f"granularity '{self.granularity}': expected one of {', '.join(GRANULARITIES)}")
+        if self.allocation is not None or self.allocation_options:
+            self.allocation_config()  # unknown names and options are refused before any work
+        if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
+            raise HwpruneError(f"--distill {self.distill!r}: expected the weight of the teacher's loss, in [0, 1]")
+        if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
+            raise HwpruneError(f"--distill-temperature {self.distill_temperature!r}: expected a positive number")
         if self.granularity == "blocks" and self.budget.kind != "sparsity":
             raise BudgetError(f"--{self.budget.kind} with --granularity blocks: a block run takes --sparsity "
                               "(the fraction of weight blocks removed); FLOPs and parameter budgets work on channels")
+
+    def allocation_config(self, default: str = "global"):
+        """The :class:`~hwprune.allocation.AllocationConfig` of this run (``default``: the method's)."""
+        from .allocation import AllocationConfig
+
+        return AllocationConfig.from_options(self.allocation or default, self.allocation_options)
 
     def fingerprint(self) -> dict[str, Any]:
         d = asdict(self)
         d["budget"] = {"kind": self.budget.kind, "value": self.budget.value}
         d["exclude"] = list(self.exclude)
-        if self.granularity == "channels":
-            del d["granularity"]  # runs from before block granularity existed resume unchanged
+        # settings added after runs existed are left out at their defaults, so those runs resume unchanged
+        for key, default in (("granularity", "channels"), ("allocation", None), ("allocation_options", {}),
+                             ("distill", 0.0), ("distill_temperature", 4.0)):
+            if d[key] == default:
+                del d[key]
         return json.loads(json.dumps(d, default=str))
 
 
@@ -121,6 +143,7 @@ def fit(
     config: FitConfig | None = None,
     method: str | None = None,
     granularity: str | None = None,
+    allocation: str | None = None,
     progress: Callable[[str], None] | None = print,
     run_info: dict[str, Any] | None = None,
     measure: bool = True,
@@ -133,7 +156,8 @@ def fit(
     (fraction kept), ``latency_ms`` or ``speedup`` (predicted from the target's measured profile, see
     :mod:`hwprune.latency_budget`). ``granularity="blocks"`` prunes weight blocks of the target's block
     shape instead of channels (``sparsity`` is then the fraction of blocks removed) and masks instead of
-    slicing. ``remote``: a :class:`~hwprune.remote.RemoteSpec` (RPC device) on which latency is measured
+    slicing. ``allocation``: how many units each layer group keeps (:mod:`hwprune.allocation`:
+    ``global``, ``uniform``, ``sensitivity``, ``learned``; default: the method's). ``remote``: a :class:`~hwprune.remote.RemoteSpec` (RPC device) on which latency is measured
     with TVM. ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
     DataLoader its dataset and collate function are used, and hwprune draws the order itself (seeded
     per epoch, so that a resumed run replays exactly). ``train_data`` may instead be a
@@ -160,7 +184,9 @@ def fit(
     elif granularity is not None:
         config = dataclasses.replace(config, granularity=granularity)
     if method is not None:
-        config.method = method
+        config = dataclasses.replace(config, method=method)  # never the caller's object
+    if allocation is not None:
+        config = dataclasses.replace(config, allocation=allocation)
     make_config(config.method, config.method_options)  # reject unknown methods/options before any work
     target = load_target(target) if not isinstance(target, Target) else target
     task = train_data if isinstance(train_data, Task) else ClassificationTask(train_data, test_data)
@@ -197,6 +223,10 @@ def _check_task_support(task, config: FitConfig, remote, distributed_run: bool) 
         missing.append("TVM / RPC latency")
     if distributed_run:
         missing.append("several processes (torchrun)")
+    if config.distill > 0:
+        missing.append("--distill (the task distills in its own way, or not at all)")
+    if config.allocation == "sensitivity":
+        missing.append("--allocation sensitivity")
     if missing:
         raise HwpruneError(f"the {task.name} task does not support {', '.join(missing)} yet: use a sparsity, FLOPs or "
                            "parameter budget in one process, timed with onnxruntime")
@@ -373,7 +403,7 @@ class _Run:
         self.task.recalibrate(self.model, self.config.train, self.config.seed, self.device)
 
     def run_epochs(self, stage, total, settings: TrainSettings, regularizer=None, controller=None, lr_scale=1.0,
-                   extra_fn=None, lr_floor=0.0):
+                   extra_fn=None, lr_floor=0.0, teacher=None):
         optimizer = self.task.make_optimizer(
             self.model, settings, regularizer.no_weight_decay() if regularizer else (),
             regularizer.extra_parameters() if regularizer else (),
@@ -403,6 +433,7 @@ class _Run:
                 lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
                 step0=epoch * steps_per_epoch, regularizer=regularizer,
                 on_step=on_step if controller is not None else None, device=self.device, after_backward=sync_extra,
+                **({"teacher": teacher} if teacher is not None else {}),
             )
             if isinstance(regularizer, Regularizer):
                 check_collapse(regularizer)  # before the checkpoint: the last good one stays
@@ -450,11 +481,28 @@ class _Run:
             return self._latency
         return None
 
+    def allocation(self, reg):
+        """The run's allocation: ``--allocation``, else the method's default; weight blocks default to
+        ``learned`` (one layer's blocks are compared with another's by score, as block runs always were)."""
+        from .regularizers.base import REGISTRY
+
+        method_cls = REGISTRY[self.config.method]
+        default = "learned" if self.blocks else method_cls.default_allocation
+        cfg = self.config.allocation_config(default)
+        if method_cls.default_allocation == "uniform" and cfg.policy != "uniform":
+            raise HwpruneError(f"--method {self.config.method} is a width multiplier: it takes no --allocation "
+                               f"{cfg.policy} (use --method magnitude --allocation {cfg.policy} to prune by score)")
+        return cfg
+
     def build_regularizer(self, groups):
         index = self.index(self.model, groups)
         cost = self.cost_model(self.model, groups)
-        # How many units does the budget remove? Project once with the current norms.
-        proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost)
+        # How many units does the budget remove? Project once with the current norms (sensitivity curves are
+        # measured on the trained model at the projection; the global solver estimates the count before).
+        allocation = self.allocation(None)
+        if allocation.policy == "sensitivity":
+            allocation = dataclasses.replace(allocation, policy="global")
+        proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost, allocation=allocation)
         # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
         unit_costs = (cost.unit_savings(np.ones(index.n_units))
                       if cost is not None and cost.name in ("flops", "latency") else None)
@@ -491,9 +539,22 @@ class _Run:
         self.state["zero_fraction"] = reg.zero_fraction() if reg.trains else 0.0
         self.project_and_slice(groups, reg)
 
+    def sensitivity_curves(self, groups, reg, cost) -> list:
+        """Each group's loss increase at each allowed count, measured on training batches (the
+        ``sensitivity`` allocation); see :func:`hwprune.sensitivity.measure_curves`."""
+        from .sensitivity import measure_curves
+
+        t0 = time.perf_counter()
+        curves = measure_curves(self.model, groups, reg.scores(),
+                                lambda m: self.task.probe_loss(m, self.config.seed, self.device))
+        _say(self.progress, f"[sensitivity] {len(curves)} groups measured ({time.perf_counter() - t0:.1f}s)")
+        return curves
+
     def project_and_slice(self, groups, reg) -> None:
         cost = self.cost_model(self.model, groups)
-        proj = reg.project(groups, self.budget(), cost)
+        allocation = self.allocation(reg)
+        curves = self.sensitivity_curves(groups, reg, cost) if allocation.policy == "sensitivity" else None
+        proj = reg.project(groups, self.budget(), cost, allocation=allocation, sensitivity=curves)
         acc_before = self.test_accuracy(self.model)
         reg.finalize(groups, proj.keep)  # fold gates / constants; the model is plain again
         if self.blocks:
@@ -523,13 +584,14 @@ class _Run:
             "accuracy_before": acc_before, "accuracy_after": acc_after,
             "rounding": f"kept counts are multiples of {', '.join(map(str, multiples))} or the full width"
             if multiples != [1] else "exact: no hardware multiple",
+            "allocation": proj.allocation, "status": proj.status, "reason": proj.reason,
         }
         if cost is not None and cost.name == "latency":
             self.state["projection"]["predicted_latency_ms"] = {"dense": cost(np.ones(proj.units)),
                                                                 "pruned": cost(proj.keep_mask.astype(float))}
             self.state["projection"]["keep_vector"] = proj.keep_mask.astype(int).tolist()
         _say(self.progress, f"[project] removed {proj.removed_units} of {proj.units} units ({proj.kind} requested "
-             f"{proj.requested:g}, achieved {proj.achieved:.4f}); "
+             f"{proj.requested:g}, achieved {proj.achieved:.4f}, allocation {proj.allocation}: {proj.status}); "
              f"{self._metric(acc_before, 'accuracy' if self.task.metric == 'accuracy' else None)} -> "
              f"{self._metric(acc_after, '')} (pruning shock)" + ("; re-initialized to train from scratch" if reg.from_scratch else ""))
         self.state["finetune_plan"] = self.finetune_schedule(reg)
@@ -541,11 +603,23 @@ class _Run:
         one-shot methods fine-tune through the regularized epochs too; from-scratch methods train the
         thin model for all epochs at the full learning rate."""
         cfg = self.config
+        # from scratch means without the dense model: no teacher either
+        distill = cfg.distill > 0 and not reg.from_scratch
         if reg.from_scratch:
-            return {"epochs": cfg.epochs_dense + cfg.epochs_regularize + cfg.epochs_finetune, "lr_scale": 1.0}
+            return {"epochs": cfg.epochs_dense + cfg.epochs_regularize + cfg.epochs_finetune, "lr_scale": 1.0,
+                    "distill": distill}
         if not reg.trains:
-            return {"epochs": cfg.epochs_regularize + cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
-        return {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
+            return {"epochs": cfg.epochs_regularize + cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale,
+                    "distill": distill}
+        return {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale, "distill": distill}
+
+    def teacher(self):
+        """The dense model as the fine-tune's teacher (``FitConfig.distill``), or None."""
+        from .tasks.classification import Distillation
+
+        teacher = copy.deepcopy(self.template)
+        teacher.load_state_dict(self.state["dense_model"])
+        return Distillation(teacher.eval(), self.config.distill, self.config.distill_temperature)
 
     def stage_finetune(self) -> None:
         cfg = self.config
@@ -558,9 +632,10 @@ class _Run:
             plan = Plan.from_dict(self.state["plan"])
             index = self.index(self.model, groups_from_plan(self.model, plan))
             hold = MaskHold(index, index.keep_from_plan(plan.keep_by_group()))
+        teacher = self.teacher() if schedule.get("distill") and self.state.get("dense_model") is not None else None
         if schedule["epochs"] > 0:
             self.run_epochs("finetune", schedule["epochs"], cfg.train, regularizer=hold, lr_scale=schedule["lr_scale"],
-                            extra_fn=lambda: {"sparsity": sparsity})
+                            extra_fn=lambda: {"sparsity": sparsity}, teacher=teacher)
         self.state["acc"]["pruned"] = self.test_accuracy(self.model)
         from .io import atomic_torch_save
 

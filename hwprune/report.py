@@ -75,6 +75,9 @@ class Report:
             out += f"\n{kind}: requested {req[kind]:g}, achieved {ach.get(kind, float('nan')):.4f}"
             if kind == "speedup" and req.get("latency_ms") is not None:
                 out += f" (budget {req['latency_ms']:.4f} ms)"
+            policy, reason = g("projection.allocation"), g("projection.reason")
+            if policy:
+                out += f"\nallocation: {policy}" + (f"; {reason}" if reason else "")
         err = g("latency_model.error")
         if err:
             out += (f"\nlatency model, planning prediction (calibrated before training): measured "

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from hwprune.blocks import BlockGroup, BlockIndex, block_groups, mask_blocks
-from hwprune.budget import Budget, _greedy, _target_and_cost, _unit_steps, project
+from hwprune.allocation import POLICIES, build_problem, solve_units
+from hwprune.budget import Budget, _target_and_cost, _unit_steps, project
 from hwprune.errors import BudgetError, ModelError, PlanError
 from hwprune.pipeline import FitConfig
 from hwprune.plan import Plan, apply_plan
@@ -103,7 +104,9 @@ def test_wgsef_prox_zeroes_whole_blocks_and_projection_is_exact():
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_fast_projection_equals_the_greedy(ties):
+def test_fast_projection_equals_the_exact_programme(ties):
+    """The one-sort path for blocks (multiple 1, ``learned``) removes the same number of units and keeps
+    the same total score as the exact dynamic programme over every group's kept count."""
     rng = np.random.default_rng(int(ties))
     for _ in range(60):
         gs = [BlockGroup(f"g{i}", (int(rng.integers(1, 30)), int(rng.integers(1, 20))),
@@ -119,10 +122,13 @@ def test_fast_projection_equals_the_greedy(ties):
         if s > reach:
             continue
         target, cost = _target_and_cost(Budget("sparsity", s), n, None)
-        slow = _greedy(gs, offsets, scores, target, cost, [g.allowed_keep_counts() for g in gs])
+        problem = build_problem(gs, scores, "sparsity", target, cost)
+        counts, status, _ = solve_units(problem, POLICIES["learned"].values(problem, None), target)
         fast = _unit_steps(gs, offsets, scores, target)
-        np.testing.assert_array_equal(slow[0], fast[0])
-        assert slow[1] == fast[1]
+        assert status == "exact"
+        assert n - fast[0].sum() == n - sum(counts)
+        slow_kept = sum(np.sort(scores[offsets[i]:offsets[i + 1]])[::-1][:c].sum() for i, c in enumerate(counts))
+        assert scores[fast[0].astype(bool)].sum() == pytest.approx(slow_kept)
 
 
 def test_block_plan_round_trips_and_replays_as_a_mask(tmp_path):

@@ -42,6 +42,17 @@ def add_parser(sub) -> None:
                    help="regularizer (default: wgsef; fluctuation for --model minilm)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the method, e.g. --method-option weighting=uniform (repeatable)")
+    from ..allocation import POLICIES
+
+    p.add_argument("--allocation", choices=sorted(POLICIES), default=None,
+                   help="how many units each layer group keeps: global (the solver: importance kept against cost, "
+                   "uniform widths when scores are equal), uniform (one width multiplier), sensitivity (measured "
+                   "loss curves), learned (the method's scores compared across layers); default: the method's")
+    p.add_argument("--allocation-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="floor=F / cap=C: every group keeps at least F and at most C times the uniform width")
+    p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
+                   help="fine-tune with the dense model as teacher: loss (1-ALPHA)·CE + ALPHA·T²·KL "
+                   "(classification; 0 turns it off; default: see docs/benchmarks.md)")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("DENSE", "REGULARIZE", "FINETUNE"),
                    help="epochs per stage (default 15 15 10); DENSE 0 keeps the model's weights as they are")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
@@ -67,17 +78,17 @@ def add_parser(sub) -> None:
 
 
 _SAVED = ["target", "sparsity", "flops", "params", "latency_ms", "speedup", "model", "data", "granularity", "method",
-          "method_option", "epochs", "lr", "batch_size", "seed", "exclude", "image_size", "latency_batch_size",
+          "method_option", "allocation", "allocation_option", "distill", "epochs", "lr", "batch_size", "seed", "exclude", "image_size", "latency_batch_size",
           "latency_repeats", "no_latency", "profile", "latency_runtime", "rpc", "tracker", "key"]
 
 
-def _parse_options(items: list[str]) -> dict:
+def _parse_options(items: list[str], flag: str = "--method-option") -> dict:
     import yaml
 
     out = {}
     for item in items:
         if "=" not in item:
-            raise HwpruneError(f"--method-option {item!r}: expected KEY=VALUE")
+            raise HwpruneError(f"{flag} {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = yaml.safe_load(v)
     return out
@@ -176,7 +187,9 @@ def run(args) -> int:
                        train=settings, seed=args.seed, exclude=tuple(args.exclude),
                        latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,
                        granularity=args.granularity or "channels",
-                       latency_runtime=args.latency_runtime, profile=args.profile)
+                       latency_runtime=args.latency_runtime, profile=args.profile, allocation=args.allocation,
+                       allocation_options=_parse_options(args.allocation_option or [], "--allocation-option"),
+                       **({"distill": args.distill} if args.distill is not None else {}))
     if job is not None:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = job.epochs
         config.method_options = {**job.method_options.get(args.method, {}), **config.method_options}

@@ -88,11 +88,18 @@ class Regularizer:
     def finalize(self, groups, keep: dict[str, np.ndarray]) -> None:
         """Before masking and slicing: fold gates/constants into the kept weights, remove hooks."""
 
-    def project(self, groups, budget, cost=None):
-        """The units to keep for ``budget``; by default the lowest :meth:`scores` go first."""
+    # The allocation policy (hwprune.allocation) a run uses with this method unless --allocation says
+    # otherwise: the global solver for most; methods whose scores are built to be compared across
+    # layers (fluctuation's standardised scores) keep ``learned``.
+    default_allocation: ClassVar[str] = "global"
+
+    def project(self, groups, budget, cost=None, allocation=None, sensitivity=None):
+        """The units to keep for ``budget``: ``allocation`` (default :attr:`default_allocation`)
+        decides each group's kept count, and within a group the lowest :meth:`scores` go first."""
         from ..budget import project
 
-        return project(groups, self.scores(), budget, cost)
+        return project(groups, self.scores(), budget, cost, allocation=allocation or self.default_allocation,
+                       sensitivity=sensitivity)
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups with special settings for existing model parameters, e.g.

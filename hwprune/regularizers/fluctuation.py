@@ -71,6 +71,8 @@ def _reads_columns(layer: nn.Module) -> bool:
 @register
 class Fluctuation(Regularizer):
     name = "fluctuation"
+    # FLAP standardises its scores so that one layer's can be ranked against another's: keep that ranking
+    default_allocation = "learned"
     Config = FluctuationConfig
     trains = False
     calibrates = True

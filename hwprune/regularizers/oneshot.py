@@ -3,8 +3,9 @@
 * ``magnitude``: prune the dense model by group norm (every trainable entry of a unit: the filters
   that write it, the BN, the input slices that read it, normalized by its size), then fine-tune.
   This is Torch-Pruning's group-norm criterion.
-* ``uniform``: every group keeps the same fraction of its units (a width multiplier, rounded to the
-  hardware multiples, solved so that the budget is met), and the thin model is trained from scratch.
+* ``uniform``: every group keeps the same fraction of its units (the ``uniform`` allocation: a width
+  multiplier, rounded to the hardware multiples, solved so that the budget is met), and the thin model
+  is trained from scratch.
 """
 
 from __future__ import annotations
@@ -57,20 +58,6 @@ class UniformConfig:
     """The uniform-width baseline has no settings."""
 
 
-class _ByScoreOnly:
-    """A cost whose every unit 'saves' 1: the projection then removes units in score order alone
-    and stops when the real cost meets the budget (a width multiplier, not a cost-aware choice)."""
-
-    def __init__(self, cost):
-        self.cost, self.name = cost, getattr(cost, "name", "units")
-
-    def __call__(self, keep):
-        return self.cost(keep)
-
-    def unit_savings(self, keep):
-        return np.ones(len(keep))
-
-
 @register
 class Uniform(Regularizer):
     name = "uniform"
@@ -84,10 +71,11 @@ class Uniform(Regularizer):
         return np.concatenate([1.0 - (np.arange(g.size) + 0.5) / g.size for g in self.index.groups]) \
             if self.index.groups else np.zeros(0)
 
-    def project(self, groups, budget, cost=None):
-        from ..budget import project
+    default_allocation = "uniform"
 
-        return project(groups, self.scores(), budget, _ByScoreOnly(cost) if cost is not None else None)
+    def project(self, groups, budget, cost=None, allocation=None, sensitivity=None):
+        # a width multiplier whatever --allocation says: that is what this baseline is
+        return super().project(groups, budget, cost, allocation="uniform")
 
     def zero_fraction(self) -> float:
         return 0.0

@@ -40,9 +40,10 @@ class Task:
 
     def train_epoch(self, model: nn.Module, optimizer, *, settings, seed: int, stage: str, epoch: int,
                     lr_at: Callable[[int], float], step0: int, regularizer=None, on_step=None, device="cpu",
-                    after_backward=None):
+                    after_backward=None, teacher=None):
         """One epoch; ``on_step(step, loss)`` after every step with its task loss, ``after_backward()``
-        between the backward pass and the optimizer step (see :func:`hwprune.train.train_epoch`)."""
+        between the backward pass and the optimizer step (see :func:`hwprune.train.train_epoch`);
+        ``teacher``: a :class:`~hwprune.tasks.classification.Distillation` (classification only)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module) -> float | None:
@@ -57,6 +58,13 @@ class Task:
         from ..errors import HwpruneError
 
         raise HwpruneError(f"the {self.name} task cannot run calibration passes; choose a method that does not need them")
+
+    def probe_loss(self, model: nn.Module, seed: int, device="cpu") -> float:
+        """The task loss on a fixed sample of training inputs, in evaluation mode (the ``sensitivity``
+        allocation's probe)."""
+        from ..errors import HwpruneError
+
+        raise HwpruneError(f"the {self.name} task cannot measure sensitivity curves; use --allocation global")
 
     def make_optimizer(self, model: nn.Module, settings, no_decay=(), extra_groups=(), special_groups=()):
         from ..train import make_optimizer

@@ -10,9 +10,11 @@ Example:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -24,6 +26,32 @@ def _as_dataset(data):
     if isinstance(data, DataLoader):
         return data.dataset, data.collate_fn
     return data, None
+
+
+@dataclass
+class Distillation:
+    """Hinton et al.'s knowledge distillation: ``(1 - alpha)·CE(y) + alpha·T²·KL(p_T(teacher) ‖ p_T(student))``
+    with ``p_T`` the softmax at temperature ``T``; the T² keeps the soft term's gradient at the scale of
+    the hard one. The teacher runs in evaluation mode without gradients.
+
+    Example:
+        >>> kd = Distillation(teacher=nn.Linear(4, 3), alpha=1.0, temperature=1.0)
+        >>> x = torch.randn(2, 4)
+        >>> round(float(kd.loss(kd.teacher(x), torch.tensor([0, 1]), x)), 6)  # a student equal to its teacher
+        0.0
+    """
+
+    teacher: nn.Module
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        hard = F.cross_entropy(out, y) if self.alpha < 1 else out.new_zeros(())
+        self.teacher.eval()
+        with torch.no_grad():
+            soft_target = F.softmax(self.teacher(x) / self.temperature, dim=1)
+        soft = F.kl_div(F.log_softmax(out / self.temperature, dim=1), soft_target, reduction="batchmean")
+        return (1 - self.alpha) * hard + self.alpha * self.temperature**2 * soft
 
 
 class ClassificationTask(Task):
@@ -43,10 +71,27 @@ class ClassificationTask(Task):
         return -(-len(self.train_set) // settings.batch_size)
 
     def train_epoch(self, model, optimizer, *, settings, seed, stage, epoch, lr_at, step0, regularizer=None,
-                    on_step=None, device="cpu", after_backward=None):
+                    on_step=None, device="cpu", after_backward=None, teacher: Distillation | None = None):
         loader = epoch_loader(self.train_set, settings, seed, stage, epoch, self.collate)
         return train_epoch(model, loader, optimizer, lr_at=lr_at, step0=step0, regularizer=regularizer,
-                           on_step=on_step, device=device, after_backward=after_backward)
+                           on_step=on_step, device=device, after_backward=after_backward,
+                           loss_fn=teacher.loss if teacher is not None else None)
+
+    @torch.no_grad()
+    def probe_loss(self, model, seed: int, device="cpu", samples: int = 512) -> float:
+        """Mean cross-entropy on ``samples`` training inputs (a seeded choice), evaluation mode."""
+        was = model.training
+        model.eval()
+        order = np.random.default_rng(seed + 7919).permutation(len(self.train_set))[:samples].tolist()
+        loader = DataLoader(Subset(self.train_set, order), batch_size=256, shuffle=False, collate_fn=self.collate)
+        total, seen = 0.0, 0
+        try:
+            for x, y in loader:
+                total += float(F.cross_entropy(model(x.to(device)), y.to(device), reduction="sum"))
+                seen += len(y)
+        finally:
+            model.train(was)
+        return total / max(seen, 1)
 
     def evaluate(self, model: nn.Module) -> float | None:
         if self.test_set is None:
