@@ -1,26 +1,33 @@
-"""Accuracy at a FLOPs budget: every hwprune method against Torch-Pruning, on real data, side by side.
+"""Accuracy at the same cost: hwprune's methods x allocations against Torch-Pruning, on real data.
+
+Two regimes (docs/benchmarks.md, "Methods against Torch-Pruning"):
+
+* ``pretrained`` (a): the user has a trained model. The dense model is trained to convergence once per
+  (model, seed) and cached; every row then gets the same short budget, 20% of the dense epochs
+  (regularize + fine-tune halves for training methods, all fine-tune for one-shot ones). ``uniform``
+  (a thin model from scratch) gets the dense epochs plus that budget.
+* ``equal-epochs`` (b): dense D epochs, then R + F for every method; ``uniform`` trains from scratch
+  for D + R + F. The thin model from scratch is the bar.
+
+Rows: ``METHOD@ALLOCATION`` (hwprune, ``+kd`` to fine-tune with the dense model as teacher),
+``uniform`` (from scratch), ``tp-magnitude``, ``tp-magnitude-local``, ``tp-bn-scale``,
+``tp-group-norm`` (Torch-Pruning 1.6.1: global ranking, or per-layer for ``-local``; its own sparse
+learning for bn-scale / group-norm, then pruning to the FLOPs, then fine-tuning). Budgets:
+``flops:F`` (keep F of the FLOPs) and ``speedup:S`` (measured latency: hwprune's ``--speedup S``
+through the target's profile; Torch-Pruning pruned to the FLOPs ratio whose measured onnxruntime
+latency matches what hwprune's first row of that seed measured, found by bisection).
+
+Every finished row is appended to a JSON-lines file at once, and a run skips the rows it finds there:
+stop it any time and run the same command again to continue.
 
 Reproduce:
     apt-get install -y dataset-fashion-mnist          # the data (Debian package, offline)
     pip install --no-deps torch-pruning==1.6.1        # benchmark-only dependency
-    python benchmarks/bench_methods.py --quick        # < 30 min on 2 cores: ResNet-20, 1 seed, small subset
-    python benchmarks/bench_methods.py                # the full protocol (docs/benchmarks.md), days on 2 cores
-    python benchmarks/bench_methods.py --models resnet20 --seeds 0,1,2 --train-subset 1500 --test-subset 2000 \
-        --epochs 10 3 2 --json out.json               # three seeds of ResNet-20, 43 min (docs/benchmarks.md)
-    python benchmarks/bench_methods.py --summarize benchmarks/results/methods-resnet20-3seeds.json
-
-Protocol (the same for every method, in one process):
-1. per (model, seed): train the dense model for D epochs on a fixed training subset of Fashion-MNIST;
-2. per budget (keep 50% / 25% of the FLOPs) and method, start from a copy of that dense model and
-   spend the same R + F epochs: hwprune methods regularize for R epochs and fine-tune F (one-shot
-   methods fine-tune R + F; ``uniform`` trains the thin model from scratch for D + R + F);
-   Torch-Pruning's BN-scale and group-norm pruners do sparse learning (their ``regularize``) for R
-   epochs, then prune progressively (global, round_to = the target's multiple) until the FLOPs target,
-   then fine-tune F; its magnitude pruner prunes the dense model and fine-tunes R + F;
-3. measure on the full 10k test set: top-1, achieved FLOPs and params (hwprune's counter for all),
-   onnxruntime latency of the pruned model against the dense one (interleaved, same process),
-   accuracy right after pruning ("shock"), wall time.
-Several seeds give mean ± std. Same optimizer (SGD momentum 0.9, cosine, lr 0.05, wd 5e-4, batch 64).
+    python benchmarks/bench_methods.py --regime pretrained --models resnet20 --seeds 0,1,2 \\
+        --results benchmarks/results/methods-pretrained.jsonl
+    python benchmarks/bench_methods.py --regime equal-epochs --models resnet20 --seeds 0,1,2 \\
+        --results benchmarks/results/methods-equal-epochs.jsonl
+    python benchmarks/bench_methods.py --summarize benchmarks/results/methods-pretrained.jsonl
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +62,38 @@ from hwprune.target import load_target  # noqa: E402
 from hwprune.train import (TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,  # noqa: E402
                            train_epoch)
 
-OURS = ["wgsef", "polarization", "autoprune", "ista-bn", "slimming", "group-lasso", "deephoyer", "magnitude",
-        "magnitude-mean", "uniform"]
-# Rows that are one hwprune method with options: name -> (method, --method-option values)
-VARIANTS = {"magnitude-mean": ("magnitude", {"normalize": "mean"})}
-TP = ["tp-group-norm", "tp-bn-scale", "tp-magnitude"]
+HERE = Path(__file__).resolve().parent
+TP = ["tp-magnitude", "tp-magnitude-local", "tp-bn-scale", "tp-group-norm"]
+# In the order they run: what decides the comparison first, every other method after.
+ROWS = ["magnitude@global+kd", "magnitude@uniform+kd", "magnitude@global", "tp-magnitude", "tp-magnitude-local",
+        "wgsef@global+kd", "magnitude@sensitivity+kd", "magnitude@learned+kd", "tp-bn-scale", "tp-group-norm",
+        "uniform", "wgsef@learned+kd", "group-lasso@global+kd", "slimming@global+kd", "polarization@global+kd",
+        "autoprune@global+kd", "ista-bn@global+kd", "deephoyer@global+kd"]
+VARIANTS = {"magnitude-mean": ("magnitude", {"normalize": "mean"})}  # a row name -> (method, --method-option)
+KD_ALPHA, KD_T = 0.7, 4.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row name parsed: ``METHOD[@ALLOCATION][+kd]`` for hwprune, or a Torch-Pruning pruner."""
+
+    name: str
+
+    @property
+    def is_tp(self) -> bool:
+        return self.name in TP
+
+    @property
+    def method(self) -> str:
+        return self.name.split("@")[0].split("+")[0]
+
+    @property
+    def allocation(self) -> str | None:
+        return self.name.split("@")[1].split("+")[0] if "@" in self.name else None
+
+    @property
+    def distill(self) -> bool:
+        return self.name.endswith("+kd")
 
 
 def subset(ds, n, seed):
@@ -67,28 +103,60 @@ def subset(ds, n, seed):
     return Subset(ds, idx.tolist())
 
 
-def train_dense(model, train, settings, epochs, seed):
+def train_dense(model, train, settings, epochs, seed, stage="bench-dense"):
     opt = make_optimizer(model, settings)
     steps = -(-len(train) // settings.batch_size)
     for e in range(epochs):
-        train_epoch(model, epoch_loader(train, settings, seed, "bench-dense", e), opt,
+        train_epoch(model, epoch_loader(train, settings, seed, stage, e), opt,
                     lr_at=lambda s: cosine_lr(settings.lr, s, epochs * steps), step0=e * steps)
     return model
 
 
-def run_ours(method, dense, train, test, budget, args, seed, out_dir):
+def dense_model(model_name, train, test, epochs, seed, train_size, cache: Path):
+    """The dense model of (model, seed), trained once and cached (``cache``/...pt)."""
+    path = cache / f"{model_name}-seed{seed}-train{train_size}-epochs{epochs}.pt"
+    torch.manual_seed(seed)
+    model = build_model(model_name, in_channels=1, num_classes=10, input_size=28)
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        return model, saved["accuracy"], saved["seconds"]
+    t0 = time.perf_counter()
+    train_dense(model, train, TrainSettings(), epochs, seed)
+    acc = evaluate(model, eval_loader(test))[0]
+    secs = time.perf_counter() - t0
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": model.state_dict(), "accuracy": acc, "seconds": secs}, tmp)
+    os.replace(tmp, path)
+    return model, acc, secs
+
+
+def epochs_of(args):
+    """(regularize, fine-tune, dense-for-from-scratch) epochs every row gets in this regime."""
+    if args.regime == "pretrained":
+        short = max(2, round(0.2 * args.dense_epochs))
+        return short // 2, short - short // 2, args.dense_epochs
     d, r, f = args.epochs
-    # The dense model is shared (epochs_dense=0: keep its weights). A from-scratch method trains for
-    # all stages' epochs (FitConfig sums them), so uniform gets D + R + F through its fine-tune share.
-    method, options = VARIANTS.get(method, (method, {}))
+    return r, f, d
+
+
+def run_ours(row: Row, dense, train, test, budget, args, seed, out_dir):
+    r, f, d = epochs_of(args)
+    method, options = VARIANTS.get(row.method, (row.method, {}))
+    from_scratch = method == "uniform"
     cfg = FitConfig(budget=budget, method=method, method_options=options, epochs_dense=0, epochs_regularize=r,
-                    epochs_finetune=f + (d if method == "uniform" else 0), seed=seed, train=TrainSettings())
+                    epochs_finetune=f + (d if from_scratch else 0), seed=seed, train=TrainSettings(),
+                    allocation=row.allocation, distill=KD_ALPHA if row.distill else 0.0, distill_temperature=KD_T)
     res = hwprune.fit(copy.deepcopy(dense), train, test_data=test, target=args.target, config=cfg, out_dir=out_dir,
                       progress=None, measure=False, run_info={"model": "bench"})
-    return res.model, res.report.get("accuracy.after_projection")
+    proj = res.report.get("projection") or {}
+    return res.model, res.report.get("accuracy.after_projection"), proj.get("allocation"), proj.get("status")
 
 
-def run_tp(kind, dense, train, test, flops_keep, args, seed, x):
+def tp_prune(kind, dense, train, flops_keep, args, seed, x):
+    """Torch-Pruning's pruner of ``kind`` (with its sparse learning where it has one) pruned to
+    ``flops_keep`` of the dense FLOPs. Returns the pruned model (not fine-tuned)."""
     import torch_pruning as tp
 
     model = copy.deepcopy(dense)
@@ -96,15 +164,17 @@ def run_tp(kind, dense, train, test, flops_keep, args, seed, x):
     ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]  # the classifier
     multiple = load_target(args.target).multiple_for("conv")
     if kind == "tp-group-norm":
-        imp, cls, kw = tp.importance.GroupMagnitudeImportance(p=2), tp.pruner.GroupNormPruner, {}
+        imp, cls = tp.importance.GroupMagnitudeImportance(p=2), tp.pruner.GroupNormPruner
     elif kind == "tp-bn-scale":
-        imp, cls, kw = tp.importance.BNScaleImportance(), tp.pruner.BNScalePruner, {}
+        imp, cls = tp.importance.BNScaleImportance(), tp.pruner.BNScalePruner
     else:
-        imp, cls, kw = tp.importance.MagnitudeImportance(p=2), tp.pruner.MagnitudePruner, {}
+        imp, cls = tp.importance.MagnitudeImportance(p=2), tp.pruner.MagnitudePruner
     pruner = cls(model, x, importance=imp, pruning_ratio=1.0, max_pruning_ratio=0.95, iterative_steps=400,
-                 global_pruning=True, ignored_layers=ignored, round_to=multiple if multiple > 1 else None, **kw)
+                 global_pruning=kind != "tp-magnitude-local", ignored_layers=ignored,
+                 round_to=multiple if multiple > 1 else None)
+    r, _, _ = epochs_of(args)
+    sparse_epochs = r if kind in ("tp-bn-scale", "tp-group-norm") else 0
     steps = -(-len(train) // settings.batch_size)
-    sparse_epochs = args.epochs[1] if kind != "tp-magnitude" else 0
     if sparse_epochs:  # sparse learning with the pruner's own regularizer
         opt = make_optimizer(model, settings)
         for e in range(sparse_epochs):
@@ -121,31 +191,157 @@ def run_tp(kind, dense, train, test, flops_keep, args, seed, x):
     model.eval()
     while count_flops(model, x) > flops_keep * base and pruner.current_step < pruner.iterative_steps:
         pruner.step()
-    shock = evaluate(model, eval_loader(test))[0]
-    ft = args.epochs[2] + (args.epochs[1] if kind == "tp-magnitude" else 0)
+    return model
+
+
+def tp_finetune(kind, model, train, args, seed):
+    r, f, _ = epochs_of(args)
+    settings = TrainSettings()
+    steps = -(-len(train) // settings.batch_size)
+    ft = f + (0 if kind in ("tp-bn-scale", "tp-group-norm") else r)  # one-shot pruners fine-tune R + F
     opt = make_optimizer(model, settings)
     for e in range(ft):
         train_epoch(model, epoch_loader(train, settings, seed, "bench-tp-ft", e), opt,
                     lr_at=lambda s: cosine_lr(settings.lr * 0.4, s, ft * steps), step0=e * steps)
-    return model, shock
+    return model
 
 
-def latency_ratio(dense, pruned, x, target, workdir):
+def latency_ratio(dense, pruned, x, target, workdir, repeats=200):
     d = export_onnx(dense.eval(), x, Path(workdir) / "dense.onnx")
     p = export_onnx(pruned.eval(), x, Path(workdir) / "pruned.onnx")
-    r = measure_onnx_latency({"dense": str(d), "pruned": str(p)}, load_target(target), repeats=100, warmup=10)
+    r = measure_onnx_latency({"dense": str(d), "pruned": str(p)}, load_target(target), repeats=repeats, warmup=20)
     return r.stats["pruned"].median_ms, r.stats["pruned"].median_ms / r.stats["dense"].median_ms
 
 
-FIELDS = ("acc", "flops", "params", "lat", "ratio", "shock", "secs")  # one list per row, a value per seed
+def tp_at_latency(kind, dense, train, goal, args, seed, x, workdir):
+    """Bisection on the FLOPs ratio until Torch-Pruning's model runs at ``goal`` x the dense latency
+    (measured, within 3%), at most 7 prunings; the closest one is kept."""
+    lo, hi, best = 0.05, 1.0, None
+    for _ in range(7):
+        mid = 0.5 * (lo + hi)
+        model = tp_prune(kind, dense, train, mid, args, seed, x)
+        _, ratio = latency_ratio(dense, model, x, args.target, workdir, repeats=400)
+        if best is None or abs(ratio - goal) < abs(best[1] - goal):
+            best = (model, ratio)
+        if abs(ratio / goal - 1) <= 0.03:
+            break
+        lo, hi = (mid, hi) if ratio < goal else (lo, mid)
+    return best[0]
 
 
-def record(rows: dict[tuple, dict[str, list]], key: tuple, **values) -> None:
-    """Append one seed's ``values`` to the row ``key`` (a field not given stays shorter: not measured)."""
-    row = rows.setdefault(key, {f: [] for f in FIELDS})
-    for field, value in values.items():
-        row[field].append(value)
+def latency_goal(results: Path, key: dict, speedup: float) -> float:
+    """What Torch-Pruning must match at a speedup budget: the measured latency ratio of the first
+    hwprune row of this (model, seed, budget) in the results (hwprune's latency model plans against a
+    prediction, so its measured speed-up differs from the one asked), else 1/speedup."""
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            r = json.loads(line)
+            if all(r.get(k) == key[k] for k in ("regime", "model", "seed", "budget")) and r["row"] not in TP + ["dense"]:
+                return float(r["ratio"])
+    return 1.0 / speedup
 
+
+def parse_budget(text: str) -> tuple[str, float]:
+    kind, value = text.split(":")
+    if kind not in ("flops", "speedup"):
+        raise SystemExit(f"--budgets {text}: expected flops:F or speedup:S")
+    return kind, float(value)
+
+
+def done_keys(path: Path) -> set[tuple]:
+    if not path.is_file():
+        return set()
+    return {key_of(json.loads(line)) for line in path.read_text().splitlines() if line.strip()}
+
+
+def key_of(r: dict) -> tuple:
+    return r["regime"], r["model"], r["seed"], r["budget"], r["row"]
+
+
+def append_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--regime", choices=["pretrained", "equal-epochs"], default="pretrained")
+    ap.add_argument("--models", default="resnet20")
+    ap.add_argument("--budgets", default="flops:0.5,flops:0.25,speedup:2")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rows", default=",".join(ROWS), help="row names in the order to run (see the module docstring)")
+    ap.add_argument("--train-subset", type=int, default=1500)
+    ap.add_argument("--test-subset", type=int, default=2000)
+    ap.add_argument("--dense-epochs", type=int, default=40, help="pretrained regime: epochs of the cached dense model")
+    ap.add_argument("--epochs", type=int, nargs=3, default=[10, 3, 2], metavar=("DENSE", "REG", "FT"),
+                    help="equal-epochs regime")
+    ap.add_argument("--target", default="host-cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=None, help="JSON-lines file: rows are appended, done rows skipped")
+    ap.add_argument("--cache", type=Path, default=HERE / "cache", help="where trained dense models are kept")
+    ap.add_argument("--summarize", type=Path, default=None, metavar="JSONL", help="print the tables of a results file")
+    args = ap.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize)
+    torch.set_num_threads(args.threads)
+    rows = [Row(r) for r in args.rows.split(",") if r]
+    if any(r.is_tp for r in rows):
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            sys.exit("torch-pruning is not installed: pip install --no-deps torch-pruning==1.6.1")
+    results = args.results or HERE / "results" / f"methods-{args.regime}.jsonl"
+    done = done_keys(results)
+    data = load_dataset("fashion-mnist")
+    test = subset(data.test, args.test_subset, 1234)
+    x = torch.zeros(1, 1, 28, 28)
+    budgets = [parse_budget(b) for b in args.budgets.split(",") if b]
+    common = {"regime": args.regime, "train_subset": args.train_subset, "test_subset": len(test),
+              "epochs": list(epochs_of(args)), "threads": args.threads}
+    for model_name in args.models.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            train = subset(data.train, args.train_subset, seed)
+            dense_epochs = args.dense_epochs if args.regime == "pretrained" else args.epochs[0]
+            dense, acc_dense, secs = dense_model(model_name, train, test, dense_epochs, seed, args.train_subset, args.cache)
+            key = dict(common, model=model_name, seed=seed, budget="dense", row="dense")
+            if key_of(key) not in done:
+                append_row(results, dict(key, acc=acc_dense, flops=1.0, params=count_params(dense), secs=secs))
+            print(f"[{model_name} seed {seed}] dense {100 * acc_dense:.2f}% ({dense_epochs} epochs)", flush=True)
+            for kind, value in budgets:
+                budget_name = f"{kind}:{value:g}"
+                for row in rows:
+                    key = dict(common, model=model_name, seed=seed, budget=budget_name, row=row.name)
+                    if key_of(key) in done:
+                        continue
+                    t0 = time.perf_counter()
+                    extra = {}
+                    with tempfile.TemporaryDirectory() as tmp:
+                        if row.is_tp:
+                            pruned = (tp_prune(row.name, dense, train, value, args, seed, x) if kind == "flops" else
+                                      tp_at_latency(row.name, dense, train, latency_goal(results, key, value), args,
+                                                    seed, x, tmp))
+                            shock = evaluate(pruned, eval_loader(test))[0]
+                            pruned = tp_finetune(row.name, pruned, train, args, seed)
+                        else:
+                            budget = Budget("flops", value) if kind == "flops" else Budget("speedup", value)
+                            pruned, shock, policy, status = run_ours(row, dense, train, test, budget, args, seed,
+                                                                      Path(tmp) / "run")
+                            extra = {"allocation": policy, "status": status}
+                        secs = time.perf_counter() - t0
+                        acc = evaluate(pruned, eval_loader(test))[0]
+                        lat, ratio = latency_ratio(dense, pruned, x, args.target, tmp, repeats=400)
+                    flops = count_flops(pruned, x) / count_flops(dense, x)
+                    append_row(results, dict(key, acc=acc, flops=flops, params=count_params(pruned), lat_ms=lat,
+                                             ratio=ratio, shock=shock, secs=secs, **extra))
+                    print(f"[{model_name} seed {seed} {budget_name}] {row.name:26s} acc {100 * acc:.2f}%  flops "
+                          f"{flops:.3f}  latency {ratio:.3f}x  shock {100 * (shock or 0):.1f}%  ({secs:.0f}s)", flush=True)
+    return summarize(results)
+
+
+# --- tables -------------------------------------------------------------------------------------------
 
 def fmt(values, pct=False, digits=2):
     values = [v for v in values if v is not None]
@@ -158,123 +354,39 @@ def fmt(values, pct=False, digits=2):
     return f"{m:.{digits}f} ± {statistics.stdev(values) * k:.{digits}f}"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="ResNet-20, 1 seed, 1.5k train / 1k test subsets, epochs 3 3 2")
-    ap.add_argument("--models", default="resnet20,vgg16-bn")
-    ap.add_argument("--budgets", default="0.5,0.25", help="fractions of FLOPs to keep")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--methods", default=",".join(OURS + TP))
-    ap.add_argument("--train-subset", type=int, default=12000)
-    ap.add_argument("--test-subset", type=int, default=None)
-    ap.add_argument("--epochs", type=int, nargs=3, default=[10, 8, 6], metavar=("DENSE", "REG", "FT"))
-    ap.add_argument("--target", default="host-cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--no-dense-reference", dest="dense_reference", action="store_false",
-                    help="skip the dense model trained for all D + R + F epochs (the equal-budget reference)")
-    ap.add_argument("--summarize", type=Path, default=None, metavar="JSON",
-                    help="print the tables of an earlier run's --json file and exit")
-    args = ap.parse_args(argv)
-    if args.summarize:
-        return summarize(args.summarize)
-    if args.quick:
-        args.models, args.seeds, args.train_subset, args.epochs = "resnet20", "0", 1500, [3, 3, 2]
-        args.test_subset = args.test_subset or 1000
-    torch.set_num_threads(args.threads)
-    methods = [m for m in args.methods.split(",") if m]
-    if any(m in TP for m in methods):
-        try:
-            import torch_pruning  # noqa: F401
-        except ImportError:
-            sys.exit("torch-pruning is not installed: pip install --no-deps torch-pruning==1.6.1")
-    data = load_dataset("fashion-mnist")
-    test = subset(data.test, args.test_subset, 1234)
-    rows: dict[tuple, dict[str, list]] = {}
-    t_all = time.perf_counter()
-    for model_name in args.models.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            train = subset(data.train, args.train_subset, seed)
-            torch.manual_seed(seed)
-            dense = build_model(model_name, in_channels=1, num_classes=10, input_size=28)
-            t0 = time.perf_counter()
-            train_dense(dense, train, TrainSettings(), args.epochs[0], seed)
-            acc_dense = evaluate(dense, eval_loader(test))[0]
-            x = torch.zeros(1, 1, 28, 28)
-            record(rows, (model_name, "dense", 1.0), acc=acc_dense, flops=1.0, params=count_params(dense),
-                   secs=time.perf_counter() - t0)
-            print(f"[{model_name} seed {seed}] dense {100 * acc_dense:.2f}% ({time.perf_counter() - t0:.0f}s)", flush=True)
-            if args.dense_reference:
-                # What no pruning reaches with every method's epoch budget: the dense model trained from
-                # scratch for D + R + F (uniform at width 1). Without it, "pruned beats dense" can be just
-                # more training.
-                t0 = time.perf_counter()
-                torch.manual_seed(seed)
-                ref = build_model(model_name, in_channels=1, num_classes=10, input_size=28)
-                train_dense(ref, train, TrainSettings(), sum(args.epochs), seed)
-                acc_ref = evaluate(ref, eval_loader(test))[0]
-                record(rows, (model_name, "dense-same-epochs", 1.0), acc=acc_ref, flops=1.0, params=count_params(ref),
-                       secs=time.perf_counter() - t0)
-                print(f"[{model_name} seed {seed}] dense, {sum(args.epochs)} epochs {100 * acc_ref:.2f}%", flush=True)
-            for keep in [float(b) for b in args.budgets.split(",")]:
-                for method in methods:
-                    t0 = time.perf_counter()
-                    with tempfile.TemporaryDirectory() as tmp:
-                        if method in TP:
-                            pruned, shock = run_tp(method, dense, train, test, keep, args, seed, x)
-                        else:
-                            pruned, shock = run_ours(method, dense, train, test, Budget("flops", keep), args, seed, Path(tmp) / "run")
-                        secs = time.perf_counter() - t0
-                        acc = evaluate(pruned, eval_loader(test))[0]
-                        lat, ratio = latency_ratio(dense, pruned, x, args.target, tmp)
-                    flops = count_flops(pruned, x) / count_flops(dense, x)
-                    record(rows, (model_name, method, keep), acc=acc, flops=flops, params=count_params(pruned), lat=lat,
-                           ratio=ratio, shock=shock, secs=secs)
-                    print(f"[{model_name} seed {seed} keep {keep}] {method:14s} acc {100 * acc:.2f}%  flops "
-                          f"{flops:.3f}  latency {ratio:.3f}x  shock {100 * (shock or 0):.1f}%  ({secs:.0f}s)", flush=True)
-    print(f"\ntotal {time.perf_counter() - t_all:.0f}s; seeds {args.seeds}; train subset {args.train_subset}; "
-          f"epochs {args.epochs}; test {len(test)} images\n")
-    if args.json:
-        args.json.write_text(json.dumps([{"model": k[0], "method": k[1], "keep": k[2], **v} for k, v in rows.items()], indent=1))
-    print_tables(rows)
-    return 0
-
-
-def print_tables(rows: dict[tuple, dict[str, list]]) -> None:
-    """The per-method table (mean ± std over seeds), then hwprune's best against Torch-Pruning's best
-    at each budget as paired differences: every seed shares one dense model and one data subset, so the
-    per-seed difference removes the variance they share."""
-    head = "| model | FLOPs kept (asked) | method | top-1 (%) | FLOPs kept | params | ORT latency vs dense | acc. right after pruning (%) | wall s |"
-    print(head)
-    print("|" + "---|" * 9)
-    for (model_name, method, keep), r in rows.items():
-        print(f"| {model_name} | {keep:g} | {method} | {fmt(r['acc'], True)} | {fmt(r['flops'], digits=3)} | "
-              f"{fmt(r['params'], digits=0)} | {fmt(r['ratio'], digits=3)} | {fmt(r['shock'], True, 1)} | {fmt(r['secs'], digits=0)} |")
-    print("\n| model | FLOPs kept | hwprune's best | its best pruning method (not uniform) | Torch-Pruning's best | best − TP best (pts, paired) | that method − TP best |")
-    print("|" + "---|" * 7)
-    for model_name, keep in sorted({(k[0], k[2]) for k in rows if k[2] < 1}, key=lambda mk: (mk[0], -mk[1])):
-        acc = {k[1]: r["acc"] for k, r in rows.items() if k[0] == model_name and k[2] == keep}
-
-        def best(names):
-            return max(names, key=lambda m: statistics.mean(acc[m])) if names else None
-
-        ours, reg, tp = (best([m for m in acc if m in OURS]), best([m for m in acc if m in OURS and m != "uniform"]),
-                         best([m for m in acc if m in TP]))
-        if ours is None or tp is None:
-            continue
-
-        def paired(a):
-            return fmt([x - y for x, y in zip(acc[a], acc[tp])], True) if a else "–"
-
-        print(f"| {model_name} | {keep:g} | {ours} {fmt(acc[ours], True)} | {reg} {fmt(acc[reg], True) if reg else '–'} | "
-              f"{tp} {fmt(acc[tp], True)} | {paired(ours)} | {paired(reg)} |")
-
-
 def summarize(path: Path) -> int:
-    """Print the tables again from a ``--json`` file, without training anything."""
-    rows = {(r["model"], r["method"], r["keep"]): {k: v for k, v in r.items() if k not in ("model", "method", "keep")}
-            for r in json.loads(path.read_text())}
-    print_tables(rows)
+    """Per regime and model: the table of every row (mean ± std over the seeds that have it), then, per
+    budget, hwprune's rows against Torch-Pruning's best as paired per-seed differences."""
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for regime, model_name in sorted({(r["regime"], r["model"]) for r in recs}):
+        mine = [r for r in recs if r["regime"] == regime and r["model"] == model_name]
+        seeds = sorted({r["seed"] for r in mine})
+        print(f"\n### {model_name}, regime {regime}, seeds {','.join(map(str, seeds))}; train {mine[0]['train_subset']}"
+              f" / test {mine[0]['test_subset']} images; epochs (regularize, fine-tune, dense) {mine[0]['epochs']}\n")
+        print("| budget | row | seeds | top-1 (%) | FLOPs kept | params | ORT latency vs dense | acc. right after pruning (%) | wall s |")
+        print("|" + "---|" * 9)
+        groups: dict[tuple, list] = {}
+        for r in mine:
+            groups.setdefault((r["budget"], r["row"]), []).append(r)
+        order = {name: i for i, name in enumerate(["dense"] + ROWS + TP)}
+        for (budget, row), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], order.get(kv[0][1], 99))):
+            print(f"| {budget} | {row} | {len(rs)} | {fmt([r['acc'] for r in rs], True)} | "
+                  f"{fmt([r.get('flops') for r in rs], digits=3)} | {fmt([r.get('params') for r in rs], digits=0)} | "
+                  f"{fmt([r.get('ratio') for r in rs], digits=3)} | {fmt([r.get('shock') for r in rs], True, 1)} | "
+                  f"{fmt([r.get('secs') for r in rs], digits=0)} |")
+        print("\n| budget | Torch-Pruning's best | hwprune row | hwprune − TP best (pts, paired over seeds) |")
+        print("|---|---|---|---|")
+        for budget in sorted({b for b, _ in groups if b != "dense"}):
+            acc = {row: {r["seed"]: r["acc"] for r in rs} for (b, row), rs in groups.items() if b == budget}
+            tps = [t for t in TP if t in acc]
+            if not tps:
+                continue
+            tp_best = max(tps, key=lambda t: statistics.mean(acc[t].values()))
+            for row in [r for r in acc if r not in TP]:
+                common = sorted(set(acc[row]) & set(acc[tp_best]))
+                diffs = [acc[row][s] - acc[tp_best][s] for s in common]
+                print(f"| {budget} | {tp_best} {fmt(list(acc[tp_best].values()), True)} | {row} "
+                      f"{fmt(list(acc[row].values()), True)} | {fmt(diffs, True)} (n={len(common)}) |")
     return 0
 
 

@@ -510,7 +510,8 @@ class _Run:
         target_fraction = proj.removed_units / max(index.n_units, 1)
         schedule = SparsitySchedule(target_fraction, steps)
         ctx = RegContext(self.model, index, keep_units=index.n_units - proj.removed_units, unit_costs=unit_costs,
-                         total_steps=steps, schedule=schedule)
+                         total_steps=steps, schedule=schedule,
+                         planned_keep=[len(proj.keep[g.name]) for g in index.groups] if not self.blocks else None)
         reg = build_regularizer(self.config.method, ctx, self.config.method_options)
         adaptive = getattr(reg.config, "adaptive", False) and not reg.solves_strength
         controller = StrengthController(schedule, max_step=reg.controller_max_step) if adaptive else None

@@ -351,6 +351,7 @@ def measure_profile(models, target: Target, *, runtime: str = "onnxruntime", rem
         on_target_device=remote is not None or target.is_local, runtime=rt, libraries=_versions(), batch_size=batch,
         warmup=settings.warmup, repeats=settings.repeats, call_overhead_ms=overhead, layers=layers,
         models=models_info, statistic=statistic,
+        blocks=existing.blocks if existing is not None else None,  # --append of width tables keeps the blocks
     )
 
 

@@ -115,3 +115,20 @@ def test_cli_writes_a_profile_and_refuses_a_mismatched_append(tmp_path, capsys):
     assert Profile.load(out).to_dict() == first.to_dict()  # untouched
     assert main(["profile", "--target", "host-cpu", "--out", str(out), "--max-points", "1"]) == 2
     assert "--max-points 1" in capsys.readouterr().err
+
+
+def test_append_keeps_the_blocks_section(measured):
+    """Appending width tables for another model must not drop the block-density tables (it did: the
+    shipped profile lost its blocks section on `hwprune profile --append`)."""
+    from hwprune.resources import profile_dirs
+
+    net, x, prof, _ = measured
+    shipped = Profile.load(profile_dirs()[0] / "host-cpu.json")
+    assert shipped.blocks is not None
+    prof = copy.copy(prof)
+    prof.blocks = shipped.blocks
+    other = build_model("small-resnet", in_channels=1, num_classes=10, input_size=8, width=0.5).eval()
+    out = measure_profile([(other, x, "small-resnet-half", "digits")], load_target("host-cpu"), settings=FAST,
+                          existing=prof, progress=None)
+    assert out.blocks is not None and out.blocks.to_dict() == shipped.blocks.to_dict()
+    assert set(prof.layers) <= set(out.layers)

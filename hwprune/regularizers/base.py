@@ -47,6 +47,7 @@ class RegContext:
     unit_costs: np.ndarray | None = None  # marginal cost of each unit (FLOPs / latency), for weighting
     total_steps: int = 1
     schedule: "SparsitySchedule | None" = None  # wanted fraction of zero units at each step
+    planned_keep: list[int] | None = None  # per prunable group: the kept count the allocation plans now
 
 
 class Regularizer:
