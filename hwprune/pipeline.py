@@ -78,6 +78,13 @@ class FitConfig:
             raise HwpruneError(f"granularity '{self.granularity}': expected one of {', '.join(GRANULARITIES)}")
         if self.allocation is not None or self.allocation_options:
             self.allocation_config()  # unknown names and options are refused before any work
+            from .regularizers.base import REGISTRY
+
+            method_cls = REGISTRY.get(self.method)
+            if method_cls is not None and method_cls.default_allocation == "uniform" and self.allocation not in (None, "uniform"):
+                raise HwpruneError(f"--method {self.method} is a width multiplier: it takes no --allocation "
+                                   f"{self.allocation} (use --method magnitude --allocation {self.allocation} to prune "
+                                   "by score)")
         if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
             raise HwpruneError(f"--distill {self.distill!r}: expected the weight of the teacher's loss, in [0, 1]")
         if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
@@ -486,13 +493,8 @@ class _Run:
         ``learned`` (one layer's blocks are compared with another's by score, as block runs always were)."""
         from .regularizers.base import REGISTRY
 
-        method_cls = REGISTRY[self.config.method]
-        default = "learned" if self.blocks else method_cls.default_allocation
-        cfg = self.config.allocation_config(default)
-        if method_cls.default_allocation == "uniform" and cfg.policy != "uniform":
-            raise HwpruneError(f"--method {self.config.method} is a width multiplier: it takes no --allocation "
-                               f"{cfg.policy} (use --method magnitude --allocation {cfg.policy} to prune by score)")
-        return cfg
+        default = "learned" if self.blocks else REGISTRY[self.config.method].default_allocation
+        return self.config.allocation_config(default)
 
     def build_regularizer(self, groups):
         index = self.index(self.model, groups)

@@ -20,3 +20,36 @@ def test_bad_method_options_are_one_line_errors(tmp_path, monkeypatch, capsys, m
     assert code == 2
     assert message in err
     assert err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--allocation-option", "flor=0.5"], "--allocation-option flor: unknown; expected floor or cap"),
+    (["--allocation-option", "floor=abc"], "expected numbers, e.g. floor=0.5 cap=2"),
+    (["--allocation-option", "cap=0.5"], "cap=0.5: expected at least 1"),
+    (["--allocation-option", "floor"], "--allocation-option 'floor': expected KEY=VALUE"),
+    (["--method", "uniform", "--allocation", "global"], "--method uniform is a width multiplier"),
+    (["--distill", "1.5"], "--distill 1.5: expected the weight of the teacher's loss, in [0, 1]"),
+])
+def test_bad_allocation_and_distill_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, extra, message):
+    """Refused before any data is loaded or any training starts."""
+    from hwprune.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--target", "host-cpu", "--sparsity", "0.5", "--out", "x", "--quiet"] + extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+def test_new_settings_leave_old_fingerprints_alone():
+    """Runs written before allocation and distillation existed resume: at their defaults the new
+    settings are not in the fingerprint; set, they are."""
+    from hwprune.budget import Budget
+    from hwprune.pipeline import FitConfig
+
+    plain = FitConfig(budget=Budget("flops", 0.5)).fingerprint()
+    assert not {"allocation", "allocation_options", "distill", "distill_temperature"} & set(plain)
+    set_ = FitConfig(budget=Budget("flops", 0.5), allocation="uniform", distill=0.5).fingerprint()
+    assert set_["allocation"] == "uniform" and set_["distill"] == 0.5
