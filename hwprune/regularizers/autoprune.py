@@ -1,9 +1,20 @@
 """AutoPrune (Xiao, Wang, Rajasekaran, NeurIPS 2019): prune by training auxiliary masks (METHODS.md §3).
 
-Every unit j has an auxiliary parameter m_j, and its producer parameters are used as
-``ŵ = w·h(m_j)`` with the step mask ``h(m) = 1[m > 0]`` (for a unit with a BatchNorm these are γ and β,
-so the unit's output is gated; without one, the rows and bias of the layer that writes it). Forward
-hooks recompute each producer layer with ŵ; the weights themselves are never changed by the mask.
+Every unit j has an auxiliary parameter m_j, and its scale parameters are used as ``ŵ = w·h(m_j)``
+with the step mask ``h(m) = 1[m > 0]``: for a unit with a BatchNorm that is γ alone, so a masked unit
+outputs its β (a constant per channel); without a BatchNorm, the rows of the layer that writes it, so
+it outputs that layer's bias (a constant, 0 if it has none). Forward hooks recompute each producer
+layer with ŵ; the weights themselves are never changed by the mask.
+
+Why γ alone: gating β too made a masked BN→ReLU unit output exactly 0, at the ReLU's kink
+(PyTorch's relu'(0) = 0), so no loss gradient reached its mask and only λ moved it: such a unit never
+came back (half the units of ``small-resnet``). With β left alone the masked unit outputs relu(β), and
+``∂L/∂ŵ = Σ g_y·x̂`` is non-zero whenever the ReLU after it is active (β > 0, or the residual stream
+it is added to is positive). Measured on the default job (``hwprune fit --target host-cpu --sparsity
+0.5 --method autoprune --no-latency``): with γ and β gated 0 of the 251 units ever masked came back;
+with γ alone 55 of 243 did (42 in the two BN→ReLU layers, 13 in the first residual stream), and the
+accuracy around the projection went 98.3% → 97.2% instead of 99.2% → 93.3% (99.4% after fine-tuning
+either way, within one test image; docs/methods.md has the table).
 
 The update rules are separate (§3.4):
 
@@ -16,25 +27,37 @@ STE′ (``ste``): ``linear`` 1; ``leaky`` 1 for m > 0 and ``slope`` below; ``sof
 
 Recoverability: a masked unit still has a loss gradient ``g_ŵ`` (ŵ = 0 but ∂L/∂ŵ ≠ 0), and every
 STE here has a non-zero slope below 0, so m climbs back when the loss wants the unit, and the unit
-returns with the weights it had: while a unit is masked its weights (producers, the layer before its
-BN, its readers' input slices) are held at their values from the moment it was masked, so neither
-momentum nor weight decay moves them. The limit: a unit whose BN output goes straight into a ReLU
-sits, masked, at the ReLU's kink (PyTorch's relu'(0) = 0), gets no loss gradient and only λ moves its
-mask; units of residual streams (the add comes before the ReLU) and units read without a ReLU recover.
+returns with the weights it had: while a unit is masked its weights (producers — γ and β, so its
+constant stays the one it had —, the layer before its BN, its readers' input slices) are held at their
+values from the moment it was masked, so neither momentum nor weight decay moves them. What is left
+of the limit: a masked unit whose constant sits at or below a ReLU's kink (β ≤ 0 straight into a
+ReLU, or a bias-free conv/linear without a BN) still gets no loss gradient, and only λ moves its mask.
 
 λ is adapted along the sparsity schedule on the fraction of units with m ≤ 0 — the natural removal
 set — by a :class:`~hwprune.regularizers.pacing.PacedController`; the projection then meets the
-budget exactly (scores are exp(m)). At finalize ŵ = w·h(m) is written into the weights.
+budget exactly (scores are exp(m)).
 
-The masks' own optimizer is Adam (``m_lr`` 0.02). The sign-rule sums have any magnitude (2 entries for
-a BN unit, thousands for a conv row, and they grow a hundredfold once units switch off and the loss
-rises), so plain SGD on m (``m_optimizer=sgd``, the paper's literal ``m ← m − η_m·g_m``) needs a
-learning rate per model: calibrated on the first step of a trained network, it sent 70% of the masks
-below zero within 50 steps at any λ and blew others up to m ≈ 35. With Adam a mask moves about
-``m_lr`` per step in the direction of ``g_m``, so λ decides which masks fall — those whose loss
-gradient defends them less than λ — and a unit needs about m_init/m_lr = 25 steps to switch off. The
-start λ is calibrated on the first step to a tenth of the median unit's loss gradient (a fixed start
-was already above the defence of 60% of the units on the default run).
+Finalize: the projection's ``keep`` decides, not the sign of m. A kept unit comes back with its held
+weights (ŵ = w, also where m ≤ 0). A removed unit with m ≤ 0 outputs a constant that the layers after
+it have learnt to use; removing it silently would change the function, so its γ (or rows) is set to 0
+— the model then computes what the masked model computed — and its constant is folded into the
+readers' biases or the running means of the BNs after them by
+:func:`~hwprune.regularizers.fold.fold_removed_constants`, the fold ``ista-bn`` uses (a removed unit
+with m > 0, which the budget took, is replaced by its mean, as there). The masked model and the sliced
+model then compute the same function, exactly for 1x1 convolutions and linear readers, in the
+interior only for a k×k reader with zero padding (the border taps see padding, not the constant).
+The means are measured on the last recorded training batch with the BNs on its own statistics: the
+kept units that come back make the running averages after them stale (see :meth:`AutoPrune.finalize`).
+
+The masks' own optimizer is Adam (``m_lr`` 0.02). The sign-rule sums have any magnitude (one entry
+for a BN unit, its γ; thousands for a conv row, and they grow a hundredfold once units switch
+off and the loss rises), so plain SGD on m (``m_optimizer=sgd``, the paper's literal
+``m ← m − η_m·g_m``) needs a learning rate per model: calibrated on the first step of a trained
+network, it sent 70% of the masks below zero within 50 steps at any λ and blew others up to m ≈ 35.
+With Adam a mask moves about ``m_lr`` per step in the direction of ``g_m``, so λ decides which masks
+fall — those whose loss gradient defends them less than λ — and a unit needs about m_init/m_lr = 25
+steps to switch off. The start λ is calibrated on the first step to a tenth of the median unit's loss
+gradient (a fixed start was already above the defence of 60% of the units on the default run).
 """
 
 from __future__ import annotations
@@ -49,9 +72,11 @@ from torch import nn
 from ..errors import HwpruneError
 from ..groups import CONSUMER, NORMALIZED, PRODUCER, get_tensor
 from .base import MinWidthGuard, RegContext, Regularizer, register
+from .fold import FoldReport, InputRecorder, bn_after, fold_removed_constants
 from .pacing import PacedController
 
 STES = ("leaky", "softplus", "linear")
+GATED = "weight"  # BN γ, or the rows of a conv/linear: the mask scales a unit, its β / bias stay
 M_OPTIMIZERS = ("adam", "sgd")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -191,17 +216,22 @@ class AutoPrune(Regularizer):
         self._name_of = {id(ctx.model.get_submodule(n)): n for n in self.layers}  # hooks see modules
         self._hooks: list = []
         self._stash: dict[int, tuple[torch.Tensor, torch.Tensor, list]] = {}
+        # finalize folds the constants of removed units into their readers, on recorded training inputs
+        self.bn_of = bn_after(ctx.model)
+        self.recorder = InputRecorder(ctx.model)
+        self.fold_report: FoldReport | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     def attach(self, resumed: bool = False) -> None:
         if not self._hooks:
             for name in self.layers:
                 self._hooks.append(self.ctx.model.get_submodule(name).register_forward_hook(self._gated_forward))
+        self.recorder.attach()
         self._snapshot()
 
-    def _masked(self, module: nn.Module, name: str, param: str):
-        t = getattr(module, param, None)
-        gid = self.layers[name].get(param)
+    def _masked(self, module: nn.Module, name: str):
+        t = getattr(module, GATED, None)
+        gid = self.layers[name].get(GATED)
         if t is None or gid is None:
             return t
         return _Masked.apply(t, self.m, gid, 0, self.config.ste, self.config.slope)
@@ -209,7 +239,7 @@ class AutoPrune(Regularizer):
     def _gated_forward(self, module, inputs, output):
         name = self._name_of[id(module)]
         x = inputs[0]
-        w, b = self._masked(module, name, "weight"), self._masked(module, name, "bias")
+        w, b = self._masked(module, name), module.bias  # β / the bias are not gated (module docstring)
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return _bn_forward(module, x, w, b)
         if isinstance(module, _CONVS):
@@ -240,11 +270,46 @@ class AutoPrune(Regularizer):
         self.calibrated = True
 
     def finalize(self, groups, keep) -> None:
+        """The projection's ``keep`` decides: kept units come back with their held weights (ŵ = w, also
+        where m ≤ 0); removed units get the function the masked model had, then their constant is folded
+        into the layers that read them (the pipeline masks and slices them next)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        with torch.no_grad():
-            self.index.scale_((self.m > 0).to(torch.float32), roles=(PRODUCER,))  # ŵ = w·h(m), for good
+        self.recorder.detach()
+        removed = ~self.index.keep_from_plan(keep)
+        # A removed unit with m ≤ 0 output its β (or its bias) while masked: γ = 0 makes the plain model
+        # compute that again, so the fold measures the constant the later layers learnt to use.
+        self._scale_gated(torch.where(removed & (self.m.detach().cpu() <= 0), 0.0, 1.0))
+        # A collective under torchrun (and so is the measurement below, through the synced BNs): every
+        # rank calls both and gets the same inputs, hence the same fold.
+        inputs = self.recorder.global_inputs()
+        if inputs is not None:
+            # The channel means are measured with the BNs on batch statistics: the kept units with m ≤ 0
+            # are back on, and the running averages after them, gathered while they were off, are stale
+            # until the pipeline re-estimates them after masking. Measured with those stale averages the
+            # means of the removed active units were wrong, and the fold into the classifier's bias took
+            # the default run from 98.3% to 12.2% after the projection (92% without the fold, 97% with
+            # batch statistics). Constant units (γ = 0) give the same constant either way.
+            # Readers it cannot fold into (grouped convs, layers with neither a bias nor a BN after them)
+            # are listed in ``fold_report.unfolded``: there the constant is dropped with the unit, as
+            # masking always did, and fine-tuning has to absorb it. Without recorded inputs (no
+            # regularized step ran, so no mask fell) the removed units are dropped the same way.
+            self.fold_report = fold_removed_constants(self.ctx.model, self.index, removed, inputs, self.bn_of,
+                                                      batch_statistics=True)
+
+    @torch.no_grad()
+    def _scale_gated(self, factors: torch.Tensor) -> None:
+        """Multiply the gated tensor (γ, or a layer's rows) of each unit by ``factors[unit]`` in place."""
+        f = torch.cat([factors.to(torch.float32), torch.ones(1)])
+        for name, params in self.layers.items():
+            gid = params.get(GATED)
+            t = getattr(self.ctx.model.get_submodule(name), GATED, None)
+            if gid is None or t is None:
+                continue
+            shape = [1] * t.dim()
+            shape[0] = -1
+            t.mul_(f[gid.cpu()].to(device=t.device, dtype=t.dtype).view(shape))
 
     # --- holding the weights of masked units -----------------------------------------------------
     def _tensors(self):
@@ -289,7 +354,7 @@ class AutoPrune(Regularizer):
 
     def state_dict(self) -> dict:
         return {"strength": self.strength, "m": self.m.detach().clone(), "m_opt": self.m_opt.state_dict(),
-                "calibrated": self.calibrated}
+                "calibrated": self.calibrated, "inputs": self.recorder.inputs}
 
     def load_state_dict(self, state: dict) -> None:
         self.strength = float(state["strength"])
@@ -297,3 +362,5 @@ class AutoPrune(Regularizer):
             self.m.copy_(state["m"])
         self.m_opt.load_state_dict(state["m_opt"])
         self.calibrated = bool(state.get("calibrated", True))
+        if state.get("inputs") is not None:
+            self.recorder.inputs = state["inputs"]

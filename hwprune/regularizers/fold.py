@@ -244,15 +244,27 @@ class ChannelMoments:
 
 
 @torch.no_grad()
-def channel_stats(model: nn.Module, layers: list[str], inputs: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def channel_stats(model: nn.Module, layers: list[str], inputs: torch.Tensor,
+                  batch_statistics: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(mean, std) of each input channel of ``layers`` (dim 1 for convs, the last dim for linears) over
-    ``inputs`` in evaluation mode."""
+    ``inputs`` in evaluation mode.
+
+    ``batch_statistics``: the BatchNorms normalize with the statistics of ``inputs`` instead of their
+    running averages (what re-estimating those averages would give), and their buffers are restored
+    afterwards. For a model whose running averages are stale (units switched back on at finalize)."""
     was = [(m, m.training) for m in model.modules()]
     model.eval()
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_statistics else []
+    saved = [(m, [(b, b.clone()) for b in m.buffers(recurse=False)]) for m in bns]
+    for m in bns:
+        m.train()
     try:
         with ChannelMoments(model, layers) as moments:
             model(inputs)
     finally:
+        for _, buffers in saved:
+            for b, before in buffers:
+                b.copy_(before)
         for m, t in was:
             m.train(t)
     return moments.stats()
@@ -261,7 +273,8 @@ def channel_stats(model: nn.Module, layers: list[str], inputs: torch.Tensor) -> 
 @torch.no_grad()
 def fold_removed_constants(model: nn.Module, index: UnitIndex, removed: torch.Tensor, inputs: torch.Tensor | None,
                            bn_of: dict[str, str] | None = None,
-                           stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> FoldReport:
+                           stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                           batch_statistics: bool = False) -> FoldReport:
     """Fold what the removed units carry into the layers that read them (METHODS.md §4.4).
 
     ``removed``: a boolean per unit. For each reading layer (a consumer: conv with ``groups == 1`` or
@@ -269,8 +282,8 @@ def fold_removed_constants(model: nn.Module, index: UnitIndex, removed: torch.Te
     the running mean of the BatchNorm right after it (``bn_of``, see :func:`bn_after`). Call it before
     the removed units are masked; afterwards the masked model computes what the model computed before
     (exactly for 1x1 convs and linear layers when the removed channels are constant). The channel
-    means come from ``inputs`` (run through the model), or from ``stats`` measured beforehand
-    (:class:`ChannelMoments`).
+    means come from ``inputs`` (run through the model; ``batch_statistics``: see :func:`channel_stats`),
+    or from ``stats`` measured beforehand (:class:`ChannelMoments`).
 
     Example:
         >>> report = fold_removed_constants(net, index, ~keep, x, bn_after(net))   # doctest: +SKIP
@@ -290,7 +303,7 @@ def fold_removed_constants(model: nn.Module, index: UnitIndex, removed: torch.Te
         if bool(sel.any()):
             readers[module] = sel
     if stats is None:
-        stats = channel_stats(model, list(readers), inputs)
+        stats = channel_stats(model, list(readers), inputs, batch_statistics)
     for module, sel in readers.items():
         layer = model.get_submodule(module)
         if getattr(layer, "groups", 1) != 1 or module not in stats:
