@@ -21,7 +21,6 @@ import copy
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hwprune.clock import take_turns, wall_clock, warm_up  # noqa: E402
 from hwprune.export.onnx import export_onnx, ort_session  # noqa: E402
 from hwprune.graph import discover_groups  # noqa: E402
 from hwprune.models import build_model  # noqa: E402
@@ -76,21 +76,9 @@ def time_all(calls: dict, blocks: dict, warmup: int, rounds: int, per_round: int
     """Median ms per call. ``calls`` are timed one call at a time from Python; ``blocks`` time a block of
     calls themselves (TVM's time_evaluator, one call per sample) and return the per-call ms. All take
     turns in the same rounds. Medians, not means: on a loaded machine a mean includes preemptions."""
-    for f in calls.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in list(calls) + list(blocks)}
-    keys = list(calls) + list(blocks)
-    for r in range(rounds):
-        for k in keys if r % 2 == 0 else keys[::-1]:
-            if k in blocks:
-                times[k].extend(blocks[k]())
-                continue
-            f = calls[k]
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                f()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+    warm_up(calls.values(), warmup)
+    samplers = {**{k: wall_clock(f) for k, f in calls.items()}, **{k: (lambda n, b=b: b()) for k, b in blocks.items()}}
+    times = take_turns(samplers, rounds * per_round, per_round)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 

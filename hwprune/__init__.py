@@ -2,7 +2,8 @@
 
     >>> import hwprune
     >>> target = hwprune.load_target("host-cpu")
-    >>> result = hwprune.fit(model, train_loader, target=target, sparsity=0.7, test_loader=test_loader)  # doctest: +SKIP
+    >>> result = hwprune.fit(model, train_loader, target=target, sparsity=0.7, test_data=test_loader)  # doctest: +SKIP
+    >>> again = hwprune.hf.from_pretrained("minilm-pruned")  # a sliced transformer saved with save_pretrained  # doctest: +SKIP
 
 Heavy backends (onnxruntime, TVM, matplotlib) are imported only when used, so ``import hwprune`` is fast.
 """
@@ -25,10 +26,17 @@ _LAZY = {
     "mask_model": ("hwprune.slicing", "mask_model"),
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+# submodules reachable as attributes of ``hwprune`` without an import of their own (documented entry points)
+_SUBMODULES = {"hf": "hwprune.hf"}
+
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        module = import_module(_SUBMODULES[name])
+        globals()[name] = module
+        return module
     if name in _LAZY:
         module, attr = _LAZY[name]
         value = getattr(import_module(module), attr)

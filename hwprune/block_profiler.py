@@ -8,7 +8,7 @@ then the hand-written BSR kernel) with a random weight and a random block mask t
 ``max(1, round(density * blocks))`` blocks; all points are compiled in one module for the target's
 TVM target. The dense layer runs on the runtime of the width profile (onnxruntime's one-layer model,
 or the hand-scheduled TVM kernel of :mod:`hwprune.tvm_dense`). All calls take turns in the rounds of
-:func:`hwprune.profiler._rounds`; ms = median wall time of a call minus that of a trivial call of the
+:func:`hwprune.profiler.median_ms`; ms = median wall time of a call minus that of a trivial call of the
 same runtime.
 
 Only this machine: a remote device would need the dense reference and the rounds over RPC (not built).
@@ -32,7 +32,7 @@ import numpy as np
 from .errors import ProfileError
 from .profile_blocks import RUNTIME, BlockSection, BlockTable, block_key
 from .profile_format import Profile
-from .profiler import ProfileSettings, _rounds, _say, _versions, machine_info
+from .profiler import ProfileSettings, median_ms, say, library_versions, machine_info
 from .target import Target, host_description
 
 DEFAULT_DENSITIES = (0.1, 0.3, 0.5, 0.7, 1.0)
@@ -95,13 +95,13 @@ def plan_block_shapes(models, target: Target, densities, batch: int, existing: B
     """The sparse layer shapes of ``models`` (``[(model, example, model_name, data_name)]``), deduplicated:
     ``{key: _Shape}``. With ``existing``, a shape it already has is re-measured at the union of densities."""
     from .blocks import block_groups
-    from .cost import _layer_calls
+    from .cost import layer_calls
     from .sparse.bsr import conv_geometry
 
     shapes: dict[str, _Shape] = {}
     for model, example, model_name, _ in models:
         groups, _ = block_groups(model, example, target)
-        calls = {name: (m, ins, outs) for name, m, ins, outs in _layer_calls(model, (example,))}
+        calls = {name: (m, ins, outs) for name, m, ins, outs in layer_calls(model, (example,))}
         for g in groups:
             if g.name not in calls:
                 raise ProfileError(f"layer '{g.name}' of {model_name}: not called in a forward pass on the example "
@@ -175,14 +175,14 @@ def _dense_calls(shapes, target: Target, runtime: str, batch: int, rng, progress
         from onnx import helper
 
         from .latency import provider_note
-        from .profiler import _onnx_layer, _onnx_model
+        from .profiler import onnx_layer, onnx_model
 
         providers, _ = provider_note(target)
         so = ort.SessionOptions()
         if target.onnxruntime.threads:
             so.intra_op_num_threads, so.inter_op_num_threads = target.onnxruntime.threads, 1
-        blobs = {key: _onnx_layer(s.op, s.shape, s.widths, batch, rng) for key, s in shapes.items()}
-        blobs["overhead"] = (_onnx_model([helper.make_node("Relu", ["x"], ["y"])], [], (batch, 8)),
+        blobs = {key: onnx_layer(s.op, s.shape, s.widths, batch, rng) for key, s in shapes.items()}
+        blobs["overhead"] = (onnx_model([helper.make_node("Relu", ["x"], ["y"])], [], (batch, 8)),
                              {"x": np.ones((batch, 8), np.float32)})
         used = None
         for key, (blob, feed) in blobs.items():
@@ -202,7 +202,7 @@ def _dense_calls(shapes, target: Target, runtime: str, batch: int, rng, progress
     keys = list(shapes)
     mod, in_shapes = layer_module([(shapes[k].op, shapes[k].shape, shapes[k].widths) for k in keys], batch=batch,
                                   lanes=lanes, parallel=target.onnxruntime.threads != 1)
-    _say(progress, f"[profile] compiling {len(keys)} dense TVM layers")
+    say(progress, f"[profile] compiling {len(keys)} dense TVM layers")
     ex, _ = tvm_build.compile_relax(mod, target)
     vm = tvm_build.virtual_machine(ex)
     for name, shp in in_shapes.items():
@@ -262,7 +262,7 @@ def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     mod, points = _bsr_module(shapes, rng)
-    _say(progress, f"[profile] compiling {len(points)} BSR functions ({len(shapes)} sparse layer shapes) for "
+    say(progress, f"[profile] compiling {len(points)} BSR functions ({len(shapes)} sparse layer shapes) for "
          f"{tvm_build.target_dict(target)}")
     ex, seconds = tvm_build.compile_relax(mod, target)
     vm = tvm_build.virtual_machine(ex)
@@ -274,8 +274,8 @@ def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES
     calls[("bsr", "overhead")] = lambda: f_over(a_over)
     dense, dense_label = _dense_calls(shapes, target, runtime, batch, rng, progress)
     calls.update({("dense", k): f for k, f in dense.items()})
-    _say(progress, f"[profile] timing {len(calls)} functions in {settings.rounds} rounds")
-    ms = _rounds(calls, settings)
+    say(progress, f"[profile] timing {len(calls)} functions in {settings.rounds} rounds")
+    ms = median_ms(calls, settings)
     bsr_over, dense_over = ms[("bsr", "overhead")], ms[("dense", "overhead")]
     tables = dict(old.tables) if old is not None else {}
     for key, s in shapes.items():
@@ -309,7 +309,7 @@ def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES
         "build_seconds": round(seconds, 2), "models": models_info,
     }
     section = BlockSection(tables, RUNTIME, dense_label, info)
-    _say(progress, f"[profile] measured {len(points)} BSR points and {len(shapes)} dense layers in "
+    say(progress, f"[profile] measured {len(points)} BSR points and {len(shapes)} dense layers in "
          f"{time.perf_counter() - t0:.1f} s")
     if existing is not None:
         prof = copy.copy(existing)
@@ -318,7 +318,7 @@ def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES
     return Profile(
         target=target.name, created=info["created"], machine=machine_info(None, target),
         measured_on=f"this machine: {host_description()}, {platform.node()}", on_target_device=True,
-        runtime={"name": runtime, "label": dense_label}, libraries=_versions(), batch_size=batch,
+        runtime={"name": runtime, "label": dense_label}, libraries=library_versions(), batch_size=batch,
         warmup=settings.warmup, repeats=settings.repeats, call_overhead_ms=dense_over, layers={},
         statistic="no width tables yet (hwprune profile --target TARGET --append adds them); see blocks.statistic",
         models=[], blocks=section,

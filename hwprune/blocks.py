@@ -40,13 +40,13 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ModelError, PlanError
-from .groups import PRODUCER, get_tensor
+from .groups import PRODUCER, KeepCounts, get_tensor
 
 LAYER_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv"}
 
 
 @dataclass(eq=False)
-class BlockGroup:
+class BlockGroup(KeepCounts):
     """The blocks of one layer's weight matrix: the units of one group.
 
     ``matrix`` is ``(O, K)``, ``block`` ``(R, C)``; unit ``u`` is block ``(u // Kb, u % Kb)``.
@@ -89,25 +89,6 @@ class BlockGroup:
     @property
     def layer_kinds(self) -> frozenset[str]:
         return frozenset({self.layer_kind})
-
-    @property
-    def prunable(self) -> bool:
-        return self.blocked is None and self.min_keep < self.size
-
-    @property
-    def min_keep(self) -> int:
-        """At least one block stays: a layer is never removed."""
-        return min(max(1, self.multiple), self.size)
-
-    def allowed_keep_counts(self) -> list[int]:
-        counts = list(range(self.min_keep, self.size + 1, self.multiple))
-        if counts[-1] != self.size:
-            counts.append(self.size)
-        return counts
-
-    def round_keep(self, count: float) -> int:
-        allowed = np.asarray(self.allowed_keep_counts())
-        return int(allowed[np.argmin(np.abs(allowed - count) - 1e-9 * allowed)])
 
     @property
     def signature(self) -> list[str]:

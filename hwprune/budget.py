@@ -19,12 +19,16 @@ ceiling, met within 1% below it where reachable. :attr:`Projection.status` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .cost import CostModel
 from .errors import BudgetError
 from .groups import Group
+
+if TYPE_CHECKING:
+    from .allocation import AllocationConfig
 
 KINDS = ("sparsity", "flops", "params", "latency", "speedup")
 DEFAULT_ALLOCATION = "global"  # the policy that won docs/benchmarks.md's allocation comparison

@@ -68,7 +68,7 @@ class CostModel:
         return self.A.T @ grad
 
 
-def _vars_from_groups(groups: list[Group]):
+def width_variables(groups: list[Group]):
     """Variables (module, param, dim) touched by groups, their fixed counts, and the A matrix."""
     prunable = [g for g in groups if g.prunable]
     offsets = np.concatenate([[0], np.cumsum([g.size for g in prunable])]).astype(np.int64)
@@ -96,7 +96,7 @@ def _vars_from_groups(groups: list[Group]):
     return var_index, A, fixed, full
 
 
-def _layer_calls(model: nn.Module, example_inputs) -> list[tuple[str, nn.Module, tuple, tuple]]:
+def layer_calls(model: nn.Module, example_inputs) -> list[tuple[str, nn.Module, tuple, tuple]]:
     """(name, module, input shape, output shape) of every conv / linear call in one forward pass."""
     calls = []
     hooks = []
@@ -126,7 +126,7 @@ def flops_model(model: nn.Module, example_inputs, groups: list[Group]) -> CostMo
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    var_index, A, fixed, _ = _vars_from_groups(groups)
+    var_index, A, fixed, _ = width_variables(groups)
     batch = example_inputs[0].shape[0]
     coeff, v1, v2 = [], [], []
     constant = 0.0
@@ -134,7 +134,7 @@ def flops_model(model: nn.Module, example_inputs, groups: list[Group]) -> CostMo
     def var(name, dim):
         return var_index.get((name, "weight", dim), -1)
 
-    for name, m, ins, outs in _layer_calls(model, example_inputs):
+    for name, m, ins, outs in layer_calls(model, example_inputs):
         if isinstance(m, nn.Linear):
             tokens = int(np.prod(outs[:-1])) / batch
             a, b = var(name, 0), var(name, 1)
@@ -163,7 +163,7 @@ def flops_model(model: nn.Module, example_inputs, groups: list[Group]) -> CostMo
 
 def params_model(model: nn.Module, groups: list[Group]) -> CostModel:
     """Number of parameters as a function of the kept units."""
-    var_index, A, fixed, full = _vars_from_groups(groups)
+    var_index, A, fixed, full = width_variables(groups)
     coeff, v1, v2 = [], [], []
     constant = 0.0
     for mname, module in model.named_modules():

@@ -38,5 +38,18 @@ class RuntimeUnavailable(HwpruneError):
     """The target's runtime or device cannot be reached from this machine."""
 
 
+class TvmUnavailable(RuntimeUnavailable):
+    """TVM is not installed (it is an optional extra)."""
+
+
 class ProfileError(HwpruneError):
     """A latency profile that is missing, malformed, or does not cover the model (names file and key)."""
+
+
+class ExportError(HwpruneError):
+    """A run folder that cannot be exported as asked."""
+
+
+class DivergedError(HwpruneError):
+    """Training diverged (the loss or the unit scores became NaN or infinite, or a layer collapsed); the
+    last good checkpoint is kept."""

@@ -43,8 +43,39 @@ class Member:
         return f"{self.module}.{self.param}:{self.dim}" if self.module else f"{self.param}:{self.dim}"
 
 
+class KeepCounts:
+    """What the hardware lets a group keep, from its ``size``, ``multiple`` and ``blocked`` (shared by
+    channel groups and weight-block groups, :class:`hwprune.blocks.BlockGroup`)."""
+
+    size: int
+    multiple: int
+    blocked: str | None
+
+    @property
+    def prunable(self) -> bool:
+        """Not blocked, and the hardware multiple leaves room to remove something."""
+        return self.blocked is None and self.min_keep < self.size
+
+    @property
+    def min_keep(self) -> int:
+        """Fewest units that may remain: one multiple, never zero (a layer is never removed)."""
+        return min(max(1, self.multiple), self.size)
+
+    def allowed_keep_counts(self) -> list[int]:
+        """Kept counts the hardware allows, ascending: multiples of ``multiple`` and the full size."""
+        counts = list(range(self.min_keep, self.size + 1, max(1, self.multiple)))
+        if counts[-1] != self.size:
+            counts.append(self.size)
+        return counts
+
+    def round_keep(self, count: float) -> int:
+        """The allowed kept count closest to ``count`` (ties keep more)."""
+        allowed = np.asarray(self.allowed_keep_counts())
+        return int(allowed[np.argmin(np.abs(allowed - count) - 1e-9 * allowed)])
+
+
 @dataclass(eq=False)
-class Group:
+class Group(KeepCounts):
     """Units that share the same members, e.g. all channels of one residual stream.
 
     ``multiple``: kept counts must be multiples of it (or the full size); ``blocked``: why the group is
@@ -59,28 +90,6 @@ class Group:
     blocked: str | None = None
     kind: str = "channels"
     layers: tuple[str, ...] = field(default=())
-
-    @property
-    def prunable(self) -> bool:
-        """Not blocked, and the hardware multiple leaves room to remove something."""
-        return self.blocked is None and self.min_keep < self.size
-
-    @property
-    def min_keep(self) -> int:
-        """Fewest units that may remain: one multiple, never zero."""
-        return min(self.multiple, self.size)
-
-    def allowed_keep_counts(self) -> list[int]:
-        """Kept counts the hardware allows, ascending: multiples of ``multiple`` and the full size."""
-        counts = list(range(self.min_keep, self.size + 1, self.multiple))
-        if counts[-1] != self.size:
-            counts.append(self.size)
-        return counts
-
-    def round_keep(self, count: float) -> int:
-        """The allowed kept count closest to ``count`` (ties keep more)."""
-        allowed = np.asarray(self.allowed_keep_counts())
-        return int(allowed[np.argmin(np.abs(allowed - count) - 1e-9 * allowed)])
 
     @property
     def signature(self) -> list[str]:

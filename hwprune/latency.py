@@ -11,11 +11,11 @@ this machine and every label says so: hwprune never passes one machine off as an
 from __future__ import annotations
 
 import platform
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .clock import take_turns, wall_clock
 from .target import Target, host_description
 
 BLOCK = 10  # consecutive timed calls of one model before the next model's turn
@@ -82,21 +82,7 @@ def interleaved_times(calls: dict, repeats: int, block: int = BLOCK) -> dict[str
         >>> len(t["a"]), len(t["b"])
         (20, 20)
     """
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    names = list(calls)
-    block = max(1, min(block, repeats))
-    done, r = 0, 0
-    while done < repeats:
-        n = min(block, repeats - done)
-        for k in names if r % 2 == 0 else names[::-1]:
-            calls[k]()
-            for _ in range(n):
-                t0 = time.perf_counter()
-                calls[k]()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        done += n
-        r += 1
-    return times
+    return take_turns({k: wall_clock(f, untimed_first=True) for k, f in calls.items()}, repeats, block)
 
 
 def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: int | None = None,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from .cost import _layer_calls, _vars_from_groups
+from .cost import layer_calls, width_variables
 from .errors import ProfileError
 from .groups import Group
 
@@ -78,10 +78,10 @@ def layer_uses(model: nn.Module, example, groups: list[Group]):
     Grouped convolutions other than depthwise have no profile op and are an error naming the layer.
     """
     example = example if isinstance(example, tuple) else (example,)
-    var_index, A, fixed, full = _vars_from_groups(groups)
+    var_index, A, fixed, full = width_variables(groups)
     full_counts = fixed + np.asarray(A.sum(axis=1)).ravel()
     uses = []
-    for name, m, ins, outs in _layer_calls(model, example):
+    for name, m, ins, outs in layer_calls(model, example):
         if isinstance(m, nn.Linear):
             op, shape, dims = "linear", {}, (1, 0)
             widths = (m.in_features, m.out_features)

@@ -19,7 +19,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +29,10 @@ import torch
 from torch import nn
 
 from . import __version__, distributed
-from .budget import Budget, Projection, check_budget, project
+from .budget import Budget, check_budget, project
 from .checkpoint import Checkpointer
 from .cost import count_flops, count_params, flops_model, params_model
-from .errors import BudgetError, CheckpointError, HwpruneError
+from .errors import BudgetError, CheckpointError, DivergedError, HwpruneError
 from .graph import discover_groups
 from .groups import UnitIndex
 from .plan import GRANULARITIES, Plan, apply_plan
@@ -43,7 +42,7 @@ from .slicing import mask_model, reinitialize, slice_model
 from .target import Target, load_target
 from .tasks import ClassificationTask, Task
 from .tasks.base import as_args
-from .train import DivergedError, TrainSettings, cosine_lr
+from .train import TrainSettings, cosine_lr
 
 
 @dataclass
@@ -273,6 +272,7 @@ class _Run:
             "stage": "dense", "epoch": 0, "history": [], "acc": {}, "plan": None, "projection": None,
             "norms_before": None, "norms_after": None, "dense_model": None, "regularizer": None,
             "target_fraction": None, "zero_fraction": None, "finetune_plan": None, "seconds": 0.0,
+            "stage_plan": None,  # the allocation planned at the start of the regularized stage
         }
 
     # --- helpers -------------------------------------------------------------------------------
@@ -501,19 +501,24 @@ class _Run:
         cost = self.cost_model(self.model, groups)
         # How many units does the budget remove? Project once with the current norms (sensitivity curves are
         # measured on the trained model at the projection; the global solver estimates the count before).
-        allocation = self.allocation(None)
-        if allocation.policy == "sensitivity":
-            allocation = dataclasses.replace(allocation, policy="global")
-        proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost, allocation=allocation)
+        # Planned once, with the norms at the stage's start, and kept in the checkpoint: a resumed stage
+        # must not re-plan from half-trained norms.
+        plan = self.state.get("stage_plan")
+        if plan is None:
+            allocation = self.allocation(None)
+            if allocation.policy == "sensitivity":
+                allocation = dataclasses.replace(allocation, policy="global")
+            proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost, allocation=allocation)
+            plan = {"removed_units": proj.removed_units, "keep": [len(proj.keep[g.name]) for g in index.groups]}
+            self.state["stage_plan"] = plan
         # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
         unit_costs = (cost.unit_savings(np.ones(index.n_units))
                       if cost is not None and cost.name in ("flops", "latency") else None)
         steps = self.config.epochs_regularize * self.task.steps_per_epoch(self.config.train)
-        target_fraction = proj.removed_units / max(index.n_units, 1)
+        target_fraction = plan["removed_units"] / max(index.n_units, 1)
         schedule = SparsitySchedule(target_fraction, steps)
-        ctx = RegContext(self.model, index, keep_units=index.n_units - proj.removed_units, unit_costs=unit_costs,
-                         total_steps=steps, schedule=schedule,
-                         planned_keep=[len(proj.keep[g.name]) for g in index.groups] if not self.blocks else None)
+        ctx = RegContext(self.model, index, keep_units=index.n_units - plan["removed_units"], unit_costs=unit_costs,
+                         total_steps=steps, schedule=schedule, planned_keep=None if self.blocks else plan["keep"])
         reg = build_regularizer(self.config.method, ctx, self.config.method_options)
         adaptive = getattr(reg.config, "adaptive", False) and not reg.solves_strength
         controller = StrengthController(schedule, max_step=reg.controller_max_step) if adaptive else None

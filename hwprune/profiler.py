@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .clock import take_turns, wall_clock, warm_up
 from .errors import ProfileError
 from .graph import discover_groups
-from .layer_shapes import LayerUse, layer_uses
+from .layer_shapes import layer_uses
 from .profile_format import LayerTable, Profile
 from .remote import RemoteSpec
 from .target import Target, host_description
@@ -95,8 +96,8 @@ def _points(tables):
 
 # --- onnxruntime ------------------------------------------------------------------------------------
 
-def _onnx_layer(op: str, shape: dict, counts, batch: int, rng) -> tuple[bytes, dict]:
-    from onnx import TensorProto, helper, numpy_helper
+def onnx_layer(op: str, shape: dict, counts, batch: int, rng) -> tuple[bytes, dict]:
+    from onnx import helper, numpy_helper
 
     def init(name, shp):
         return numpy_helper.from_array((rng.standard_normal(shp) * 0.1).astype(np.float32), name)
@@ -116,10 +117,10 @@ def _onnx_layer(op: str, shape: dict, counts, batch: int, rng) -> tuple[bytes, d
         nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs), helper.make_node("Relu", ["c"], ["y"])]
         inits = [init("w", (cout, cin // groups, kh, kw)), init("b", (cout,))]
         x_shape = (batch, cin, h, w)
-    return _onnx_model(nodes, inits, x_shape), {"x": rng.standard_normal(x_shape).astype(np.float32)}
+    return onnx_model(nodes, inits, x_shape), {"x": rng.standard_normal(x_shape).astype(np.float32)}
 
 
-def _onnx_model(nodes, inits, x_shape) -> bytes:
+def onnx_model(nodes, inits, x_shape) -> bytes:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
@@ -154,17 +155,17 @@ def _measure_ort(tables, target: Target, settings: ProfileSettings, batch: int, 
             return ort.InferenceSession(blob, so, providers=providers)
 
         for key, idx, op, shape, counts in _points(tables):
-            blob, feed = _onnx_layer(op, shape, counts, batch, rng)
+            blob, feed = onnx_layer(op, shape, counts, batch, rng)
             runs[(key, idx)] = (session(blob, True), feed)
-        overhead_blob = _onnx_model([helper.make_node("Relu", ["x"], ["y"])], [], (batch, 8))
+        overhead_blob = onnx_model([helper.make_node("Relu", ["x"], ["y"])], [], (batch, 8))
         runs[("overhead", ())] = (session(overhead_blob, False), {"x": np.ones((batch, 8), np.float32)})
-        _say(progress, f"[profile] {len(runs) - 1} one-layer onnxruntime sessions, {settings.rounds} rounds")
+        say(progress, f"[profile] {len(runs) - 1} one-layer onnxruntime sessions, {settings.rounds} rounds")
 
         def call(k):
             sess, feed = runs[k]
             return lambda: sess.run(None, feed)
 
-        wall = _rounds({k: call(k) for k in runs}, settings)
+        wall = median_ms({k: call(k) for k in runs}, settings)
         samples = {("overhead", ()): wall[("overhead", ())]}
         for k, (sess, _) in runs.items():
             if k != ("overhead", ()):
@@ -198,21 +199,11 @@ def _node_ms(trace_file: str, warmup: int) -> float:
     return float((mid if mid.size else durs).mean()) / 1e3
 
 
-def _rounds(calls: dict, settings: ProfileSettings) -> dict:
-    """Median ms per key: warm-up, then ``rounds`` passes over all keys (direction alternating)."""
-    for f in calls.values():
-        for _ in range(settings.warmup):
-            f()
+def median_ms(calls: dict, settings: ProfileSettings) -> dict:
+    """Median ms per key: warm-up, then ``settings.rounds`` turns over all keys (:func:`hwprune.clock.take_turns`)."""
+    warm_up(calls.values(), settings.warmup)
     per_round = max(1, -(-settings.repeats // settings.rounds))
-    times = {k: [] for k in calls}
-    keys = list(calls)
-    for r in range(settings.rounds):
-        for k in keys if r % 2 == 0 else keys[::-1]:
-            f = calls[k]
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                f()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+    times = take_turns({k: wall_clock(f) for k, f in calls.items()}, per_round * settings.rounds, per_round)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -222,7 +213,7 @@ def _measure_tvm(tables, target: Target, settings: ProfileSettings, batch: int, 
     import tvm
 
     from . import tvm_build
-    from .remote import RemoteSession, time_vms
+    from .remote import RemoteSession
     from .tvm_dense import schedule_label
     from .tvm_dense.layers import layer_module
 
@@ -230,7 +221,7 @@ def _measure_tvm(tables, target: Target, settings: ProfileSettings, batch: int, 
     lanes = tvm_build.vector_lanes(target)
     mod, shapes = layer_module([(op, shape, counts) for _, _, op, shape, counts in points], batch=batch, lanes=lanes,
                                parallel=target.onnxruntime.threads != 1)
-    _say(progress, f"[profile] compiling {len(points)} one-layer TVM functions for {tvm_build.target_dict(target)}")
+    say(progress, f"[profile] compiling {len(points)} one-layer TVM functions for {tvm_build.target_dict(target)}")
     ex, seconds = tvm_build.compile_relax(mod, target)
     names = list(shapes)
     rng = np.random.default_rng(0)
@@ -252,7 +243,7 @@ def _measure_tvm(tables, target: Target, settings: ProfileSettings, batch: int, 
     with tempfile.TemporaryDirectory(prefix="hwprune-profile-") as tmp:
         lib = tvm_build.export_library(ex, Path(tmp) / "profile_layers.so", target)
         with RemoteSession(remote) as sess:
-            _say(progress, f"[profile] uploading {lib.stat().st_size / 1e6:.1f} MB to the {remote.describe()}")
+            say(progress, f"[profile] uploading {lib.stat().st_size / 1e6:.1f} MB to the {remote.describe()}")
             vm = sess.load_vm(lib)
             inputs = {n: sess.tensor(data[n]) for n in names}
             return _time_functions(vm, sess.device, names, inputs, settings), runtime, statistic
@@ -274,12 +265,12 @@ def _time_functions(vm, dev, names, inputs, settings: ProfileSettings) -> dict:
 
 # --- the profile ------------------------------------------------------------------------------------
 
-def _say(progress, msg):
+def say(progress, msg):
     if progress:
         progress(msg)
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     out = {"hwprune": __version__, "python": platform.python_version()}
     for mod in ("torch", "numpy", "onnx", "onnxruntime", "tvm"):
         try:
@@ -342,13 +333,13 @@ def measure_profile(models, target: Target, *, runtime: str = "onnxruntime", rem
     models_info = [{"model": mn, "data": dn, "input_shape": list(ex.shape)} for _, ex, mn, dn in models]
     if existing is not None:
         models_info = existing.models + [m for m in models_info if m not in existing.models]
-    _say(progress, f"[profile] measured {len(by_point)} points of {len(tables)} layer shapes in "
+    say(progress, f"[profile] measured {len(by_point)} points of {len(tables)} layer shapes in "
          f"{time.perf_counter() - t0:.1f} s; per-call overhead {overhead:.4f} ms")
     return Profile(
         target=target.name, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         machine=machine_info(remote, target),
         measured_on=remote.describe() if remote is not None else f"this machine: {host_description()}, {platform.node()}",
-        on_target_device=remote is not None or target.is_local, runtime=rt, libraries=_versions(), batch_size=batch,
+        on_target_device=remote is not None or target.is_local, runtime=rt, libraries=library_versions(), batch_size=batch,
         warmup=settings.warmup, repeats=settings.repeats, call_overhead_ms=overhead, layers=layers,
         models=models_info, statistic=statistic,
         blocks=existing.blocks if existing is not None else None,  # --append of width tables keeps the blocks

@@ -16,29 +16,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+
 from pathlib import Path
 
 import numpy as np
 
+from .clock import take_turns, warm_up
 from .errors import HwpruneError, RuntimeUnavailable
-from .target import Target
+from .target import RpcEndpoint, Target
 
 
-@dataclass(frozen=True)
-class RemoteSpec:
-    """Where the device is: an RPC server, or a tracker and the device key to request from it."""
-
-    host: str
-    port: int
-    key: str | None = None
-    tracker: bool = False
-
-    def describe(self) -> str:
-        """How latency labels name the device."""
-        if self.tracker:
-            return f"RPC device '{self.key}' (from the tracker at {self.host}:{self.port})"
-        return f"RPC device at {self.host}:{self.port}" + (f" (key '{self.key}')" if self.key else "")
+# Where the device is: an RPC server, or a tracker and the device key to request from it. One class for
+# the target's ``runtime.rpc`` block and the --rpc / --tracker flags: they describe the same thing.
+RemoteSpec = RpcEndpoint
 
 
 def parse_endpoint(text: str, flag: str) -> tuple[str, int]:
@@ -71,7 +61,7 @@ def resolve_remote(target: Target, *, rpc: str | None = None, tracker: str | Non
         return RemoteSpec(host, port, key)
     if target.rpc is not None:
         r = target.rpc
-        return RemoteSpec(r.host, r.port, r.key, r.tracker)
+        return r
     return None
 
 
@@ -166,17 +156,14 @@ def time_vms(vms: dict, inputs: dict, device, *, warmup: int, repeats: int, roun
     The models take turns in ``rounds`` rounds (order alternating), so drift on a shared machine hits
     them alike; each round times ``repeats / rounds`` calls of each, one call per sample.
     """
-    evaluators = {}
+    per_round = max(1, -(-repeats // rounds))
+    samplers = {}
     for k, vm in vms.items():
-        for _ in range(warmup):
-            vm["main"](inputs[k])
-        evaluators[k] = vm.time_evaluator("main", device, number=1, repeat=max(1, -(-repeats // rounds)))
-    times: dict[str, list[float]] = {k: [] for k in vms}
-    names = list(vms)
-    for r in range(rounds):
-        for k in names if r % 2 == 0 else names[::-1]:
-            times[k].extend(float(t) * 1e3 for t in evaluators[k](inputs[k]).results)
-    return times
+        warm_up([lambda vm=vm, k=k: vm["main"](inputs[k])], warmup)
+        evaluator = vm.time_evaluator("main", device, number=1, repeat=per_round)
+        # one evaluator call gives per_round samples (one call each)
+        samplers[k] = lambda n, ev=evaluator, k=k: [float(t) * 1e3 for t in ev(inputs[k]).results][:n]
+    return take_turns(samplers, per_round * rounds, per_round)
 
 
 def wait_for_port(host: str, port: int, timeout_s: float = 30.0) -> None:

@@ -95,6 +95,12 @@ class RpcEndpoint:
     key: str | None = None
     tracker: bool = False
 
+    def describe(self) -> str:
+        """How latency labels name the device."""
+        if self.tracker:
+            return f"RPC device '{self.key}' (from the tracker at {self.host}:{self.port})"
+        return f"RPC device at {self.host}:{self.port}" + (f" (key '{self.key}')" if self.key else "")
+
 
 @dataclass(frozen=True)
 class Device:

@@ -13,13 +13,12 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import HwpruneError
+from .errors import DivergedError
 
 
 @dataclass
@@ -31,10 +30,6 @@ class TrainSettings:
     weight_decay: float = 5e-4
     batch_size: int = 64
     num_workers: int = 0
-
-
-class DivergedError(HwpruneError):
-    """The loss became NaN or infinite."""
 
 
 class _GlobalBatches:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import RuntimeUnavailable
+from .errors import RuntimeUnavailable, TvmUnavailable
+from .io import atomic_path
 
 TVM_PIN = "apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1"
 _ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm", 0xF3: "riscv", 0x03: "x86"}
@@ -31,11 +31,12 @@ _AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "icelake", "tiger
 
 
 def require_tvm():
-    """Import TVM, or fail with what to install."""
+    """Import TVM (with Relax), or fail with one line saying what to install."""
     try:
         import tvm
+        from tvm import relax  # noqa: F401  (the exporters need Relax too)
     except ImportError as e:
-        raise RuntimeUnavailable(
+        raise TvmUnavailable(
             f"TVM is not installed ({e}); install it with: pip install {TVM_PIN} (or pip install 'hwprune[tvm]')"
         ) from None
     return tvm
@@ -118,20 +119,10 @@ def export_library(executable, path: str | os.PathLike, target) -> Path:
     runtime only. Cross targets are linked with their ``cross_compiler``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fcompile = cross_compiler(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".so", dir=path.parent)
-    os.close(fd)
-    try:
-        kwargs = {"fcompile": fcompile} if fcompile is not None else {}
-        executable.export_library(tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    kwargs = {"fcompile": fcompile} if fcompile is not None else {}
+    with atomic_path(path, path.suffix or ".so") as tmp:
+        executable.export_library(str(tmp), **kwargs)
     return path
 
 

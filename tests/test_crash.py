@@ -12,7 +12,7 @@ from hwprune.checkpoint import Checkpointer
 from hwprune.data import load_dataset
 from hwprune.errors import CheckpointError
 from hwprune.pipeline import FitConfig
-from hwprune.train import DivergedError
+from hwprune.errors import DivergedError
 
 from helpers_models import _TinyResNet
 

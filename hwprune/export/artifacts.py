@@ -26,17 +26,13 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import HwpruneError, PlanError, TargetError
+from ..errors import ExportError, PlanError, TargetError
 from ..io import atomic_write_bytes, atomic_write_json
 from ..plan import Plan, apply_plan
-from .relax_import import require_tvm
+from ..tvm_build import require_tvm
 
 FORMATS = ("onnx", "npz", "tvm")
 TOLERANCE = 1e-4  # largest |artifact - torch| accepted (float32 sums in another order)
-
-
-class ExportError(HwpruneError):
-    """A run folder that cannot be exported as asked."""
 
 
 @dataclass
@@ -125,7 +121,7 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
     if not name or not isinstance(model_args, dict):
         raise ExportError(f"{run / 'plan.json'}: meta has no 'model'/'model_args', so the model cannot be rebuilt "
                           "from the folder (a run started from Python): export from Python with "
-                          "hwprune.export.artifacts.export_model(model, plan, ...)")
+                          "hwprune.export.onnx.export_onnx(result.model, example_input, 'model.onnx')")
     from ..text.job import TEXT_MODELS
 
     if name in TEXT_MODELS:

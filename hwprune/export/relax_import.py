@@ -24,22 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import HwpruneError
-
-
-class TvmUnavailable(HwpruneError):
-    """TVM is not installed (it is an optional extra)."""
-
-
-def require_tvm():
-    """Import TVM or raise a one-line error saying how to install it."""
-    try:
-        import tvm  # noqa: F401
-        from tvm import relax  # noqa: F401
-    except ImportError as e:
-        raise TvmUnavailable(
-            f"TVM is not installed ({e}); install the pinned extra: pip install apache-tvm==0.27.0.post1 "
-            "apache-tvm-ffi==0.1.14.post1 (or pip install -e '.[tvm]')") from None
-    return tvm
+from ..tvm_build import require_tvm
 
 
 @dataclass

@@ -32,7 +32,9 @@ from torch import nn
 from ..errors import HwpruneError
 from ..sparse.bsr import SparseLayer
 from ..sparse.kernels import KernelSpec, Schedule, bsr_primfunc, choose_schedule, im2col_primfunc
-from .relax_import import import_torch, require_tvm
+from ..io import atomic_path
+from ..tvm_build import require_tvm
+from .relax_import import import_torch
 
 OP_OPAQUE = 8  # TVM's kOpaque: FuseOps must not merge a hand-written kernel into its neighbours
 
@@ -62,21 +64,17 @@ class SparseBuild:
     def export(self, path: str | os.PathLike, cross_compiler: str | None = None) -> Path:
         """Write the shared library (atomically: a temporary name, then a rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.so")
         kwargs = {}
         if cross_compiler:
             from tvm.support import cc  # tvm.contrib.cc moved here in 0.27
 
             kwargs["fcompile"] = cc.cross_compiler(cross_compiler)
         try:
-            with _filtered_stderr("Scope Saving"):
+            with atomic_path(path, ".so") as tmp, _filtered_stderr("Scope Saving"):
                 self.executable.export_library(str(tmp), **kwargs)
         except Exception as e:
-            tmp.unlink(missing_ok=True)
             raise HwpruneError(f"writing {path} failed (export_library needs a C compiler: gcc, or the target's "
                                f"cross compiler): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        os.replace(tmp, path)
         return path
 
     def run(self, *xs: np.ndarray) -> np.ndarray:

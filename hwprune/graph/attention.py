@@ -18,7 +18,7 @@ import numpy as np
 from torch import nn
 
 from ..groups import CONSUMER, PRODUCER
-from .ops import Unsupported, UnitTag, Value, _arg, for_modules
+from .ops import Unsupported, UnitTag, Value, call_arg, for_modules
 
 
 def head_ids(ctx, n_heads: int, head_dim: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +36,7 @@ def _multihead_attention(ctx, name, m: nn.MultiheadAttention, args, kwargs, out_
                           "is not supported")
     if m.bias_k is not None or m.add_zero_attn:
         raise Unsupported("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
-    q, k, v = args[0], _arg(args, kwargs, 1, "key"), _arg(args, kwargs, 2, "value")
+    q, k, v = args[0], call_arg(args, kwargs, 1, "key"), call_arg(args, kwargs, 2, "value")
     inputs = [t for t in (q, k, v) if isinstance(t, Value)]
     if len(inputs) != 3:
         raise Unsupported("expected query, key and value tensors")

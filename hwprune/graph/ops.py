@@ -160,7 +160,7 @@ def module_handler(module: nn.Module) -> Handler | None:
 # Shared helpers. Handler signature: fn(ctx, name, module, args, kwargs, out_shape) -> Value | tuple | None
 
 
-def _arg(args, kwargs, i, name, default=None):
+def call_arg(args, kwargs, i, name, default=None):
     if len(args) > i:
         return args[i]
     return kwargs.get(name, default)
@@ -414,8 +414,8 @@ for_methods("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")(_binary)
 
 @for_functions(torch.cat, torch.concat, torch.concatenate)
 def _cat(ctx, name, m, args, kwargs, out_shape):
-    tensors = _arg(args, kwargs, 0, "tensors")
-    dim = _arg(args, kwargs, 1, "dim", 0)
+    tensors = call_arg(args, kwargs, 0, "tensors")
+    dim = call_arg(args, kwargs, 1, "dim", 0)
     vals = [t for t in tensors if isinstance(t, Value)]
     if not vals or not all(v.tracked for v in vals):
         for v in vals:
@@ -447,8 +447,8 @@ def _reshape_fn(ctx, name, m, args, kwargs, out_shape):
 @for_functions(torch.mean, torch.sum, torch.amax, torch.amin)
 @for_methods("mean", "sum", "amax", "amin")
 def _reduce_op(ctx, name, m, args, kwargs, out_shape):
-    dims = _arg(args, kwargs, 1, "dim", None)
-    keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
+    dims = call_arg(args, kwargs, 1, "dim", None)
+    keepdim = bool(call_arg(args, kwargs, 2, "keepdim", False))
     return _reduce(args[0], dims, keepdim, out_shape, ctx, name)
 
 
@@ -456,7 +456,7 @@ def _reduce_op(ctx, name, m, args, kwargs, out_shape):
 @for_methods("softmax", "log_softmax")
 def _softmax(ctx, name, m, args, kwargs, out_shape):
     x = args[0]
-    dim = _arg(args, kwargs, 1, "dim", None)
+    dim = call_arg(args, kwargs, 1, "dim", None)
     if x.tracked and dim is not None and _norm_dim(dim, len(x.shape)) == x.axis:
         ctx.block(x.ids, f"'{name}' normalizes over the channels")
     return passthrough(x, out_shape)
@@ -469,7 +469,7 @@ def _transpose(ctx, name, m, args, kwargs, out_shape):
     if not x.tracked:
         return Value(tuple(out_shape), None, None)
     nd = len(x.shape)
-    d0, d1 = _norm_dim(_arg(args, kwargs, 1, "dim0"), nd), _norm_dim(_arg(args, kwargs, 2, "dim1"), nd)
+    d0, d1 = _norm_dim(call_arg(args, kwargs, 1, "dim0"), nd), _norm_dim(call_arg(args, kwargs, 2, "dim1"), nd)
     axis = d1 if x.axis == d0 else d0 if x.axis == d1 else x.axis
     return Value(tuple(out_shape), axis, x.ids)
 
@@ -490,7 +490,7 @@ def _permute(ctx, name, m, args, kwargs, out_shape):
 def _split(ctx, name, m, args, kwargs, out_shape):
     x = args[0]
     is_chunk = name.endswith("chunk")
-    dim = _norm_dim(_arg(args, kwargs, 2, "dim", 0), len(x.shape))
+    dim = _norm_dim(call_arg(args, kwargs, 2, "dim", 0), len(x.shape))
     shapes = out_shape  # a tuple of shapes
     if not x.tracked or dim != x.axis:
         return tuple(Value(tuple(s), x.axis if x.tracked else None, x.ids) for s in shapes)

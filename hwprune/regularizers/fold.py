@@ -47,7 +47,7 @@ _HOMOGENEOUS_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "mean", "
 _ADDS = {torch.add, operator.add, operator.iadd, "add", "add_"}
 
 
-def _trace(model: nn.Module) -> fx.Graph | None:
+def trace_graph(model: nn.Module) -> fx.Graph | None:
     """The model's fx graph (torch.nn layers as leaves), or None if it cannot be traced."""
     try:
         return fx.Tracer().trace(model)
@@ -83,7 +83,7 @@ def homogeneous_units(model: nn.Module, index: UnitIndex, graph: fx.Graph | None
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
         >>> # with index = UnitIndex(net, groups): homogeneous_units(net, index) -> all True; with ReLU6: all False
     """
-    graph = graph if graph is not None else _trace(model)
+    graph = graph if graph is not None else trace_graph(model)
     ok_units = torch.zeros(index.n_units, dtype=torch.bool)
     if graph is None:
         return ok_units
@@ -123,7 +123,7 @@ def homogeneous_units(model: nn.Module, index: UnitIndex, graph: fx.Graph | None
 
 def bn_after(model: nn.Module, graph: fx.Graph | None = None) -> dict[str, str]:
     """``{layer: bn}`` for every conv/linear whose output goes only into a BatchNorm (fold target)."""
-    graph = graph if graph is not None else _trace(model)
+    graph = graph if graph is not None else trace_graph(model)
     out: dict[str, str] = {}
     if graph is None:
         return out

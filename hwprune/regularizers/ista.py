@@ -35,7 +35,7 @@ from ..errors import HwpruneError
 from ..groups import CONSUMER, NORMALIZED, PRODUCER, get_tensor
 from .base import MinWidthGuard, RegContext, Regularizer, register
 from .pacing import PacedController, SpeedMeter
-from .fold import FoldReport, InputRecorder, _trace, bn_after, fold_removed_constants, homogeneous_units
+from .fold import FoldReport, InputRecorder, trace_graph, bn_after, fold_removed_constants, homogeneous_units
 from .scales import UnitScales
 
 
@@ -76,7 +76,7 @@ class IstaBn(Regularizer):
         super().__init__(config, ctx)
         self.scales = UnitScales(ctx.model, ctx.index)
         self.protect = MinWidthGuard(ctx.index)
-        graph = _trace(ctx.model)
+        graph = trace_graph(ctx.model)
         self.rescaled = homogeneous_units(ctx.model, ctx.index, graph) if config.alpha != 1 else \
             torch.zeros(ctx.index.n_units, dtype=torch.bool)
         self.bn_of = bn_after(ctx.model, graph)

@@ -152,12 +152,19 @@ class Wgsef(Regularizer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
+        # the unit weights (the allocation weighting reads the norms at the stage's start) and the
+        # searches' warm starts: without them a resumed stage would not replay exactly
+        state["w"] = self.w.detach().clone()
+        state["last"] = dict(self._last)
         if self.halfspace is not None:
             state["halfspace_prev"] = self.halfspace.state_dict()  # θ_t, so that a resumed stage replays
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        if state.get("w") is not None:
+            self.w.copy_(state["w"])  # in place: the half-space step holds the same tensor
+        self._last = dict(state.get("last") or {})
         if self.halfspace is not None and state.get("halfspace_prev") is not None:
             self.halfspace.load_state_dict(state["halfspace_prev"])
 

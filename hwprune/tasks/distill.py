@@ -33,7 +33,8 @@ from torch import nn
 
 from ..text.minilm import SentenceEncoder, mean_pool
 from ..text.quality import embedding_quality
-from ..train import DivergedError, EpochStats
+from ..errors import DivergedError
+from ..train import EpochStats
 from .base import Task
 
 LATENCY_SEQ_LEN = 128  # the latency setting: sequence length 128 at batch 1 and 8
