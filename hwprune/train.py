@@ -170,6 +170,42 @@ class EpochStats:
     lr: float
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's learning rate on every parameter group (scaled by a group's ``lr_scale``)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, step: int, lr: float, regularizer=None,
+                   on_step: Callable[[int, float], None] | None = None, after_backward: Callable[[], None] | None = None,
+                   scale: float = 1.0) -> None:
+    """One step of every training loop: the regularizer's penalty, a check that the loss is finite (on
+    every rank together), backward (``loss · scale``), ``after_backward``, the optimizer, the
+    regularizer's ``after_step`` (its prox or clamp), then ``on_step(step, task loss)``."""
+    from . import distributed
+
+    total = loss
+    pen = regularizer.penalty() if regularizer is not None else None
+    if pen is not None:
+        total = loss + pen
+    bad = not bool(torch.isfinite(total))
+    if distributed.info().enabled:  # all ranks stop together, or the healthy ones wait forever
+        bad = distributed.sum_([float(bad)])[0] > 0
+    if bad:
+        raise DivergedError(
+            f"the loss became {float(total.detach())} at step {step}; the run stopped and the last good checkpoint "
+            "is kept. Lower the learning rate (--lr) or the regularizer's strength and resume.")
+    optimizer.zero_grad(set_to_none=True)
+    (total * scale if scale != 1.0 else total).backward()
+    if after_backward is not None:
+        after_backward()
+    optimizer.step()
+    if regularizer is not None:
+        regularizer.after_step(lr, step)
+    if on_step is not None:
+        on_step(step, float(loss.detach()))
+
+
 def train_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -189,39 +225,16 @@ def train_epoch(
     t0 = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
     step = step0
-    from . import distributed
-
     lr = lr_at(step)
     scales = getattr(loader, "loss_scales", None)
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         lr = lr_at(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+        set_lr(optimizer, lr)
         out = model(x)
         loss = loss_fn(out, y, x) if loss_fn else F.cross_entropy(out, y)
-        total = loss
-        if regularizer is not None:
-            pen = regularizer.penalty()
-            if pen is not None:
-                total = loss + pen
-        bad = not bool(torch.isfinite(total))
-        if distributed.info().enabled:  # all ranks stop together, or the healthy ones wait forever
-            bad = distributed.sum_([float(bad)])[0] > 0
-        if bad:
-            raise DivergedError(
-                f"the loss became {float(total.detach())} at step {step}; the run stopped and the last good checkpoint "
-                "is kept. Lower the learning rate (--lr) or the regularizer's strength and resume."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        (total * scales[i] if scales is not None and scales[i] != 1.0 else total).backward()
-        if after_backward is not None:
-            after_backward()
-        optimizer.step()
-        if regularizer is not None:
-            regularizer.after_step(lr, step)
-        if on_step is not None:
-            on_step(step, float(loss.detach()))
+        optimizer_step(loss, optimizer, step=step, lr=lr, regularizer=regularizer, on_step=on_step,
+                       after_backward=after_backward, scale=scales[i] if scales is not None else 1.0)
         total_loss += float(loss.detach()) * len(y)
         correct += int((out.detach().argmax(1) == y).sum())
         seen += len(y)

@@ -33,8 +33,7 @@ from torch import nn
 
 from ..text.minilm import SentenceEncoder, mean_pool
 from ..text.quality import embedding_quality
-from ..errors import DivergedError
-from ..train import EpochStats
+from ..train import EpochStats, optimizer_step, set_lr
 from .base import Task
 
 LATENCY_SEQ_LEN = 128  # the latency setting: sequence length 128 at batch 1 and 8
@@ -170,22 +169,10 @@ class SentenceDistillTask(Task):
         lr = lr_at(step)
         for batch in batches:
             lr = lr_at(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
+            set_lr(optimizer, lr)
             loss, cos = self.loss(model, batch)
-            pen = regularizer.penalty() if regularizer is not None else None
-            full = loss + pen if pen is not None else loss
-            if not torch.isfinite(full):
-                raise DivergedError(f"the loss became {float(full)} at step {step}; lower the learning rate (--lr) and resume")
-            optimizer.zero_grad(set_to_none=True)
-            full.backward()
-            if after_backward is not None:
-                after_backward()
-            optimizer.step()
-            if regularizer is not None:
-                regularizer.after_step(lr, step)
-            if on_step is not None:
-                on_step(step, float(loss.detach()))
+            optimizer_step(loss, optimizer, step=step, lr=lr, regularizer=regularizer, on_step=on_step,
+                           after_backward=after_backward)
             total += float(loss.detach()) * len(batch)
             cos_sum += float(cos.sum())
             seen += len(batch)
