@@ -131,6 +131,7 @@ class Problem:
     kind: str
     target: float
     cost_fn: object
+    ceiling: bool = False  # a latency budget: the cost must not exceed the target
     dense_cost: float = field(init=False)
 
     def __post_init__(self):
@@ -173,7 +174,7 @@ class Problem:
 
     def band(self) -> tuple[float, float]:
         """Costs that count as meeting the budget: within 1% of it; a latency budget is a ceiling."""
-        if self.kind == "latency":
+        if self.ceiling:
             return self.target * (1 - TOLERANCE), self.target * (1 + 1e-12)
         return self.target * (1 - TOLERANCE), self.target * (1 + TOLERANCE)
 
@@ -181,7 +182,7 @@ class Problem:
         """How far a cost is from meeting the budget (0 inside the band); a latency over its ceiling is
         infeasible, so it is ranked behind every cost that meets it."""
         lo, hi = self.band()
-        if self.kind == "latency" and cost > hi:
+        if self.ceiling and cost > hi:
             return math.inf
         return max(0.0, lo - cost, cost - hi)
 
@@ -190,12 +191,12 @@ class Problem:
         return np.maximum(self.scores[a + self.orders[g]], 0.0)
 
 
-def build_problem(prunable, scores, kind, target, cost_fn) -> Problem:
+def build_problem(prunable, scores, kind, target, cost_fn, ceiling: bool = False) -> Problem:
     offsets = np.concatenate([[0], np.cumsum([g.size for g in prunable])]).astype(np.int64)
     # best first; ties keep the lower index (the old projection removed the higher index first)
     orders = [np.argsort(-scores[offsets[i] : offsets[i + 1]], kind="stable") for i in range(len(prunable))]
     allowed = [np.asarray(g.allowed_keep_counts(), dtype=np.int64) for g in prunable]
-    return Problem([g.size for g in prunable], allowed, orders, offsets, scores, kind, target, cost_fn)
+    return Problem([g.size for g in prunable], allowed, orders, offsets, scores, kind, target, cost_fn, ceiling)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,7 +350,7 @@ def solve_lagrangian(problem: Problem, values: list[np.ndarray]) -> tuple[list[i
     is cut to its minimum before its neighbours shrink). So it runs from two starts, the dense widths
     and the uniform widths that meet the budget, and the more valuable result wins."""
     dense = list(problem.sizes)
-    if problem.distance(problem.dense_cost) == 0 and problem.kind != "latency":
+    if problem.distance(problem.dense_cost) == 0 and not problem.ceiling:
         return dense, "within-tolerance", "the dense model already meets the budget"
     results = []
     for start in (dense, uniform_fraction(problem)[1]):
@@ -496,7 +497,7 @@ def exhaustive(problem: Problem, values: list[np.ndarray]) -> tuple[list[int], s
 
 
 def _describe(problem: Problem, cost: float) -> str:
-    if problem.kind == "latency":
+    if problem.ceiling:
         return f"a predicted {cost:.4g} ms against the {problem.target:.4g} ms asked"
     return f"{cost / problem.dense_cost:.4f} of the {problem.kind} against {problem.target / problem.dense_cost:.4f} asked"
 

@@ -19,7 +19,7 @@ ceiling, met within 1% below it where reachable. :attr:`Projection.status` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -30,8 +30,50 @@ from .groups import Group
 if TYPE_CHECKING:
     from .allocation import AllocationConfig
 
-KINDS = ("sparsity", "flops", "params", "latency", "speedup")
 DEFAULT_ALLOCATION = "global"  # the policy that won docs/benchmarks.md's allocation comparison
+
+
+@dataclass(frozen=True)
+class BudgetKind:
+    """One kind of budget: its flag, what values it takes, and what it measures.
+
+    ``measure``: ``units`` (a fraction of the prunable units removed), ``fraction`` (a fraction of
+    the cost kept), ``ms`` (a latency ceiling) or ``relative`` (a speedup over the measured dense
+    model, turned into ``ms`` by :meth:`Budget.as_latency`); ``cost``: the cost model it needs
+    (``flops``, ``params``, ``latency``; None for a count of units); ``arg``: its name in
+    :func:`hwprune.fit` and the CLI's argument.
+    """
+
+    name: str
+    flag: str
+    arg: str
+    measure: str
+    cost: str | None
+    accepts: Callable[[float], bool]
+    expected: str
+    phrase: Callable[[float], str]
+
+
+KINDS: dict[str, BudgetKind] = {}
+
+
+def _register(kind: BudgetKind) -> None:
+    if kind.name in KINDS:
+        raise ValueError(f"budget kind '{kind.name}' is registered twice")
+    KINDS[kind.name] = kind
+
+
+_register(BudgetKind("sparsity", "--sparsity", "sparsity", "units", None, lambda v: 0.0 <= v < 1.0,
+                     "a fraction of units to remove in [0, 1)", lambda v: f"remove {v:.0%} of the prunable units"))
+_register(BudgetKind("flops", "--flops", "flops", "fraction", "flops", lambda v: 0.0 < v <= 1.0,
+                     "the fraction to keep, in (0, 1]", lambda v: f"keep {v:.0%} of the FLOPS"))
+_register(BudgetKind("params", "--params", "params", "fraction", "params", lambda v: 0.0 < v <= 1.0,
+                     "the fraction to keep, in (0, 1]", lambda v: f"keep {v:.0%} of the params"))
+_register(BudgetKind("latency", "--latency-ms", "latency_ms", "ms", "latency", lambda v: v > 0,
+                     "a positive number of milliseconds", lambda v: f"latency at most {v:g} ms"))
+_register(BudgetKind("speedup", "--speedup", "speedup", "relative", "latency", lambda v: v >= 1,
+                     "a factor of at least 1 (2 = twice as fast as the dense model)",
+                     lambda v: f"at least {v:g}x faster than the dense model (measured latency)"))
 
 
 @dataclass(frozen=True)
@@ -51,30 +93,23 @@ class Budget:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise BudgetError(f"budget kind '{self.kind}': expected one of {', '.join(KINDS)}")
-        v = self.value
+        v, k = self.value, KINDS[self.kind]
         if not isinstance(v, (int, float)) or v != v:
-            raise BudgetError(f"--{self.kind}: expected a number, got {v!r}")
-        if self.kind == "sparsity" and not 0.0 <= v < 1.0:
-            raise BudgetError(f"--sparsity {v}: expected a fraction of units to remove in [0, 1)")
-        if self.kind in ("flops", "params") and not 0.0 < v <= 1.0:
-            raise BudgetError(f"--{self.kind} {v}: expected the fraction to keep, in (0, 1]")
-        if self.kind == "latency" and not v > 0:
-            raise BudgetError(f"--latency-ms {v}: expected a positive number of milliseconds")
-        if self.kind == "speedup" and not v >= 1:
-            raise BudgetError(f"--speedup {v}: expected a factor of at least 1 (2 = twice as fast as the dense model)")
+            raise BudgetError(f"{k.flag}: expected a number, got {v!r}")
+        if not k.accepts(v):
+            raise BudgetError(f"{k.flag} {v}: expected {k.expected}")
+
+    @property
+    def spec(self) -> BudgetKind:
+        """The registered :class:`BudgetKind` of this budget."""
+        return KINDS[self.kind]
 
     def as_latency(self, dense_ms: float) -> "Budget":
         """The millisecond budget of a ``speedup`` (others are returned as they are)."""
-        return Budget("latency", dense_ms / self.value) if self.kind == "speedup" else self
+        return Budget("latency", dense_ms / self.value) if self.spec.measure == "relative" else self
 
     def describe(self) -> str:
-        if self.kind == "sparsity":
-            return f"remove {self.value:.0%} of the prunable units"
-        if self.kind == "latency":
-            return f"latency at most {self.value:g} ms"
-        if self.kind == "speedup":
-            return f"at least {self.value:g}x faster than the dense model (measured latency)"
-        return f"keep {self.value:.0%} of the {self.kind.upper() if self.kind == 'flops' else self.kind}"
+        return self.spec.phrase(self.value)
 
 
 @dataclass
@@ -111,13 +146,14 @@ class _UnitCount:
 
 
 def _target_and_cost(budget: Budget, n_units: int, cost: CostModel | None):
-    if budget.kind == "speedup":
+    measure = budget.spec.measure
+    if measure == "relative":
         raise BudgetError("a speedup budget is turned into milliseconds (Budget.as_latency) before it is projected")
-    if budget.kind == "sparsity":
+    if measure == "units":
         return n_units * (1.0 - budget.value), _UnitCount()
     if cost is None:
         raise BudgetError(f"a {budget.kind} budget needs a cost model")
-    if budget.kind == "latency":
+    if measure == "ms":
         return budget.value, cost
     return budget.value * cost(np.ones(n_units)), cost
 
@@ -127,10 +163,10 @@ def reachable(groups: list[Group], budget: Budget, cost: CostModel | None = None
     prunable = [g for g in groups if g.prunable]
     n = sum(g.size for g in prunable)
     mins = np.concatenate([np.r_[np.ones(g.min_keep), np.zeros(g.size - g.min_keep)] for g in prunable]) if prunable else np.zeros(0)
-    if budget.kind == "sparsity":
+    if budget.spec.measure == "units":
         return 0.0, (n - mins.sum()) / n if n else 0.0
     full = cost(np.ones(n))
-    if budget.kind == "latency":
+    if budget.spec.measure == "ms":
         return cost(mins), full
     return cost(mins) / full, 1.0
 
@@ -138,12 +174,13 @@ def reachable(groups: list[Group], budget: Budget, cost: CostModel | None = None
 def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = None) -> None:
     """Reject a budget the model cannot meet, before any training, with the reachable range."""
     prunable = [g for g in groups if g.prunable]
-    if not prunable and not (budget.kind == "sparsity" and budget.value == 0):
+    measure = budget.spec.measure
+    if not prunable and not (measure == "units" and budget.value == 0):
         raise BudgetError("the model has no prunable groups (all channels are coupled to inputs, outputs or excluded layers)")
-    if budget.kind == "speedup":
+    if measure == "relative":
         raise BudgetError("a speedup budget is turned into milliseconds (Budget.as_latency) before it is checked")
     lo, hi = reachable(groups, budget, cost)
-    if budget.kind == "sparsity" and len({g.kind == "heads" for g in prunable}) > 1:
+    if measure == "units" and len({g.kind == "heads" for g in prunable}) > 1:
         # removed from heads and from the other units separately (see _project_per_kind)
         for heads, what in ((True, "attention heads"), (False, "neurons and channels")):
             _, top = reachable([g for g in prunable if (g.kind == "heads") == heads], budget)
@@ -151,17 +188,17 @@ def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = N
                 raise BudgetError(
                     f"--sparsity {budget.value:g} cannot be met for the {what}: every layer keeps at least one "
                     f"hardware multiple, so at most {top:.4f} of them can go. Reachable range: [0, {top:.4f}]")
-    if budget.kind == "sparsity" and budget.value > hi + 1e-9:
+    if measure == "units" and budget.value > hi + 1e-9:
         raise BudgetError(
             f"--sparsity {budget.value:g} cannot be met: every layer keeps at least one hardware multiple, so at "
             f"most {hi:.4f} of the units can go. Reachable range: [0, {hi:.4f}]"
         )
-    if budget.kind in ("flops", "params") and budget.value < lo - 1e-9:
+    if measure == "fraction" and budget.value < lo - 1e-9:
         raise BudgetError(
             f"--{budget.kind} {budget.value:g} cannot be met: with every layer at its minimum width the model keeps "
             f"{lo:.4f} of its {budget.kind}. Reachable range: [{lo:.4f}, 1]"
         )
-    if budget.kind == "latency" and budget.value < lo:
+    if measure == "ms" and budget.value < lo:
         raise BudgetError(
             f"--latency-ms {budget.value:.4g} cannot be met: the predicted floor (every layer at its minimum width) is "
             f"{lo:.4g} ms; the dense model is {hi:.4g} ms. Reachable range: [{lo:.4g}, {hi:.4g}] ms "
@@ -182,7 +219,7 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
 
     Example:
         >>> proj = project(groups, norms, Budget("sparsity", 0.7))             # doctest: +SKIP
-        >>> proj.achieved
+        >>> proj.achieved                                                      # doctest: +SKIP
         0.7
     """
     from .allocation import AllocationConfig
@@ -191,14 +228,15 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
     check_budget(groups, budget, cost)
     prunable = [g for g in groups if g.prunable]
     scores = np.asarray(scores, dtype=np.float64)
-    if budget.kind == "sparsity" and len({g.kind == "heads" for g in prunable}) > 1:
+    units = budget.spec.measure == "units"
+    if units and len({g.kind == "heads" for g in prunable}) > 1:
         return _project_per_kind(prunable, scores, budget, config)
     offsets = np.concatenate([[0], np.cumsum([g.size for g in prunable])]).astype(np.int64)
     n = int(offsets[-1])
     if scores.shape != (n,):
         raise ValueError(f"expected {n} scores, got {scores.shape}")
     target, cost_fn = _target_and_cost(budget, n, cost)
-    if (budget.kind == "sparsity" and config.policy == "learned" and config.floor <= 0 and np.isinf(config.cap)
+    if (units and config.policy == "learned" and config.floor <= 0 and np.isinf(config.cap)
             and all(g.multiple == 1 for g in prunable)):
         keep, current = _unit_steps(prunable, offsets, scores, target)  # tens of thousands of blocks: one sort
         return _result(prunable, offsets, keep, current, budget, cost_fn, config.policy, "exact",
@@ -209,12 +247,9 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
 def _allocate(prunable, offsets, scores, budget, target, cost_fn, config, sensitivity) -> Projection:
     from .allocation import allocate, build_problem, keep_indices
 
-    if budget.kind == "sparsity":
-        problem = build_problem(prunable, scores, "sparsity", target, cost_fn)
-        alloc = allocate(problem, config, sensitivity, keep_target=target)
-    else:
-        problem = build_problem(prunable, scores, budget.kind, target, cost_fn)
-        alloc = allocate(problem, config, sensitivity)
+    measure = budget.spec.measure
+    problem = build_problem(prunable, scores, budget.kind, target, cost_fn, ceiling=measure == "ms")
+    alloc = allocate(problem, config, sensitivity, keep_target=target if measure == "units" else None)
     keep = np.zeros(int(offsets[-1]))
     for i, idx in enumerate(keep_indices(problem, alloc.counts)):
         keep[offsets[i] + idx] = 1.0
@@ -257,12 +292,8 @@ def _result(prunable, offsets, keep, current, budget, cost_fn, policy, status, r
         g.name: np.flatnonzero(keep[offsets[i] : offsets[i + 1]]) for i, g in enumerate(prunable)
     }
     removed = int(n - keep.sum())
-    if budget.kind == "sparsity":
-        achieved = removed / n
-    elif budget.kind == "latency":
-        achieved = current
-    else:
-        achieved = current / cost_fn(np.ones(n))
+    measure = budget.spec.measure
+    achieved = removed / n if measure == "units" else current if measure == "ms" else current / cost_fn(np.ones(n))
     return Projection(keep_by_group, budget.kind, budget.value, achieved, n, removed, keep.astype(bool), policy,
                       status, reason)
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import __version__, distributed
-from .budget import Budget, check_budget, project
+from .budget import KINDS, Budget, check_budget, project
 from .checkpoint import Checkpointer
 from .cost import count_flops, count_params, flops_model, params_model
 from .errors import BudgetError, CheckpointError, DivergedError, HwpruneError
@@ -179,8 +179,8 @@ def fit(
         ...                      sparsity=0.7, out_dir="runs/demo")          # doctest: +SKIP
         >>> print(result.report)                                              # doctest: +SKIP
     """
-    budgets = [(k, v) for k, v in (("sparsity", sparsity), ("flops", flops), ("params", params),
-                                    ("latency", latency_ms), ("speedup", speedup)) if v is not None]
+    given = {"sparsity": sparsity, "flops": flops, "params": params, "latency_ms": latency_ms, "speedup": speedup}
+    budgets = [(kind.name, given[kind.arg]) for kind in KINDS.values() if given[kind.arg] is not None]
     if config is None:
         if len(budgets) != 1:
             raise BudgetError("give exactly one budget: sparsity=, flops=, params=, latency_ms= or speedup=")
@@ -223,7 +223,7 @@ def check_collapse(reg) -> None:
 def _check_task_support(task, config: FitConfig, remote, distributed_run: bool) -> None:
     """What works for the classification task only, refused up front for other tasks (distillation)."""
     missing = []
-    if config.budget.kind in ("latency", "speedup"):
+    if config.budget.spec.cost == "latency":
         missing.append("latency budgets")
     if remote is not None or config.latency_runtime == "tvm":
         missing.append("TVM / RPC latency")
@@ -463,30 +463,29 @@ class _Run:
     def budget(self) -> Budget:
         """The budget in the projection's terms: a speedup becomes milliseconds of the measured dense model."""
         b = self.config.budget
-        if b.kind == "speedup":
+        if b.spec.measure == "relative":
             if self._latency is None:
                 self.cost_model(self.template, self.groups(self.template))
             return b.as_latency(self._latency.calibration["dense_ms"])
         return b
 
     def cost_model(self, model, groups):
-        kind = self.config.budget.kind
-        if kind == "flops":
-            return flops_model(model, as_args(self.example), groups)
-        if kind == "params":
-            return params_model(model, groups)
-        if kind in ("latency", "speedup"):
-            if self._latency is None:
-                from .latency_budget import latency_model_for
+        """The cost the budget is measured in (None for a count of units), built by :data:`COSTS`."""
+        name = self.config.budget.spec.cost
+        return COSTS[name](self, model, groups) if name is not None else None
 
-                # widths, not weights, set latency: the untrained template is measured, once per run
-                self._latency = latency_model_for(
-                    self.template, self.example, self.groups(self.template), self.target, runtime=self.runtime,
-                    profile_path=self.config.profile, remote=self.remote, cache=self.run_dir / "latency_model.json",
-                    batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
-                    progress=self.progress)
-            return self._latency
-        return None
+    def latency_cost(self, model, groups):
+        """The calibrated latency model of a latency or speedup budget, built once per run."""
+        if self._latency is None:
+            from .latency_budget import latency_model_for
+
+            # widths, not weights, set latency: the untrained template is measured, once per run
+            self._latency = latency_model_for(
+                self.template, self.example, self.groups(self.template), self.target, runtime=self.runtime,
+                profile_path=self.config.profile, remote=self.remote, cache=self.run_dir / "latency_model.json",
+                batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
+                progress=self.progress)
+        return self._latency
 
     def allocation(self, reg):
         """The run's allocation: ``--allocation``, else the method's default; weight blocks default to
@@ -665,7 +664,7 @@ class _Run:
         latencies = []
         # A latency budget also times the narrowest model alongside: the latency model's anchors
         # re-measured in the same session as the pruned model (a shared machine drifts by tens of %).
-        anchor = self.config.budget.kind in ("latency", "speedup")
+        anchor = self.config.budget.spec.cost == "latency"
         if self.measure and self.runtime == "tvm":
             from .latency_tvm import measure_tvm_latency
 
@@ -777,7 +776,7 @@ class _Run:
                 "p90_ms": {k: v.p90_ms for k, v in latency.stats.items()},
             }
             ms_d, ms_p = data["latency_ms"]["dense"], data["latency_ms"]["pruned"]
-            if b.kind in ("latency", "speedup"):
+            if b.spec.cost == "latency":
                 achieved["latency"], achieved["speedup"] = ms_p, ms_d / ms_p
         predicted = proj.get("predicted_latency_ms")
         if predicted is not None:
@@ -801,7 +800,7 @@ class _Run:
                     lm["within_10pct"] = bool(abs(lm["same_session"]["error_pruned"]) <= 0.10)
                 lm["within_10pct_of_planning"] = bool(abs(err["pruned"]) <= 0.10)
             data["latency_model"] = lm
-            if b.kind == "speedup":
+            if b.spec.measure == "relative":
                 data["requested"]["latency_ms"] = self.budget().value
         if len(latencies) > 1:  # the same models timed at several batch sizes
             data["latency_by_batch"] = {
@@ -811,3 +810,12 @@ class _Run:
                 for lat in latencies
             }
         return Report(data, layer_table(dense, self.model), self.state["history"])
+
+
+# The cost model each budget kind is measured in (BudgetKind.cost), built for a run's model and groups.
+COSTS: dict[str, Callable[[_Run, nn.Module, list], Any]] = {
+    "flops": lambda run, model, groups: flops_model(model, as_args(run.example), groups),
+    "params": lambda run, model, groups: params_model(model, groups),
+    "latency": _Run.latency_cost,
+}
+

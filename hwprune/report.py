@@ -73,7 +73,7 @@ class Report:
         if req:
             kind = next(iter(req))
             out += f"\n{kind}: requested {req[kind]:g}, achieved {ach.get(kind, float('nan')):.4f}"
-            if kind == "speedup" and req.get("latency_ms") is not None:
+            if req.get("latency_ms") is not None and kind != "latency_ms":  # a speedup, and the ms it became
                 out += f" (budget {req['latency_ms']:.4f} ms)"
             policy, reason = g("projection.allocation"), g("projection.reason")
             if policy:

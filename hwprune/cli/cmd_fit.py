@@ -114,7 +114,7 @@ def _resume_args(args):
 
 def run(args) -> int:
     from .. import pipeline as fit_module
-    from ..budget import Budget
+    from ..budget import KINDS, Budget
     from ..data import load_dataset
     from ..pipeline import FitConfig, fit
     from ..models import build_model
@@ -135,8 +135,7 @@ def run(args) -> int:
         args = _resume_args(args)
     if not args.target:
         raise HwpruneError("--target is required, e.g. --target host-cpu.yaml (hwprune targets lists them)")
-    kinds = {"sparsity": "sparsity", "flops": "flops", "params": "params", "latency_ms": "latency", "speedup": "speedup"}
-    budgets = [(kind, getattr(args, k)) for k, kind in kinds.items() if getattr(args, k, None) is not None]
+    budgets = [(kind.name, getattr(args, kind.arg)) for kind in KINDS.values() if getattr(args, kind.arg, None) is not None]
     if len(budgets) != 1:
         raise HwpruneError("give one budget: --sparsity S (fraction of units removed), --flops F or --params P (fraction "
                            "kept), --latency-ms X or --speedup S")
