@@ -33,12 +33,11 @@ from .budget import KINDS, Budget, check_budget, project
 from .checkpoint import Checkpointer
 from .cost import count_flops, count_params, flops_model, params_model
 from .errors import BudgetError, CheckpointError, DivergedError, HwpruneError
-from .graph import discover_groups
-from .groups import UnitIndex
-from .plan import GRANULARITIES, Plan, apply_plan
+from .granularity import granularity
+from .plan import Plan, apply_plan
 from .regularizers import RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer, make_config
 from .report import Report, layer_table, plot_history, plot_norms
-from .slicing import mask_model, reinitialize, slice_model
+from .slicing import reinitialize, slice_model
 from .target import Target, load_target
 from .tasks import ClassificationTask, Task
 from .tasks.base import as_args
@@ -73,8 +72,7 @@ class FitConfig:
     distill_temperature: float = 4.0
 
     def __post_init__(self):
-        if self.granularity not in GRANULARITIES:
-            raise HwpruneError(f"granularity '{self.granularity}': expected one of {', '.join(GRANULARITIES)}")
+        unit = granularity(self.granularity)  # an unknown name is refused here
         if self.allocation is not None or self.allocation_options:
             self.allocation_config()  # unknown names and options are refused before any work
             from .regularizers.base import REGISTRY
@@ -88,9 +86,10 @@ class FitConfig:
             raise HwpruneError(f"--distill {self.distill!r}: expected the weight of the teacher's loss, in [0, 1]")
         if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
             raise HwpruneError(f"--distill-temperature {self.distill_temperature!r}: expected a positive number")
-        if self.granularity == "blocks" and self.budget.kind != "sparsity":
-            raise BudgetError(f"--{self.budget.kind} with --granularity blocks: a block run takes --sparsity "
-                              "(the fraction of weight blocks removed); FLOPs and parameter budgets work on channels")
+        if unit.budget_kinds is not None and self.budget.kind not in unit.budget_kinds:
+            raise BudgetError(f"{self.budget.spec.flag} with --granularity {unit.name}: a {unit.noun} run takes "
+                              f"{' or '.join(KINDS[k].flag for k in unit.budget_kinds)} (the fraction of weight blocks "
+                              "removed); FLOPs and parameter budgets work on channels")
 
     def allocation_config(self, default: str = "global"):
         """The :class:`~hwprune.allocation.AllocationConfig` of this run (``default``: the method's)."""
@@ -301,23 +300,16 @@ class _Run:
             self.ckpt.save(payload)
 
     @property
-    def blocks(self) -> bool:
-        return self.config.granularity == "blocks"
+    def unit(self):
+        """The run's :class:`~hwprune.granularity.Granularity` (channels or weight blocks)."""
+        return granularity(self.config.granularity)
 
     def groups(self, model):
-        if self.blocks:
-            from .blocks import block_groups
-
-            groups, self.dense_layers = block_groups(model, self.example, self.target, exclude=self.config.exclude)
-            return groups
-        return discover_groups(model, self.example, exclude=self.config.exclude, target=self.target)
+        groups, self.dense_layers = self.unit.groups(model, self.example, self.target, self.config.exclude)
+        return groups
 
     def index(self, model, groups):
-        if self.blocks:
-            from .blocks import BlockIndex
-
-            return BlockIndex(model, groups)
-        return UnitIndex(model, groups)
+        return self.unit.index(model, groups)
 
     def sliced_from_plan(self, plan: Plan) -> nn.Module:
         return apply_plan(copy.deepcopy(self.template), plan, target=self.target)
@@ -492,7 +484,7 @@ class _Run:
         ``learned`` (one layer's blocks are compared with another's by score, as block runs always were)."""
         from .regularizers.base import REGISTRY
 
-        default = "learned" if self.blocks else REGISTRY[self.config.method].default_allocation
+        default = self.unit.default_allocation or REGISTRY[self.config.method].default_allocation
         return self.config.allocation_config(default)
 
     def build_regularizer(self, groups):
@@ -517,7 +509,7 @@ class _Run:
         target_fraction = plan["removed_units"] / max(index.n_units, 1)
         schedule = SparsitySchedule(target_fraction, steps)
         ctx = RegContext(self.model, index, keep_units=index.n_units - plan["removed_units"], unit_costs=unit_costs,
-                         total_steps=steps, schedule=schedule, planned_keep=None if self.blocks else plan["keep"])
+                         total_steps=steps, schedule=schedule, planned_keep=self.unit.planned_keep(plan))
         reg = build_regularizer(self.config.method, ctx, self.config.method_options)
         adaptive = getattr(reg.config, "adaptive", False) and not reg.solves_strength
         controller = StrengthController(schedule, max_step=reg.controller_max_step) if adaptive else None
@@ -564,22 +556,16 @@ class _Run:
         proj = reg.project(groups, self.budget(), cost, allocation=allocation, sensitivity=curves)
         acc_before = self.test_accuracy(self.model)
         reg.finalize(groups, proj.keep)  # fold gates / constants; the model is plain again
-        if self.blocks:
-            index = self.index(self.model, groups)
-            index.mask_(index.keep_from_plan(proj.keep))
-        else:
-            mask_model(self.model, groups, proj.keep)
+        self.unit.cut(self.model, groups, proj.keep)
         self.recalibrate()
         acc_after = self.test_accuracy(self.model)
         plan = Plan.from_groups(groups, proj.keep, as_args(self.example)[0].shape, self.config.exclude,
                                 meta={"target": self.target.name, "budget": self.config.budget.describe(),
                                       "method": self.config.method, **self.info})
-        if not self.blocks:  # a block plan masks: the model keeps its shapes
-            slice_model(self.model, groups, proj.keep)
+        self.unit.shrink(self.model, groups, proj.keep)
         if reg.from_scratch:
             reinitialize(self.model, self.config.seed)
-            if self.blocks:  # fresh weights, same dropped blocks
-                index.mask_(index.keep_from_plan(proj.keep))
+            self.unit.after_reinit(self.model, groups, proj.keep)
         plan.save(self.run_dir / "plan.json")
         multiples = sorted({g.multiple for g in groups if g.prunable})
         self.state["plan"] = plan.to_dict()
@@ -632,13 +618,7 @@ class _Run:
         cfg = self.config
         sparsity = self.state["projection"]["removed_units"] / max(self.state["projection"]["units"], 1)
         schedule = self.state.get("finetune_plan") or {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
-        hold = None
-        if self.blocks:  # keep the dropped blocks at exactly zero while the rest trains
-            from .blocks import MaskHold, groups_from_plan
-
-            plan = Plan.from_dict(self.state["plan"])
-            index = self.index(self.model, groups_from_plan(self.model, plan))
-            hold = MaskHold(index, index.keep_from_plan(plan.keep_by_group()))
+        hold = self.unit.finetune_hold(self.model, Plan.from_dict(self.state["plan"]))
         teacher = self.teacher() if schedule.get("distill") and self.state.get("dense_model") is not None else None
         if schedule["epochs"] > 0:
             self.run_epochs("finetune", schedule["epochs"], cfg.train, regularizer=hold, lr_scale=schedule["lr_scale"],
@@ -726,17 +706,12 @@ class _Run:
         proj = self.state["projection"]
         flops_d, flops_p = count_flops(dense, self.example), count_flops(self.model, self.example)
         params_d, params_p = count_params(dense), count_params(self.model)
-        blocks = None
-        if self.blocks:  # shapes are dense; count what the sparse formats store and compute
-            from .blocks import block_stats, groups_from_plan
-
-            plan = Plan.from_dict(self.state["plan"])
-            blocks = block_stats(self.model, self.example, groups_from_plan(self.model, plan), plan.keep_by_group())
+        # weight blocks keep dense shapes: count what the sparse formats store and compute
+        blocks = self.unit.report(self.model, self.example, Plan.from_dict(self.state["plan"]),
+                                  getattr(self, "dense_layers", None))
+        if blocks is not None:
             params_p -= blocks["params_removed"]
             flops_p -= blocks["macs_removed"]
-            blocks.update(granularity="blocks", dense_layers=getattr(self, "dense_layers", None) or {}, note=(
-                "model.onnx keeps the dense shapes with exact zero blocks: onnxruntime runs it at dense speed. "
-                "The block-sparse speed-up comes from the BSR kernels: hwprune export RUN_DIR --format tvm --measure"))
         achieved = {"sparsity": proj["removed_units"] / max(proj["units"], 1), "flops": flops_p / flops_d,
                     "params": params_p / params_d}
         data: dict[str, Any] = {
