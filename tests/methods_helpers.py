@@ -60,4 +60,3 @@ def assert_exact_budget_and_onnx(report):
     assert report["achieved"]["sparsity"] == 0.5
     assert report["projection"]["removed_units"] == 16
     assert report["onnx"]["max_abs_diff"] < 1e-4
-    assert 0.0 <= report["projection"]["zero_fraction_before"] <= 1.0

@@ -90,11 +90,15 @@ def test_distillation_task_through_fit(tmp_path):
     assert sum(len(g.keep) for g in heads) == 4  # half of the 2 x 4 heads (host-cpu: multiples of 1)
     assert sum(len(g.keep) for g in ffn) == 64 and all(len(g.keep) % 8 == 0 for g in ffn)  # neurons: multiples of 8
     q = r["quality"]["pruned"]
-    assert -1 <= q["mean_cosine"] < 1 and -1 <= q["spearman"] <= 1 and q["sentences"] == 16 and q["pairs"] == 120
+    # below 1: pruning changed the embeddings; a Spearman of NaN would mean constant similarities
+    assert q["mean_cosine"] < 1 and np.isfinite(q["spearman"]) and q["sentences"] == 16 and q["pairs"] == 120
     assert r["mean_cosine"]["dense"] == pytest.approx(1.0)
     assert r["onnx"]["max_abs_diff"] < 1e-4 and r["onnx"]["checked_inputs"] == 16
     assert set(r["latency_by_batch"]) == {"1", "8"} and r["latency"]["batch_size"] == 1
-    assert all(v["dense"] > 0 and v["pruned"] > 0 for v in r["latency_by_batch"].values())
+    # the report's headline latency is the batch-1 row of the table, not the batch-8 one
+    by_batch = r["latency_by_batch"]
+    assert {k: by_batch["1"][k] for k in ("dense", "pruned")} == r["latency_ms"]
+    assert r["latency"]["runs"] == 3 and set(by_batch["8"]["p10_ms"]) == {"dense", "pruned"}
     # the sliced model saves the Hugging Face way and comes back whole
     result.model.save_pretrained(tmp_path / "hf")
     again = from_pretrained(tmp_path / "hf")
@@ -183,7 +187,8 @@ def test_minilm_block_fit_then_tvm_export_measured(tmp_path):
     measured = manifest["measured"]
     assert measured["measured_on"].startswith("this machine") and measured["on_target"]
     assert set(measured["median_ms"]) == {"TVM model.so (BSR kernels)", "onnxruntime, dense shapes"}
-    assert all(v > 0 for v in measured["median_ms"].values())
+    assert set(measured["p10_p90_ms"]) == set(measured["runtimes"]) == set(measured["median_ms"])
+    assert measured["batch_size"] == 1 and measured["input_shapes"] == [[1, 128], [1, 128]]
 
 
 def test_minilm_cli_rejects_image_data_in_one_line():

@@ -42,4 +42,5 @@ def test_remote_target_latency_says_where_it_was_measured(tmp_path):
     jetson = measure_onnx_latency({"m": str(path)}, load_target("jetson"), repeats=5, warmup=1)
     assert not jetson.on_target
     assert "NOT on the target device" in jetson.note and "this machine" in jetson.measured_on
-    assert jetson.stats["m"].median_ms > 0
+    # what ran here is named: the CPU provider, not the TensorRT one the target asks for
+    assert jetson.stats["m"].runs == 5 and "CPUExecutionProvider" in jetson.runtime

@@ -3,19 +3,13 @@
 import pytest
 import torch
 
-from hwprune.data import load_dataset
 from hwprune.errors import HwpruneError
 from hwprune.regularizers import make_config
 from hwprune.regularizers.base import MinWidthGuard
 from hwprune.regularizers.hspg import HalfSpaceStep, wgsef_grad_coeff
 from hwprune.regularizers.wgsef_math import wgsef_value
 
-from methods_helpers import assert_exact_budget_and_onnx, conv_bn_net, fit_tiny, randomize_bn, regularizer
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+from methods_helpers import conv_bn_net, randomize_bn, regularizer
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -110,8 +104,3 @@ def test_wgsef_switches_to_the_half_space_stage_at_the_switch_point():
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(HwpruneError, match=message):
         make_config("wgsef", options)
-
-
-def test_fit_end_to_end_meets_the_budget_exactly(digits, tmp_path):
-    result, report = fit_tiny("wgsef", {"hspg": True, "hspg_switch": 0.3}, tmp_path / "run", digits)
-    assert_exact_budget_and_onnx(report)

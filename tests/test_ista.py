@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from hwprune.data import load_dataset
 from hwprune.errors import HwpruneError
 from hwprune.graph import discover_groups
 from hwprune.groups import UnitIndex
@@ -17,12 +16,7 @@ from hwprune.slicing import mask_model, slice_model
 from hwprune.train import TrainSettings, make_optimizer
 
 from helpers_models import tiny_resnet
-from methods_helpers import assert_exact_budget_and_onnx, fit_tiny, randomize_bn, regularizer
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+from methods_helpers import randomize_bn, regularizer
 
 
 def _reader_net(k, bias, bn_after_reader):
@@ -189,9 +183,3 @@ def test_finalize_folds_the_constants_of_the_removed_units():
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(HwpruneError, match=message):
         make_config("ista-bn", options)
-
-
-@pytest.mark.parametrize("options", [{}, {"alpha": 0.5}])
-def test_fit_end_to_end_meets_the_budget_exactly(digits, tmp_path, options):
-    result, report = fit_tiny("ista-bn", options, tmp_path / "run", digits)
-    assert_exact_budget_and_onnx(report)

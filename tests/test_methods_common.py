@@ -17,7 +17,7 @@ from hwprune.budget import Budget
 from hwprune.cost import count_flops, flops_model
 from hwprune.data import load_dataset
 from hwprune.graph import discover_groups
-from hwprune.groups import CONSUMER, NORMALIZED, PRODUCER, UnitIndex
+from hwprune.groups import UnitIndex
 from hwprune.models import build_model, list_models
 from hwprune.pipeline import FitConfig
 from hwprune.regularizers import REGISTRY, RegContext, SparsitySchedule, build_regularizer
@@ -52,26 +52,62 @@ def test_uniform_keeps_the_same_fraction_everywhere_and_hits_flops():
     assert count_flops(sliced, x) / count_flops(model, x) == pytest.approx(0.5, rel=0.01)
 
 
-def test_magnitude_scores_are_group_norms_per_entry():
-    torch.manual_seed(0)
-    model = tiny_resnet(1, 10, 8)
-    groups, index, ctx = setup(model, torch.zeros(1, 1, 8, 8))
+class _HandSet(nn.Module):
+    """conv 1x1 (3 channels) -> BN -> ReLU -> mean -> fc1 (3 -> 2) -> ReLU -> fc2: two prunable groups (the
+    conv's 3 channels, fc1's 2 neurons; fc2 is the output), every unit with 5 trainable entries, and
+    weights chosen by hand so that each unit's root mean square is a whole number."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 3, 1, bias=False), nn.BatchNorm2d(3)
+        self.fc1, self.fc2 = nn.Linear(3, 2), nn.Linear(2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, 2.0, 1.0]).view(3, 1, 1, 1))
+            self.bn.weight.copy_(torch.tensor([2.0, 6.0, 3.0]))
+            self.bn.bias.copy_(torch.tensor([6.0, 9.0, 3.0]))
+            self.bn.running_mean.fill_(100.0)  # statistics, not trainable entries: they must not count
+            self.bn.running_var.fill_(100.0)
+            self.fc1.weight.copy_(torch.tensor([[2.0, 0.0, 1.0], [0.0, 2.0, 0.0]]))
+            self.fc1.bias.copy_(torch.tensor([6.0, 15.0]))
+            self.fc2.weight.copy_(torch.tensor([[2.0, 4.0]]))
+            self.fc2.bias.fill_(100.0)  # the output's own entries: in no unit
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+# Per unit: sqrt(sum of squares of its entries / 5), by hand.
+#   channel 0: conv 1, bn 2 and 6, fc1 column (2, 0):  1 + 4 + 36 + 4 + 0 = 45  -> sqrt(9)  = 3
+#   channel 1: conv 2, bn 6 and 9, fc1 column (0, 2):  4 + 36 + 81 + 0 + 4 = 125 -> sqrt(25) = 5
+#   channel 2: conv 1, bn 3 and 3, fc1 column (1, 0):  1 + 9 + 9 + 1 + 0 = 20   -> sqrt(4)  = 2
+#   neuron 0:  fc1 row (2, 0, 1), bias 6, fc2 2:       4 + 0 + 1 + 36 + 4 = 45  -> 3
+#   neuron 1:  fc1 row (0, 2, 0), bias 15, fc2 4:      0 + 4 + 0 + 225 + 16 = 245 -> sqrt(49) = 7
+HAND_SCORES = {"conv": [3.0, 5.0, 2.0], "fc1": [3.0, 7.0]}
+
+
+def _by_group(index, scores):
+    return {g.name: scores[a:b].tolist() for g, a, b in zip(index.groups, index.offsets[:-1], index.offsets[1:])}
+
+
+def _approx(expected):
+    return {name: pytest.approx(v, rel=1e-12) for name, v in expected.items()}
+
+
+def test_magnitude_scores_are_the_root_mean_square_of_each_units_entries():
+    model = _HandSet()
+    groups, index, ctx = setup(model, torch.zeros(1, 1, 4, 4))
     reg = build_regularizer("magnitude", ctx)
-    roles = (PRODUCER, NORMALIZED, CONSUMER)
-    expected = (index.sq_norms(roles) / index.sizes(roles)).sqrt().double().numpy()
-    np.testing.assert_allclose(reg.scores(), expected)
+    assert _by_group(index, reg.scores()) == _approx(HAND_SCORES)
     assert not reg.trains
 
 
 def test_magnitude_mean_normalizer_divides_by_each_groups_mean():
-    torch.manual_seed(0)
-    model = tiny_resnet(1, 10, 8)
-    groups, index, ctx = setup(model, torch.zeros(1, 1, 8, 8))
-    raw = build_regularizer("magnitude", ctx).scores()
+    model = _HandSet()
+    groups, index, ctx = setup(model, torch.zeros(1, 1, 4, 4))
     scaled = build_regularizer("magnitude", ctx, {"normalize": "mean"}).scores()
-    for a, b in zip(index.offsets[:-1], index.offsets[1:]):
-        np.testing.assert_allclose(scaled[a:b], raw[a:b] / raw[a:b].mean())
-    assert len(index.offsets) > 2 and not np.allclose(scaled, raw)  # several groups, and it changed them
+    # the channels' mean is (3 + 5 + 2) / 3 = 10/3, the neurons' (3 + 7) / 2 = 5 (of all five units: 4)
+    assert _by_group(index, scaled) == _approx({"conv": [0.9, 1.5, 0.6], "fc1": [0.6, 1.4]})
     with pytest.raises(ValueError, match="normalize='max'.*none, mean"):
         build_regularizer("magnitude", ctx, {"normalize": "max"})
 
@@ -168,7 +204,8 @@ def test_every_method_meets_the_budget_and_exports(method, small_digits, tmp_pat
                     epochs_finetune=1, latency_repeats=5)
     res = hwprune.fit(tiny_resnet(1, 10, 8), train, test_data=test, target="host-cpu", config=cfg,
                       out_dir=tmp_path / "run", progress=None, measure=False)
-    assert res.report.get("achieved.sparsity") == 0.5  # 48 units, multiples of 8: exactly 24 removed
+    # 32 units (two groups of 16), multiples of 8: exactly 16 removed
+    assert res.report.get("achieved.sparsity") == 0.5 and res.report.get("projection.removed_units") == 16
     assert res.report.get("onnx.max_abs_diff") < 1e-4
     assert res.report.get("params.pruned") < res.report.get("params.dense")
 

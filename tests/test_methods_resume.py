@@ -1,4 +1,8 @@
-"""Each new method resumes inside its regularized stage and ends exactly where an uninterrupted run ends."""
+"""Each new method resumes inside its regularized stage and ends exactly where an uninterrupted run ends.
+
+The uninterrupted runs use options the registry-parametrized test in test_methods_common.py does not
+(ista-bn's alpha, wgsef with HSPG): they also check that those settings meet the budget exactly.
+"""
 
 import json
 
@@ -11,6 +15,7 @@ from hwprune.data import load_dataset
 from hwprune.pipeline import FitConfig
 
 from helpers_models import tiny_resnet
+from methods_helpers import assert_exact_budget_and_onnx
 
 
 class Interrupt(Exception):
@@ -45,6 +50,7 @@ def test_a_run_interrupted_in_the_regularized_stage_resumes_to_the_same_result(d
     _fit(method, options, tmp_path / "cut", digits)
     ref = json.loads((tmp_path / "ref" / "report.json").read_text())
     cut = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert_exact_budget_and_onnx(ref)
     assert json.loads((tmp_path / "ref" / "plan.json").read_text())["groups"] == \
         json.loads((tmp_path / "cut" / "plan.json").read_text())["groups"]
     assert ref["accuracy"] == cut["accuracy"]

@@ -5,18 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from hwprune.data import load_dataset
 from hwprune.errors import HwpruneError
 from hwprune.regularizers import make_config
 from hwprune.regularizers.pacing import PacedController, SpeedMeter
 from hwprune.regularizers.polarization import auto_t, first_gap_threshold
 
-from methods_helpers import assert_exact_budget_and_onnx, conv_bn_net, fit_tiny, randomize_bn, regularizer
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+from methods_helpers import conv_bn_net, randomize_bn, regularizer
 
 
 def test_first_gap_threshold_follows_the_official_rule():
@@ -149,8 +143,3 @@ def test_t_from_the_budget_and_the_paced_controller():
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(HwpruneError, match=message.replace("[", r"\[").replace("]", r"\]")):
         make_config("polarization", options)
-
-
-def test_fit_end_to_end_meets_the_budget_exactly(digits, tmp_path):
-    result, report = fit_tiny("polarization", {}, tmp_path / "run", digits)
-    assert_exact_budget_and_onnx(report)

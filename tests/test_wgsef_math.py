@@ -276,7 +276,6 @@ def nnz_groups(x, gi, m):
 
 @pytest.mark.parametrize("block", range(6))
 def test_random_cases_certified(block):
-    worst = 0.0
     for seed in range(block * 50, block * 50 + 50):
         v, gi, w, k, lam = random_case(seed)
         m = w.numel()
@@ -289,8 +288,6 @@ def test_random_cases_certified(block):
         assert abs(gap) <= 1e-13 * max(1.0, terms), (seed, gap, terms)
         assert (p - pb).abs().max().item() <= 1e-9, seed
         assert nnz_groups(p, gi, m) >= min(k, nnz_groups(v, gi, m)), seed
-        worst = max(worst, abs(gap))
-    assert worst <= 1e-9
 
 
 def test_inputs_with_grad_are_fine():
