@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hwprune.budget import Budget, project  # noqa: E402
-from hwprune.export.onnx import export_onnx  # noqa: E402
+from hwprune.runtimes.onnxruntime import export_onnx  # noqa: E402
 from hwprune.graph import discover_groups  # noqa: E402
-from hwprune.groups import UnitIndex  # noqa: E402
-from hwprune.latency import measure_onnx_latency  # noqa: E402
-from hwprune.latency_budget import latency_model_for, min_width_keep  # noqa: E402
+from hwprune.graph.groups import UnitIndex  # noqa: E402
+from hwprune.runtimes.onnxruntime import measure_onnx_latency  # noqa: E402
+from hwprune.latency.budget import latency_model_for, min_width_keep  # noqa: E402
 from hwprune.models import build_model  # noqa: E402
-from hwprune.slicing import slice_model  # noqa: E402
+from hwprune.apply.slicing import slice_model  # noqa: E402
 from hwprune.target import load_target  # noqa: E402
 
 

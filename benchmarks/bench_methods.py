@@ -52,14 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hwprune  # noqa: E402
 from hwprune.budget import Budget  # noqa: E402
-from hwprune.cost import count_flops, count_params  # noqa: E402
+from hwprune.budget.cost import count_flops, count_params  # noqa: E402
 from hwprune.data import load_dataset  # noqa: E402
-from hwprune.export.onnx import export_onnx  # noqa: E402
-from hwprune.latency import measure_onnx_latency  # noqa: E402
+from hwprune.runtimes.onnxruntime import export_onnx  # noqa: E402
+from hwprune.runtimes.onnxruntime import measure_onnx_latency  # noqa: E402
 from hwprune.models import build_model  # noqa: E402
-from hwprune.pipeline import FitConfig  # noqa: E402
+from hwprune.training.pipeline import FitConfig  # noqa: E402
 from hwprune.target import load_target  # noqa: E402
-from hwprune.train import (TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,  # noqa: E402
+from hwprune.training.loop import (TrainSettings, cosine_lr, epoch_loader, eval_loader, evaluate, make_optimizer,  # noqa: E402
                            train_epoch)
 
 HERE = Path(__file__).resolve().parent

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hwprune.blocks import BlockIndex, block_groups, mask_blocks  # noqa: E402
+from hwprune.graph.blocks import BlockIndex, block_groups, mask_blocks  # noqa: E402
 from hwprune.budget import Budget  # noqa: E402
 from hwprune.export.artifacts import LoadedRun, measure_tvm_export  # noqa: E402
 from hwprune.export.tvm_bsr import build_sparse_module  # noqa: E402
-from hwprune.plan import Plan  # noqa: E402
+from hwprune.apply.plan import Plan  # noqa: E402
 from hwprune.regularizers import RegContext, build_regularizer  # noqa: E402
 from hwprune.target import load_target  # noqa: E402
 from hwprune.text.job import pydoc_split  # noqa: E402

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hwprune.graph import discover_groups  # noqa: E402
-from hwprune.groups import UnitIndex  # noqa: E402
+from hwprune.graph.groups import UnitIndex  # noqa: E402
 from hwprune.models import build_model  # noqa: E402
 from hwprune.regularizers import RegContext, SparsitySchedule, build_regularizer  # noqa: E402
 from hwprune.target import load_target  # noqa: E402

@@ -16,7 +16,7 @@ Backends, all called from Python one call at a time, 1 thread:
 
 * dense: numpy (``x @ W.T``, OpenBLAS), torch (``F.linear`` / ``F.conv2d``), onnxruntime (a one-node
   Gemm / Conv model, I/O bound once). "best dense" is the fastest of them in that cell;
-* TVM BSR: hwprune's hand-written kernels (``hwprune.sparse.kernels``), compiled for the host-cpu
+* TVM BSR: hwprune's hand-written kernels (``hwprune.runtimes.tvm.bsr.kernels``), compiled for the host-cpu
   target (``llvm -mcpu=core-avx2``); for model layers the exported path itself (a one-layer Relax
   module: im2col + kernel);
 * scipy BSR (CSR for 1x1), scipy CSR, torch CSR, torch BSR (where torch accepts the block shape).
@@ -49,8 +49,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hwprune.sparse.bsr import SparseLayer  # noqa: E402
-from hwprune.sparse.kernels import KernelSpec, bsr_primfunc, choose_schedule  # noqa: E402
+from hwprune.runtimes.tvm.bsr.packing import SparseLayer  # noqa: E402
+from hwprune.runtimes.tvm.bsr.kernels import KernelSpec, bsr_primfunc, choose_schedule  # noqa: E402
 
 TARGET = {"kind": "llvm", "mcpu": "core-avx2"}  # targets/host-cpu.yaml
 BLOCKS = [(1, 1), (4, 1), (8, 1), (16, 1), (32, 1), (16, 16)]
@@ -395,7 +395,7 @@ def whole_model(run, layers, rounds: int) -> dict:
     import onnxruntime as ort
     import tvm
 
-    from hwprune.export.onnx import export_onnx
+    from hwprune.runtimes.onnxruntime import export_onnx
     from hwprune.export.tvm_bsr import build_sparse_module
 
     (x,) = run.batch(1)

@@ -32,14 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hwprune.clock import take_turns, wall_clock, warm_up  # noqa: E402
-from hwprune.export.onnx import export_onnx, ort_session  # noqa: E402
+from hwprune.runtimes.clock import take_turns, wall_clock, warm_up  # noqa: E402
+from hwprune.runtimes.onnxruntime import export_onnx, ort_session  # noqa: E402
 from hwprune.graph import discover_groups  # noqa: E402
 from hwprune.models import build_model  # noqa: E402
-from hwprune.plan import Plan, apply_plan  # noqa: E402
-from hwprune.slicing import slice_model  # noqa: E402
+from hwprune.apply.plan import Plan, apply_plan  # noqa: E402
+from hwprune.apply.slicing import slice_model  # noqa: E402
 from hwprune.target import host_description, load_target  # noqa: E402
-from hwprune.tvm_dense import build_dense  # noqa: E402
+from hwprune.runtimes.tvm.dense import build_dense  # noqa: E402
 
 # (name, model, in_channels, input size, kept fraction of every group; 1.0 = dense)
 CASES = [

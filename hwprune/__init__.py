@@ -3,7 +3,7 @@
     >>> import hwprune
     >>> target = hwprune.load_target("host-cpu")
     >>> result = hwprune.fit(model, train_loader, target=target, sparsity=0.7, test_data=test_loader)  # doctest: +SKIP
-    >>> again = hwprune.hf.from_pretrained("minilm-pruned")  # a sliced transformer saved with save_pretrained  # doctest: +SKIP
+    >>> again = hwprune.apply.hf.from_pretrained("minilm-pruned")  # a sliced transformer saved with save_pretrained  # doctest: +SKIP
 
 Heavy backends (onnxruntime, TVM, matplotlib) are imported only when used, so ``import hwprune`` is fast.
 """
@@ -13,21 +13,21 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "fit": ("hwprune.pipeline", "fit"),
-    "FitConfig": ("hwprune.pipeline", "FitConfig"),
+    "fit": ("hwprune.training.pipeline", "fit"),
+    "FitConfig": ("hwprune.training.pipeline", "FitConfig"),
     "Budget": ("hwprune.budget", "Budget"),
     "load_target": ("hwprune.target", "load_target"),
     "list_targets": ("hwprune.target", "list_targets"),
     "Target": ("hwprune.target", "Target"),
     "discover_groups": ("hwprune.graph", "discover_groups"),
-    "Plan": ("hwprune.plan", "Plan"),
-    "apply_plan": ("hwprune.plan", "apply_plan"),
-    "slice_model": ("hwprune.slicing", "slice_model"),
-    "mask_model": ("hwprune.slicing", "mask_model"),
+    "Plan": ("hwprune.apply.plan", "Plan"),
+    "apply_plan": ("hwprune.apply.plan", "apply_plan"),
+    "slice_model": ("hwprune.apply.slicing", "slice_model"),
+    "mask_model": ("hwprune.apply.slicing", "mask_model"),
 }
 
 # submodules reachable as attributes of ``hwprune`` without an import of their own (documented entry points)
-_SUBMODULES = {"hf": "hwprune.hf"}
+_SUBMODULES = {"hf": "hwprune.apply.hf"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 

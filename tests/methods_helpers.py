@@ -8,8 +8,8 @@ from torch import nn
 import hwprune
 from hwprune.budget import Budget
 from hwprune.graph import discover_groups
-from hwprune.groups import UnitIndex
-from hwprune.pipeline import FitConfig
+from hwprune.graph.groups import UnitIndex
+from hwprune.training.pipeline import FitConfig
 from hwprune.regularizers import RegContext, SparsitySchedule, build_regularizer
 
 from helpers_models import tiny_resnet

@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hwprune.allocation import AllocationConfig
+from hwprune.budget.allocation import AllocationConfig
 from hwprune.budget import Budget, project
-from hwprune.cost import flops_model, params_model
+from hwprune.budget.cost import flops_model, params_model
 from hwprune.errors import BudgetError
 from hwprune.graph import discover_groups
-from hwprune.groups import Group
+from hwprune.graph.groups import Group
 from hwprune.models import build_model
 from hwprune.target import load_target, parse_target
 

@@ -11,8 +11,8 @@ from hwprune.data import load_dataset
 from hwprune.errors import HwpruneError
 from hwprune.regularizers import make_config
 from hwprune.regularizers.autoprune import ste_grad
-from hwprune.slicing import mask_model, slice_model
-from hwprune.train import TrainSettings, make_optimizer
+from hwprune.apply.slicing import mask_model, slice_model
+from hwprune.training.loop import TrainSettings, make_optimizer
 
 from methods_helpers import assert_exact_budget_and_onnx, conv_bn_net, fit_tiny, randomize_bn, regularizer
 from topologies import TOPOLOGIES

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from hwprune.block_profiler import kept_counts, measure_block_profile, parse_densities
-from hwprune.blocks import block_groups
+from hwprune.latency.measure_blocks import kept_counts, measure_block_profile, parse_densities
+from hwprune.graph.blocks import block_groups
 from hwprune.cli.main import main
 from hwprune.errors import ProfileError
-from hwprune.profile_format import Profile, predict_block_latency
-from hwprune.profile_blocks import block_layer_latency
-from hwprune.profiler import ProfileSettings
+from hwprune.latency.profile import Profile, predict_block_latency
+from hwprune.latency.profile_blocks import block_layer_latency
+from hwprune.latency.measure import ProfileSettings
 from hwprune.target import load_target
 
 from conftest import TESTS
@@ -153,7 +153,7 @@ def test_cli_adds_a_blocks_section_and_keeps_the_width_tables(tmp_path, capsys, 
 def test_export_manifest_gets_a_labelled_prediction(tmp_path, monkeypatch):
     from hwprune.export.artifacts import predicted_sparse_time
     from hwprune.export.tvm_bsr import build_sparse_module
-    from hwprune.sparse.bsr import sparse_layers
+    from hwprune.runtimes.tvm.bsr.packing import sparse_layers
 
     from test_sparse_export import masked_net
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from hwprune.blocks import BlockGroup, BlockIndex, block_groups, mask_blocks
-from hwprune.allocation import POLICIES, build_problem, solve_units
-from hwprune.budget import Budget, _target_and_cost, _unit_steps, project
+from hwprune.graph.blocks import BlockGroup, BlockIndex, block_groups, mask_blocks
+from hwprune.budget.allocation import POLICIES, build_problem, solve_units
+from hwprune.budget import Budget, project
+from hwprune.budget.projection import _target_and_cost, _unit_steps
 from hwprune.errors import BudgetError, ModelError, PlanError
-from hwprune.pipeline import FitConfig
-from hwprune.plan import Plan, apply_plan
+from hwprune.training.pipeline import FitConfig
+from hwprune.apply.plan import Plan, apply_plan
 from hwprune.regularizers import RegContext, SparsitySchedule, build_regularizer
 from hwprune.target import parse_target
 

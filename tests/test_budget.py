@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from hwprune.budget import Budget, check_budget, project, reachable
-from hwprune.cost import count_flops, count_params, flops_model, params_model
+from hwprune.budget.cost import count_flops, count_params, flops_model, params_model
 from hwprune.errors import BudgetError
 from hwprune.graph import discover_groups
 from hwprune.models import build_model
-from hwprune.slicing import slice_model
+from hwprune.apply.slicing import slice_model
 from hwprune.target import parse_target
 
 from topologies import TOPOLOGIES

@@ -8,10 +8,10 @@ import pytest
 
 import hwprune
 from hwprune.budget import Budget
-from hwprune.checkpoint import Checkpointer
+from hwprune.training.checkpoint import Checkpointer
 from hwprune.data import load_dataset
 from hwprune.errors import CheckpointError
-from hwprune.pipeline import FitConfig
+from hwprune.training.pipeline import FitConfig
 from hwprune.errors import DivergedError
 
 from helpers_models import _TinyResNet
@@ -70,8 +70,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 
 def test_collapse_to_zero_width_stops_the_run():
     from hwprune.graph import discover_groups
-    from hwprune.groups import UnitIndex
-    from hwprune.pipeline import check_collapse
+    from hwprune.graph.groups import UnitIndex
+    from hwprune.training.pipeline import check_collapse
     from hwprune.regularizers import RegContext, build_regularizer
 
     model = _TinyResNet(1, 10)

@@ -68,10 +68,10 @@ def _tokenizer():
 def test_distillation_task_through_fit(tmp_path):
     import hwprune
     from hwprune.budget import Budget
-    from hwprune.hf import from_pretrained
-    from hwprune.pipeline import FitConfig
+    from hwprune.apply.hf import from_pretrained
+    from hwprune.training.pipeline import FitConfig
     from hwprune.tasks.distill import SentenceDistillTask
-    from hwprune.train import TrainSettings
+    from hwprune.training.loop import TrainSettings
 
     from transformer_models import tiny_bert
 
@@ -111,8 +111,8 @@ def test_distillation_task_through_fit(tmp_path):
 def test_vit_fit_end_to_end(tmp_path):
     import hwprune
     from hwprune.data import load_dataset
-    from hwprune.mha import HeadPrunedMultiheadAttention
-    from hwprune.pipeline import FitConfig
+    from hwprune.apply.attention import HeadPrunedMultiheadAttention
+    from hwprune.training.pipeline import FitConfig
     from hwprune.budget import Budget
 
     from transformer_models import tiny_vit

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from hwprune.export.onnx import export_onnx, onnx_max_abs_diff
+from hwprune.runtimes.onnxruntime import export_onnx, onnx_max_abs_diff
 from hwprune.graph import discover_groups
-from hwprune.latency import measure_onnx_latency
-from hwprune.slicing import slice_model
+from hwprune.runtimes.onnxruntime import measure_onnx_latency
+from hwprune.apply.slicing import slice_model
 from hwprune.target import load_target
 
 from test_groups import random_keep

@@ -12,10 +12,10 @@ import torch
 import hwprune
 from hwprune.data import load_dataset
 from hwprune.errors import BudgetError, CheckpointError
-from hwprune.pipeline import FitConfig
+from hwprune.training.pipeline import FitConfig
 from hwprune.budget import Budget
-from hwprune.checkpoint import Checkpointer
-from hwprune.plan import Plan, apply_plan
+from hwprune.training.checkpoint import Checkpointer
+from hwprune.apply.plan import Plan, apply_plan
 
 from conftest import cli_env
 from helpers_models import tiny_resnet
@@ -132,7 +132,7 @@ def test_cli_remote_target_is_labelled_as_measured_here(tmp_path):
 # point, with no cleanup (no finally, no atexit), wherever the machine's load puts the epochs in time.
 KILL_AFTER_SAVE = """
 import os, signal, sys
-from hwprune.checkpoint import Checkpointer
+from hwprune.training.checkpoint import Checkpointer
 from hwprune.cli.main import main
 n, real, saved = int(sys.argv[1]), Checkpointer.save, []
 def save(self, payload):

@@ -11,9 +11,9 @@ from torch import nn
 from hwprune.budget import Budget
 from hwprune.errors import HwpruneError
 from hwprune.graph import discover_groups
-from hwprune.groups import UnitIndex
+from hwprune.graph.groups import UnitIndex
 from hwprune.regularizers import RegContext, build_regularizer
-from hwprune.slicing import mask_model
+from hwprune.apply.slicing import mask_model
 
 
 def mlp():
@@ -88,7 +88,7 @@ def test_fluctuation_through_fit_on_digits_calibrates_on_training_images(tmp_pat
     import hwprune
     from hwprune.data import load_dataset
     from hwprune.models import build_model
-    from hwprune.pipeline import FitConfig
+    from hwprune.training.pipeline import FitConfig
 
     data = load_dataset("digits")
     torch.manual_seed(0)
@@ -111,11 +111,11 @@ def test_fluctuation_on_a_bert_encoder_calibrates_on_unpadded_sentences(tmp_path
     from transformers import AutoTokenizer
 
     import hwprune
-    from hwprune.pipeline import FitConfig
+    from hwprune.training.pipeline import FitConfig
     from hwprune.tasks.distill import SentenceDistillTask
     from hwprune.text.corpus import python_doc_sentences, split_sentences
     from hwprune.text.minilm import model_path
-    from hwprune.train import TrainSettings
+    from hwprune.training.loop import TrainSettings
 
     from transformer_models import tiny_bert
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from hwprune.errors import ModelError
 from hwprune.graph import discover_groups
-from hwprune.slicing import mask_model, slice_model
+from hwprune.apply.slicing import mask_model, slice_model
 from hwprune.target import parse_target
 
 from topologies import TOPOLOGIES, Residual, randomize_bn

@@ -8,12 +8,12 @@ from torch import nn
 
 from hwprune.errors import HwpruneError
 from hwprune.graph import discover_groups
-from hwprune.groups import UnitIndex
+from hwprune.graph.groups import UnitIndex
 from hwprune.models import build_model
 from hwprune.regularizers import make_config
 from hwprune.regularizers.fold import bn_after, fold_removed_constants, homogeneous_units
-from hwprune.slicing import mask_model, slice_model
-from hwprune.train import TrainSettings, make_optimizer
+from hwprune.apply.slicing import mask_model, slice_model
+from hwprune.training.loop import TrainSettings, make_optimizer
 
 from helpers_models import tiny_resnet
 from methods_helpers import randomize_bn, regularizer

@@ -18,15 +18,14 @@ import pytest
 import torch
 
 import hwprune
-import hwprune.export.onnx
-import hwprune.latency
+import hwprune.runtimes.onnxruntime
 from hwprune.budget import Budget
 from hwprune.data import load_dataset
 from hwprune.errors import BudgetError, ProfileError
 from hwprune.models import build_model
-from hwprune.pipeline import FitConfig
-from hwprune.profile_format import LayerTable, Profile
-from hwprune.profiler import ProfileSettings, plan_tables
+from hwprune.training.pipeline import FitConfig
+from hwprune.latency.profile import LayerTable, Profile
+from hwprune.latency.measure import ProfileSettings, plan_tables
 from hwprune.target import load_target
 
 PROFILE_MS_PER_WEIGHT = 1e-6
@@ -38,8 +37,8 @@ NARROWEST_WEIGHTS = 1 * 8 * 9 + 4 * 8 * 8 * 9 + 8 * 8 + 8 * 10  # 2520
 
 class FakeMachine:
     """Runs an ONNX model in ``overhead_ms + ms_per_weight x (its conv and linear weight entries)`` of a
-    fake clock. ``install`` wraps ``hwprune.export.onnx.ort_session`` so that every ``run`` advances the
-    clock, and times ``hwprune.latency``'s timed calls on it instead of ``time.perf_counter``."""
+    fake clock. ``install`` wraps ``hwprune.runtimes.onnxruntime.ort_session`` so that every ``run`` advances the
+    clock, and times ``hwprune.runtimes.onnxruntime``'s timed calls on it instead of ``time.perf_counter``."""
 
     def __init__(self, overhead_ms: float, ms_per_weight: float):
         self.overhead_ms, self.ms_per_weight = overhead_ms, ms_per_weight
@@ -60,7 +59,7 @@ class FakeMachine:
         return self.now_ms - start
 
     def install(self, monkeypatch) -> "FakeMachine":
-        real, machine = hwprune.export.onnx.ort_session, self
+        real, machine = hwprune.runtimes.onnxruntime.ort_session, self
 
         class Session:
             def __init__(self, path, *args, **kwargs):
@@ -76,8 +75,8 @@ class FakeMachine:
         def interleaved_times(calls, repeats, block=None):
             return {k: [self.elapsed_ms(f) for _ in range(repeats)] for k, f in calls.items()}
 
-        monkeypatch.setattr(hwprune.export.onnx, "ort_session", Session)
-        monkeypatch.setattr(hwprune.latency, "interleaved_times", interleaved_times)
+        monkeypatch.setattr(hwprune.runtimes.onnxruntime, "ort_session", Session)
+        monkeypatch.setattr(hwprune.runtimes.onnxruntime, "interleaved_times", interleaved_times)
         return self
 
 

@@ -8,11 +8,11 @@ import torch
 from hwprune.budget import Budget, check_budget, project
 from hwprune.errors import BudgetError, ProfileError
 from hwprune.graph import discover_groups
-from hwprune.latency_budget import min_width_keep
-from hwprune.latency_model import LatencyModel, monotone
-from hwprune.layer_shapes import layer_uses
+from hwprune.latency.budget import min_width_keep
+from hwprune.latency.model import LatencyModel, monotone
+from hwprune.latency.shapes import layer_uses
 from hwprune.models import build_model
-from hwprune.profile_format import LayerTable, Profile
+from hwprune.latency.profile import LayerTable, Profile
 from hwprune.target import load_target
 
 

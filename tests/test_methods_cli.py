@@ -47,7 +47,7 @@ def test_new_settings_leave_old_fingerprints_alone():
     """Runs written before allocation and distillation existed resume: at their defaults the new
     settings are not in the fingerprint; set, they are."""
     from hwprune.budget import Budget
-    from hwprune.pipeline import FitConfig
+    from hwprune.training.pipeline import FitConfig
 
     plain = FitConfig(budget=Budget("flops", 0.5)).fingerprint()
     assert not {"allocation", "allocation_options", "distill", "distill_temperature"} & set(plain)

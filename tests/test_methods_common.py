@@ -14,16 +14,16 @@ from torch.utils.data import Subset
 
 import hwprune
 from hwprune.budget import Budget
-from hwprune.cost import count_flops, flops_model
+from hwprune.budget.cost import count_flops, flops_model
 from hwprune.data import load_dataset
 from hwprune.graph import discover_groups
-from hwprune.groups import UnitIndex
+from hwprune.graph.groups import UnitIndex
 from hwprune.models import build_model, list_models
-from hwprune.pipeline import FitConfig
+from hwprune.training.pipeline import FitConfig
 from hwprune.regularizers import REGISTRY, RegContext, SparsitySchedule, build_regularizer
 from hwprune.regularizers.baselines import near_zero_fraction
 from hwprune.regularizers.scales import UnitScales
-from hwprune.slicing import slice_model
+from hwprune.apply.slicing import slice_model
 from hwprune.target import parse_target
 
 from helpers_models import tiny_resnet

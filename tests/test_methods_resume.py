@@ -12,7 +12,7 @@ import torch
 import hwprune
 from hwprune.budget import Budget
 from hwprune.data import load_dataset
-from hwprune.pipeline import FitConfig
+from hwprune.training.pipeline import FitConfig
 
 from helpers_models import tiny_resnet
 from methods_helpers import assert_exact_budget_and_onnx

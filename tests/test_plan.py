@@ -9,8 +9,8 @@ import torch
 
 from hwprune.errors import PlanError
 from hwprune.graph import discover_groups
-from hwprune.plan import Plan, apply_plan
-from hwprune.slicing import slice_model
+from hwprune.apply.plan import Plan, apply_plan
+from hwprune.apply.slicing import slice_model
 
 from topologies import TOPOLOGIES, randomize_bn
 from test_groups import random_keep

@@ -10,10 +10,10 @@ import torch
 from hwprune.cli.main import main
 from hwprune.errors import ProfileError
 from hwprune.graph import discover_groups
-from hwprune.layer_shapes import layer_uses
+from hwprune.latency.shapes import layer_uses
 from hwprune.models import build_model
-from hwprune.profile_format import Profile
-from hwprune.profiler import ProfileSettings, measure_profile, subsample
+from hwprune.latency.profile import Profile
+from hwprune.latency.measure import ProfileSettings, measure_profile, subsample
 from hwprune.target import load_target
 
 FAST = ProfileSettings(max_points=3, repeats=6, rounds=2, warmup=1)
@@ -128,7 +128,7 @@ def test_cli_writes_a_profile_and_refuses_a_mismatched_append(tmp_path, capsys):
 def test_append_keeps_the_blocks_section(measured):
     """Appending width tables for another model must not drop the block-density tables (it did: the
     shipped profile lost its blocks section on `hwprune profile --append`)."""
-    from hwprune.resources import profile_dirs
+    from hwprune.target.files import profile_dirs
 
     net, x, prof, _ = measured
     shipped = Profile.load(profile_dirs()[0] / "host-cpu.json")

@@ -22,13 +22,13 @@ pytest.importorskip("tornado")  # the tracker needs it
 
 from hwprune.cli.main import main
 from hwprune.errors import HwpruneError, RuntimeUnavailable
-from hwprune.latency_tvm import measure_tvm_latency
+from hwprune.runtimes.tvm.timing import measure_tvm_latency
 from hwprune.models import build_model
-from hwprune.profile_format import Profile
-from hwprune.remote import RemoteSession, RemoteSpec, parse_endpoint, resolve_remote
+from hwprune.latency.profile import Profile
+from hwprune.runtimes.tvm.rpc import RemoteSession, RemoteSpec, parse_endpoint, resolve_remote
 from hwprune.target import load_target
-from hwprune.tvm_build import elf_machine
-from hwprune.tvm_dense import build_dense
+from hwprune.runtimes.tvm.build import elf_machine
+from hwprune.runtimes.tvm.dense import build_dense
 
 from conftest import cli_env
 

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwprune.budget import Budget, project
-from hwprune.cost import flops_model
+from hwprune.budget.cost import flops_model
 from hwprune.graph import discover_groups
-from hwprune.groups import UnitIndex
+from hwprune.graph.groups import UnitIndex
 from hwprune.models import build_model
 from hwprune.regularizers import RegContext
 from hwprune.regularizers.wgsef import unit_weights
-from hwprune.sensitivity import measure_curves
-from hwprune.slicing import slice_model
+from hwprune.budget.sensitivity import measure_curves
+from hwprune.apply.slicing import slice_model
 from hwprune.target import load_target, parse_target
 from hwprune.tasks.classification import Distillation
 

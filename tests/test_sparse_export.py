@@ -8,11 +8,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from hwprune.blocks import BlockIndex, block_groups
+from hwprune.graph.blocks import BlockIndex, block_groups
 from hwprune.budget import Budget, project
 from hwprune.export.check import check_in_fresh_process
-from hwprune.plan import Plan
-from hwprune.sparse.bsr import sparse_layers
+from hwprune.apply.plan import Plan
+from hwprune.runtimes.tvm.bsr.packing import sparse_layers
 
 from helpers_models import sparse_net
 from test_blocks import block_target
@@ -38,7 +38,7 @@ def masked_net(rows, cols, sparsity=0.6, seed=0):
 
 @pytest.mark.parametrize("block,batch", [((8, 1), 1), pytest.param((4, 4), 3, marks=pytest.mark.slow)])
 def test_relax_rewrite_puts_every_sparse_layer_on_a_bsr_kernel(block, batch):
-    from hwprune.export.relax_import import import_torch
+    from hwprune.runtimes.tvm.relax_import import import_torch
     from hwprune.export.tvm_bsr import _layer_of_weight, build_sparse_module, rewrite_sparse
 
     model, plan = masked_net(*block)
@@ -119,7 +119,7 @@ def test_cli_block_fit_then_every_export_format(tmp_path, capsys):
     tvm_manifest = json.loads((run / "export" / "tvm" / "manifest.json").read_text())
     assert {l["layer"] for l in tvm_manifest["layers"]} == {e["layer"] for e in manifest["layers"]}
     from hwprune.data import load_dataset
-    from hwprune.plan import apply_plan
+    from hwprune.apply.plan import apply_plan
 
     model = apply_plan(sparse_net(1, 10, 8), Plan.load(run / "plan.json"))
     model.load_state_dict(state)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from hwprune.sparse.bsr import SparseLayer
-from hwprune.sparse.kernels import KernelSpec, Schedule, bsr_primfunc, choose_schedule, im2col_primfunc
+from hwprune.runtimes.tvm.bsr.packing import SparseLayer
+from hwprune.runtimes.tvm.bsr.kernels import KernelSpec, Schedule, bsr_primfunc, choose_schedule, im2col_primfunc
 
 tvm = pytest.importorskip("tvm")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hwprune.blocks import BlockIndex, block_groups, mask_blocks
+from hwprune.graph.blocks import BlockIndex, block_groups, mask_blocks
 from hwprune.budget import Budget, project
 from hwprune.regularizers import RegContext, build_regularizer
 
@@ -85,7 +85,7 @@ def test_a_block_reading_a_constant_input_goes_first_and_compensation_keeps_the_
 
 def masked_encoder(seed=0, sparsity=0.5):
     """A tiny BERT in the sentence-embedding wrapper, half of its 16x1 blocks masked (random plan)."""
-    from hwprune.sparse.bsr import SparseLayer
+    from hwprune.runtimes.tvm.bsr.packing import SparseLayer
     from hwprune.text.minilm import SentenceEncoder
 
     bert = tiny_bert(vocab_size=100, hidden=32, heads=4, layers=2, ffn=64, seed=seed)
@@ -101,7 +101,7 @@ def masked_encoder(seed=0, sparsity=0.5):
 
 def test_sentence_encoder_builds_with_bsr_linears_and_hand_attention_kernels_and_matches_torch():
     pytest.importorskip("tvm")
-    from hwprune.export.relax_import import import_torch
+    from hwprune.runtimes.tvm.relax_import import import_torch
     from hwprune.export.tvm_bsr import _layer_of_weight, build_sparse_module, rewrite_sparse
 
     enc, layers = masked_encoder()
@@ -127,7 +127,7 @@ def test_sentence_encoder_builds_with_bsr_linears_and_hand_attention_kernels_and
 
 def test_hand_kernels_for_batched_matmul_softmax_and_gelu_match_numpy_and_torch():
     tvm = pytest.importorskip("tvm")
-    from hwprune.tvm_dense.kernels import batch_matmul, gelu, softmax
+    from hwprune.runtimes.tvm.dense.kernels import batch_matmul, gelu, softmax
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": "core-avx2"})
     rng = np.random.default_rng(0)
@@ -157,7 +157,7 @@ def test_two_input_artifacts_load_and_match_in_a_fresh_process(tmp_path):
     pytest.importorskip("tvm")
     from hwprune.export.artifacts import LoadedRun, _save_reference
     from hwprune.export.check import check_in_fresh_process
-    from hwprune.export.onnx import export_onnx
+    from hwprune.runtimes.onnxruntime import export_onnx
     from hwprune.export.tvm_bsr import build_sparse_module
 
     enc, layers = masked_encoder(seed=1)

@@ -16,9 +16,9 @@ pytest.importorskip("transformers")
 from hwprune.budget import Budget, project
 from hwprune.errors import BudgetError, ModelError
 from hwprune.graph import discover_groups
-from hwprune.mha import HeadPrunedMultiheadAttention
-from hwprune.reload import load_sliced
-from hwprune.slicing import mask_model, slice_model
+from hwprune.apply.attention import HeadPrunedMultiheadAttention
+from hwprune.apply.reload import load_sliced
+from hwprune.apply.slicing import mask_model, slice_model
 from hwprune.target import parse_target
 
 from transformer_models import TinyViT, tiny_bert
@@ -91,7 +91,7 @@ def test_bert_sliced_equals_masked(seed):
 
 
 def test_bert_saves_and_reloads_without_patches(tmp_path):
-    import hwprune.hf
+    import hwprune.apply.hf
 
     bert = tiny_bert()
     ids, mask = bert_inputs()
@@ -99,7 +99,7 @@ def test_bert_saves_and_reloads_without_patches(tmp_path):
     sliced = slice_model(bert, groups, random_keep(groups, 3))
     expected = hidden(sliced, ids, mask)
     sliced.save_pretrained(tmp_path / "pruned")
-    again = hwprune.hf.from_pretrained(tmp_path / "pruned")
+    again = hwprune.apply.hf.from_pretrained(tmp_path / "pruned")
     torch.testing.assert_close(hidden(again, ids, mask), expected, rtol=0, atol=0)
     # the plain state_dict route: a fresh dense model, resized to the saved widths
     fresh = load_sliced(tiny_bert(seed=9), sliced.state_dict())
@@ -212,7 +212,7 @@ def test_head_pruned_attention_masks_match_the_masked_layer():
 
 
 def test_vit_state_dict_reload_and_onnx(tmp_path):
-    from hwprune.export.onnx import export_onnx, onnx_max_abs_diff
+    from hwprune.runtimes.onnxruntime import export_onnx, onnx_max_abs_diff
 
     torch.manual_seed(0)
     vit = TinyViT().eval()
@@ -269,9 +269,9 @@ def test_every_regularizer_zeroes_whole_heads_and_neurons(method):
     and biases) or a whole neuron, never a part of one. The regularizer's lifecycle as the pipeline runs
     it: attach, penalty gradient steps with its after_step, then its projection, finalize and masking."""
     from hwprune.budget import Budget
-    from hwprune.groups import UnitIndex
+    from hwprune.graph.groups import UnitIndex
     from hwprune.regularizers import RegContext, SparsitySchedule, build_regularizer
-    from hwprune.slicing import mask_model
+    from hwprune.apply.slicing import mask_model
 
     bert = tiny_bert()
     groups = discover_groups(bert, None)

@@ -14,9 +14,9 @@ pytest.importorskip("tvm")
 from hwprune.errors import ModelError
 from hwprune.graph import discover_groups
 from hwprune.models import build_model
-from hwprune.slicing import slice_model
-from hwprune.tvm_dense import build_dense
-from hwprune.tvm_dense.kernels import conv_tile
+from hwprune.apply.slicing import slice_model
+from hwprune.runtimes.tvm.dense import build_dense
+from hwprune.runtimes.tvm.dense.kernels import conv_tile
 
 from conftest import cli_env
 from test_groups import random_keep

@@ -11,6 +11,8 @@ Every artifact is then loaded in a fresh process with its runtime alone and comp
 
 from __future__ import annotations
 
+from ..export import FORMAT_NAMES
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -19,7 +21,7 @@ def add_parser(sub) -> None:
         "Example: hwprune export runs/demo --format tvm",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by hwprune fit")
-    p.add_argument("--format", required=True, choices=["onnx", "npz", "tvm"], help="what to write")
+    p.add_argument("--format", required=True, choices=FORMAT_NAMES, help="what to write")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export/FORMAT)")
     p.add_argument("--target", default=None, help="override the run's target (name or YAML path); tvm compiles for it")
     p.add_argument("--batch-size", type=int, default=1, help="batch size the TVM library is compiled for (default 1)")

@@ -6,6 +6,8 @@ real 8x8 digits. ``--resume RUN_DIR`` continues an interrupted run with the sett
 
 from __future__ import annotations
 
+from ..runtimes import RUNTIMES
+
 import shlex
 import sys
 from pathlib import Path
@@ -42,7 +44,7 @@ def add_parser(sub) -> None:
                    help="regularizer (default: wgsef; fluctuation for --model minilm)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the method, e.g. --method-option weighting=uniform (repeatable)")
-    from ..allocation import POLICIES
+    from ..budget.allocation import POLICIES
 
     p.add_argument("--allocation", choices=sorted(POLICIES), default=None,
                    help="how many units each layer group keeps: global (the solver: importance kept against cost, "
@@ -68,7 +70,7 @@ def add_parser(sub) -> None:
     p.add_argument("--latency-repeats", type=int, default=None, help="timed runs per model (default: the target's)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--profile", default=None, help="latency profile for --latency-ms/--speedup (default: the target's)")
-    p.add_argument("--latency-runtime", choices=["onnxruntime", "tvm"], default=None,
+    p.add_argument("--latency-runtime", choices=sorted(RUNTIMES), default=None,
                    help="runtime that measures latency (default onnxruntime; TVM's hand-scheduled build with --rpc)")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="measure on the device behind this TVM RPC server")
     p.add_argument("--tracker", default=None, metavar="HOST:PORT", help="TVM RPC tracker to request the device from (with --key)")
@@ -113,15 +115,15 @@ def _resume_args(args):
 
 
 def run(args) -> int:
-    from .. import pipeline as fit_module
+    from ..training import pipeline as fit_module
     from ..budget import KINDS, Budget
     from ..data import load_dataset
-    from ..pipeline import FitConfig, fit
+    from ..training.pipeline import FitConfig, fit
     from ..models import build_model
     from ..target import load_target
-    from ..train import TrainSettings
+    from ..training.loop import TrainSettings
 
-    from .. import distributed
+    from ..training import distributed
 
     dist = distributed.init_from_env()
     if dist.enabled:  # share the cores: torchrun starts one process per rank on this machine
@@ -141,7 +143,7 @@ def run(args) -> int:
                            "kept), --latency-ms X or --speedup S")
     budget = Budget(*budgets[0])  # validates the value before anything is loaded
     target = load_target(args.target)
-    from ..remote import resolve_remote
+    from ..runtimes.tvm.rpc import resolve_remote
 
     remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
     data_name = args.data or DEFAULT_DATA

@@ -5,13 +5,15 @@ Without ``--model``/``--data`` it profiles the layers of the embedded default th
 ``latency.profile`` (``profiles/<target>.json``) or ``--out``. A target that is not this machine is
 profiled only on its own device, over TVM RPC.
 
-``--granularity blocks`` measures the block-sparse side instead (:mod:`hwprune.block_profiler`): the
+``--granularity blocks`` measures the block-sparse side instead (:mod:`hwprune.latency.measure_blocks`): the
 BSR kernel of every sparse layer shape at ``--densities``, and the same layer dense, on this machine.
 It adds (or replaces) the profile's ``blocks`` section and never changes its width tables.
 Example: ``hwprune profile --target host-cpu --granularity blocks --densities 0.1,0.5,1.0``.
 """
 
 from __future__ import annotations
+
+from ..runtimes import RUNTIMES
 
 from pathlib import Path
 
@@ -28,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="built-in model or package.module:function (default: small-resnet)")
     p.add_argument("--data", default=None, help="dataset that sets the input shape (default: digits)")
     p.add_argument("--image-size", type=int, default=None, help="image size for imagefolder data")
-    p.add_argument("--runtime", choices=["onnxruntime", "tvm"], default=None,
+    p.add_argument("--runtime", choices=sorted(RUNTIMES), default=None,
                    help="onnxruntime (default on this machine) or tvm (the hand-scheduled kernels; required over RPC)")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="profile on the device behind this TVM RPC server")
     p.add_argument("--tracker", default=None, metavar="HOST:PORT", help="TVM RPC tracker to request the device from")
@@ -48,13 +50,13 @@ def add_parser(sub) -> None:
 
 
 def _default_out(target) -> Path:
-    from ..resources import _REPO_ROOT, profile_dirs
+    from ..target.files import REPO_ROOT, profile_dirs
 
     path = target.profile_path()
     if path is not None:
         return path
     dirs = profile_dirs()
-    return (dirs[0] if dirs else _REPO_ROOT / "profiles") / f"{target.name}.json"
+    return (dirs[0] if dirs else REPO_ROOT / "profiles") / f"{target.name}.json"
 
 
 def run(args) -> int:
@@ -62,9 +64,9 @@ def run(args) -> int:
 
     from ..data import load_dataset
     from ..models import build_model
-    from ..profile_format import Profile
-    from ..profiler import ProfileSettings, measure_profile
-    from ..remote import resolve_remote
+    from ..latency.profile import Profile
+    from ..latency.measure import ProfileSettings, measure_profile
+    from ..runtimes.tvm.rpc import resolve_remote
     from ..target import load_target
     from .cmd_fit import DEFAULT_DATA, DEFAULT_MODEL
 
@@ -84,7 +86,7 @@ def run(args) -> int:
     runtime = args.runtime or ("tvm" if remote is not None else "onnxruntime")
     out = Path(args.out) if args.out else _default_out(target)
     if args.granularity == "blocks":
-        from ..block_profiler import DEFAULT_DENSITIES, parse_densities
+        from ..latency.measure_blocks import DEFAULT_DENSITIES, parse_densities
 
         densities = parse_densities(args.densities) if args.densities is not None else list(DEFAULT_DENSITIES)
         existing = Profile.load(out) if out.is_file() else None  # its width tables are kept either way
@@ -100,7 +102,7 @@ def run(args) -> int:
                                batch_size=args.batch_size)
     print(f"target {target.name}: {target.description}")
     if args.granularity == "blocks":
-        from ..block_profiler import measure_block_profile, summary as blocks_summary
+        from ..latency.measure_blocks import measure_block_profile, summary as blocks_summary
 
         print(f"block profile of {model_name} ({data_name}, input {tuple(example.shape)}) at densities "
               f"{', '.join(f'{d:g}' for d in densities)} on this machine", flush=True)

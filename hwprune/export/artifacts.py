@@ -26,12 +26,24 @@ import torch
 from torch import nn
 
 from .. import __version__
+from . import FORMAT_NAMES
 from ..errors import ExportError, PlanError, TargetError
 from ..io import atomic_write_bytes, atomic_write_json
-from ..plan import Plan, apply_plan
-from ..tvm_build import require_tvm
+from ..apply.plan import Plan, apply_plan
+from ..runtimes.tvm.build import require_tvm
 
-FORMATS = ("onnx", "npz", "tvm")
+@dataclass(frozen=True)
+class Format:
+    """One export format: whether it needs TVM installed, whether it takes only block runs (sparse
+    weights), and its writer ``write(run, out_dir, options) -> ExportResult``."""
+
+    name: str
+    needs_tvm: bool
+    sparse_only: bool
+    write: Any
+
+
+FORMATS: dict[str, Format] = {}
 TOLERANCE = 1e-4  # largest |artifact - torch| accepted (float32 sums in another order)
 
 
@@ -74,7 +86,7 @@ class LoadedRun:
 
     def sparse_layers(self):
         """The plan's block-sparse layers, named as in ``model``."""
-        from ..sparse.bsr import sparse_layers
+        from ..runtimes.tvm.bsr.packing import sparse_layers
 
         layers = sparse_layers(self.pruned, self.plan)
         for layer in layers:
@@ -121,7 +133,7 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
     if not name or not isinstance(model_args, dict):
         raise ExportError(f"{run / 'plan.json'}: meta has no 'model'/'model_args', so the model cannot be rebuilt "
                           "from the folder (a run started from Python): export from Python with "
-                          "hwprune.export.onnx.export_onnx(result.model, example_input, 'model.onnx')")
+                          "hwprune.runtimes.onnxruntime.export_onnx(result.model, example_input, 'model.onnx')")
     from ..text.job import TEXT_MODELS
 
     if name in TEXT_MODELS:
@@ -230,7 +242,7 @@ def safe_name(layer: str) -> str:
 @torch.no_grad()
 def export_onnx_format(run: LoadedRun, out_dir: Path, check: bool = True) -> ExportResult:
     """The pruned model as ONNX (dynamic batch): sliced for a channel plan, masked for a block plan."""
-    from .onnx import export_onnx
+    from ..runtimes.onnxruntime import export_onnx
 
     path = export_onnx(run.model, tuple(x[:1] for x in run.inputs), out_dir / "model.onnx",
                        input_names=run.input_names, output_name=run.output_name, dynamic_axes=run.dynamic_axes)
@@ -305,9 +317,9 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
     import onnxruntime as ort
     import tvm
 
-    from ..latency import interleaved_times, provider_note
+    from ..runtimes.onnxruntime import interleaved_times, provider_note
     from ..target import host_description
-    from .onnx import export_onnx, ort_session
+    from ..runtimes.onnxruntime import export_onnx, ort_session
 
     tgt = run.target
     repeats = repeats or tgt.latency.repeats
@@ -373,8 +385,8 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
         "layers": [{"layer": l.name, "kernel": l.schedule.strategy, "tile": l.schedule.tile, "chains": l.schedule.chains,
                     "im2col": l.im2col, "matrix": [l.spec.out_features, l.spec.in_features], "block": list(l.spec.block),
                     "stored_blocks": l.spec.nnz, "batch_columns": l.spec.columns} for l in build.layers],
-        "scheduling": "sparse layers: hand-written BSR kernels (hwprune.sparse.kernels); batched matmuls of two "
-                      "activations, softmax and GELU: hand kernels (hwprune.tvm_dense.kernels); every other op: TVM's "
+        "scheduling": "sparse layers: hand-written BSR kernels (hwprune.runtimes.tvm.bsr.kernels); batched matmuls of two "
+                      "activations, softmax and GELU: hand kernels (hwprune.runtimes.tvm.dense.kernels); every other op: TVM's "
                       "default lowering, not tuned. No kernel has parallel loops: one thread",
         "how_to_load": "lib = tvm.runtime.load_module('model.so'); vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()); "
                        "y = vm['main'](*[tvm.runtime.tensor(x) for x in inputs]).numpy()  # in the order and shapes of 'inputs'",
@@ -419,12 +431,12 @@ def predicted_sparse_time(target, layers, rewritten, batch_size: int) -> tuple[d
     """The sparse layers' time predicted from the target's latency profile (its ``blocks`` section), for
     ``manifest.json``; or ``(None, why not)``. Nothing here is measured: the export does not time the library.
 
-    ``layers``: the :class:`~hwprune.sparse.bsr.SparseLayer` list; ``rewritten``: what the build put on
-    kernels (:class:`~hwprune.export.tvm_bsr.RewrittenLayer`, with each kernel's stored blocks).
+    ``layers``: the :class:`~hwprune.runtimes.tvm.bsr.packing.SparseLayer` list; ``rewritten``: what the build put on
+    kernels (:class:`~hwprune.runtimes.tvm.bsr.emit.RewrittenLayer`, with each kernel's stored blocks).
     """
     from ..errors import ProfileError
-    from ..profile_blocks import block_key
-    from ..profile_format import Profile
+    from ..latency.profile_blocks import block_key
+    from ..latency.profile import Profile
 
     path = target.profile_path()
     hint = f"hwprune profile --target {target.name} --granularity blocks --model MODEL --append"
@@ -482,13 +494,19 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "tvm":
+    spec = FORMATS[fmt]
+    if spec.needs_tvm:
         require_tvm()  # before the model is rebuilt: a one-line error if the extra is missing
-    run = load_run(run_dir, target=target, need_blocks=fmt if fmt in ("npz", "tvm") else None)
+    run = load_run(run_dir, target=target, need_blocks=fmt if spec.sparse_only else None)
     out_dir = Path(out) if out else run.run_dir / "export" / fmt
     out_dir.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
-        return export_onnx_format(run, out_dir, check)
-    if fmt == "npz":
-        return export_npz_format(run, out_dir, check)
-    return export_tvm_format(run, out_dir, batch_size, check, measure)
+    return spec.write(run, out_dir, {"check": check, "batch_size": batch_size, "measure": measure})
+
+
+for _format in (
+    Format("onnx", False, False, lambda run, out, o: export_onnx_format(run, out, o["check"])),
+    Format("npz", False, True, lambda run, out, o: export_npz_format(run, out, o["check"])),
+    Format("tvm", True, True, lambda run, out, o: export_tvm_format(run, out, o["batch_size"], o["check"], o["measure"])),
+):
+    FORMATS[_format.name] = _format
+assert tuple(FORMATS) == FORMAT_NAMES, "hwprune.export.FORMAT_NAMES lists the registered formats"

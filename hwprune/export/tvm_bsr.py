@@ -1,8 +1,8 @@
 """The TVM build of a block-sparse model: Relax graph with each sparse layer on a hand-written BSR kernel.
 
-1. :func:`~hwprune.export.relax_import.import_torch`: ``torch.export`` → Relax, parameters as inputs.
+1. :func:`~hwprune.runtimes.tvm.relax_import.import_torch`: ``torch.export`` → Relax, parameters as inputs.
 2. :func:`rewrite_sparse`: every ``matmul(x, permute_dims(W))`` (a linear layer) and ``conv2d(x, W)``
-   whose ``W`` is a sparse layer's weight becomes a ``call_tir`` of a :mod:`hwprune.sparse.kernels`
+   whose ``W`` is a sparse layer's weight becomes a ``call_tir`` of a :mod:`hwprune.runtimes.tvm.bsr.kernels`
    PrimFunc with the BSR arrays as constants (a k x k conv first goes through an im2col PrimFunc; a
    1x1 conv at stride 1 reads NCHW as it is). Biases stay where the frontend put them.
 3. The other parameters are bound as constants; ``tvm.compile`` for the target's TVM target (its
@@ -26,28 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import HwpruneError
-from ..sparse.bsr import SparseLayer
-from ..sparse.kernels import KernelSpec, Schedule, bsr_primfunc, choose_schedule, im2col_primfunc
 from ..io import atomic_path
-from ..tvm_build import require_tvm
-from .relax_import import import_torch
-
-OP_OPAQUE = 8  # TVM's kOpaque: FuseOps must not merge a hand-written kernel into its neighbours
-
-
-@dataclass
-class RewrittenLayer:
-    """What replaced one sparse layer: its kernel spec and schedule."""
-
-    name: str
-    spec: KernelSpec
-    schedule: Schedule
-    im2col: bool
-    input_hw: tuple[int, int] | None = None  # a conv's input height and width
+from ..runtimes.tvm.bsr.emit import OP_OPAQUE, RewrittenLayer, emit_conv, emit_linear
+from ..runtimes.tvm.bsr.packing import SparseLayer
+from ..runtimes.tvm.build import require_tvm, tvm_target
+from ..runtimes.tvm.relax_import import import_torch
 
 
 @dataclass
@@ -204,11 +190,11 @@ def rewrite_sparse(mod, layers_by_var: dict[str, SparseLayer]):
 
 def emit_batch_matmul(bb, call, kernels: dict):
     """A dense batched matmul of two activations (a transformer's ``Q·Kᵀ`` and ``P·V``): on the hand
-    kernel :func:`hwprune.tvm_dense.kernels.batch_matmul` when both operands are static 3-D float32
+    kernel :func:`hwprune.runtimes.tvm.dense.kernels.batch_matmul` when both operands are static 3-D float32
     tensors and the output width is a multiple of 8; otherwise ``call`` unchanged. One kernel per shape."""
     from tvm import relax
 
-    from ..tvm_dense.kernels import batch_matmul
+    from ..runtimes.tvm.dense.kernels import batch_matmul
 
     a, b = call.args
     sa, sb = _static_shape(a), _static_shape(b)
@@ -236,11 +222,11 @@ def _hand_kernel(bb, kernels: dict[tuple, object], key: tuple, name: str, build)
 
 
 def emit_elementwise(bb, call, kernels: dict, op: str):
-    """Exact GELU or a last-axis softmax on the vectorized hand kernels of :mod:`hwprune.tvm_dense.kernels`
+    """Exact GELU or a last-axis softmax on the vectorized hand kernels of :mod:`hwprune.runtimes.tvm.dense.kernels`
     (static float32 shapes; otherwise ``call`` unchanged)."""
     from tvm import relax
 
-    from ..tvm_dense import kernels as K
+    from ..runtimes.tvm.dense import kernels as K
 
     (x,) = call.args
     shape = _static_shape(x)
@@ -253,72 +239,8 @@ def emit_elementwise(bb, call, kernels: dict, op: str):
     return relax.call_tir(gv, [x], out_ty=relax.TensorType(tuple(shape), "float32"))
 
 
-def _kernel_call(bb, layer: SparseLayer, x3, spec: KernelSpec, symbol: str):
-    """Register the layer's BSR PrimFunc as ``symbol`` and call it on ``x3`` (weights as constants)."""
-    from tvm import relax
-
-    sched = choose_schedule(spec)
-    func = bsr_primfunc(spec, sched, name=symbol).with_attr("op_pattern", OP_OPAQUE)
-    gv = bb.add_func(func, symbol)
-    data, indices, indptr = layer.kernel_arrays()
-    out = relax.call_tir(gv, [x3, relax.const(data), relax.const(indices), relax.const(indptr)],
-                         out_ty=relax.TensorType(spec.out_shape if spec.positions else spec.out_shape + (1,), "float32"))
-    return out, sched
-
-
-def emit_linear(bb, x, x_shape: list[int], layer: SparseLayer, symbol: str):
-    """``x · Wᵀ`` of a sparse linear layer on its BSR kernel, emitted into ``bb``; returns the (not yet
-    emitted) output expression in the layer's output shape and the :class:`RewrittenLayer`.
-
-    Shared by the export's graph rewrite and the block profiler (so that both time the same code).
-    """
-    from tvm import relax
-
-    o, k = layer.shape
-    rows = int(np.prod(x_shape[:-1]))
-    spec = KernelSpec(o, k, layer.block, layer.kernel_arrays()[1].size, rows)
-    x3 = bb.emit(relax.op.reshape(x, (rows, k, 1)))
-    out, sched = _kernel_call(bb, layer, x3, spec, symbol)
-    y = bb.emit(out)
-    return relax.op.reshape(y, list(x_shape[:-1]) + [o]), RewrittenLayer(layer.name, spec, sched, False)
-
-
-def emit_conv(bb, x, x_shape: list[int], out_shape: list[int], layer: SparseLayer, strides, padding, dilation,
-              symbol: str):
-    """A sparse NCHW conv (groups 1, symmetric ``padding`` ``[ph, pw]``) as im2col (none for a 1x1 conv
-    with stride 1 and no padding) + its BSR kernel, emitted into ``bb``; like :func:`emit_linear`."""
-    from tvm import relax
-
-    n, c, h, w = x_shape
-    ho, wo = out_shape[2], out_shape[3]
-    geo = layer.conv
-    pointwise = tuple(geo["kernel"]) == (1, 1) and list(strides) == [1, 1] and list(padding) == [0, 0]
-    o, k = layer.shape
-    if pointwise:
-        cols = bb.emit(relax.op.reshape(x, (n, c, h * w)))
-    else:
-        f = im2col_primfunc(n, c, h, w, tuple(geo["kernel"]), list(strides), list(padding), list(dilation),
-                            name=symbol + "_im2col").with_attr("op_pattern", OP_OPAQUE)
-        gv = bb.add_func(f, symbol + "_im2col")
-        cols = bb.emit(relax.call_tir(gv, [x], out_ty=relax.TensorType((n, k, ho * wo), "float32")))
-    spec = KernelSpec(o, k, layer.block, layer.kernel_arrays()[1].size, n, ho * wo)
-    out, sched = _kernel_call(bb, layer, cols, spec, symbol)
-    y = bb.emit(out)
-    return relax.op.reshape(y, list(out_shape)), RewrittenLayer(layer.name, spec, sched, not pointwise, (h, w))
-
-
 def _symbol(layer: str) -> str:
     return "bsr_" + "".join(ch if ch.isalnum() else "_" for ch in layer)
-
-
-def tvm_target(target_dict: dict):
-    """A TVM target from the target YAML's dict (TVM 0.27 rejects flag strings)."""
-    import tvm
-
-    try:
-        return tvm.target.Target(dict(target_dict))
-    except Exception as e:
-        raise HwpruneError(f"TVM target {target_dict}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def build_sparse_module(model: nn.Module, example, layers: list[SparseLayer], target_dict: dict) -> SparseBuild:
@@ -333,7 +255,7 @@ def build_sparse_module(model: nn.Module, example, layers: list[SparseLayer], ta
     by_var = _layer_of_weight(layers, imported.var_of)
     mod, done = rewrite_sparse(imported.mod, by_var)
     mod = imported.bound(mod)
-    tgt = tvm_target(target_dict)
+    tgt = tvm_target(target_dict)  # hwprune.runtimes.tvm.build: a Target or its dict
     try:
         ex = tvm.compile(mod, target=tgt)
     except Exception as e:

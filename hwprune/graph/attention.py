@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from ..groups import CONSUMER, PRODUCER
+from .groups import CONSUMER, PRODUCER
 from .ops import Unsupported, UnitTag, Value, call_arg, for_modules
 
 

@@ -20,7 +20,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from ..errors import ModelError
-from ..groups import NORMALIZED, PRODUCER, Group, Member
+from .groups import NORMALIZED, PRODUCER, Group, Member
 from . import hf, ops
 from .ops import Ctx, Unsupported, Value
 from .trace import module_of, resolve_excludes, trace

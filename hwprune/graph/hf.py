@@ -14,9 +14,9 @@ is never pruned, so slicing a block never changes a shape seen outside it. That 
 discovery without a trace safe. Anything that looks like attention but matches no adapter is an error
 naming the layer (exclude it to keep it whole).
 
-After slicing, :func:`_update_bert_attributes` sets ``num_attention_heads`` / ``all_head_size`` of every
+After slicing, :func:`hwprune.apply.hf._update_bert_attributes` sets ``num_attention_heads`` / ``all_head_size`` of every
 sliced self-attention and records the per-layer widths in ``config.hwprune_pruned_layers``, so the
-model runs, saves with ``save_pretrained`` and reloads with :func:`hwprune.hf.from_pretrained`.
+model runs, saves with ``save_pretrained`` and reloads with :func:`hwprune.apply.hf.from_pretrained`.
 
 Example:
     >>> from transformers import BertConfig, BertModel                          # doctest: +SKIP
@@ -31,12 +31,10 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 from torch import nn
 
 from ..errors import ModelError
-from ..groups import CONSUMER, PRODUCER
-from ..slicing import after_slice
+from .groups import CONSUMER, PRODUCER
 from .attention import head_ids
 from .ops import Ctx
 
@@ -75,17 +73,17 @@ def _linear(m, attr: str) -> bool:
     return isinstance(getattr(m, attr, None), nn.Linear)
 
 
-def _is_bert_self_attention(m: nn.Module) -> bool:
+def is_bert_self_attention(m: nn.Module) -> bool:
     return (all(_linear(m, a) for a in ("query", "key", "value"))
             and isinstance(getattr(m, "attention_head_size", None), int)
             and isinstance(getattr(m, "num_attention_heads", None), int))
 
 
 def _is_bert_attention(m: nn.Module) -> bool:
-    return _is_bert_self_attention(getattr(m, "self", None)) and _linear(getattr(m, "output", None), "dense")
+    return is_bert_self_attention(getattr(m, "self", None)) and _linear(getattr(m, "output", None), "dense")
 
 
-def _is_bert_feed_forward(m: nn.Module) -> bool:
+def is_bert_feed_forward(m: nn.Module) -> bool:
     inter, out = getattr(m, "intermediate", None), getattr(m, "output", None)
     return (_linear(inter, "dense") and hasattr(inter, "intermediate_act_fn") and _linear(out, "dense")
             and hasattr(m, "attention"))
@@ -108,9 +106,9 @@ def _declare_bert_heads(ctx: Ctx, name: str, m: nn.Module) -> None:
     ctx.layer_kind[f"{name}.output.dense"] = "linear"
 
 
-@adapter("bert-feed-forward", _is_bert_feed_forward)
+@adapter("bert-feed-forward", is_bert_feed_forward)
 def _declare_bert_neurons(ctx: Ctx, name: str, m: nn.Module) -> None:
-    up, down = m.intermediate.dense, m.output.dense
+    up = m.intermediate.dense
     neurons = ctx.new(up.out_features)
     ctx.member(f"{name}.intermediate.dense", "weight", 0, neurons, PRODUCER)
     if up.bias is not None:
@@ -160,23 +158,3 @@ def discover_by_pattern(model: nn.Module, excluded: set[str]) -> Ctx:
             "transformers models are not traceable with torch.fx, so hwprune cannot find its groups"
         )
     return ctx
-
-
-@after_slice
-def _update_bert_attributes(model: nn.Module) -> None:
-    """Head counts of sliced BERT-style self-attention, and the per-layer widths in the config."""
-    widths = {}
-    for name, m in model.named_modules():
-        if _is_bert_self_attention(m):
-            heads = m.query.out_features // m.attention_head_size
-            if heads != m.num_attention_heads:
-                m.num_attention_heads = heads
-                m.all_head_size = heads * m.attention_head_size
-            widths.setdefault(name.rsplit(".attention", 1)[0], {})["num_attention_heads"] = heads
-        elif _is_bert_feed_forward(m):
-            widths.setdefault(name, {})["intermediate_size"] = m.intermediate.dense.out_features
-    config = getattr(model, "config", None)
-    if is_hf_model(model) and config is not None:
-        # The config keeps describing the architecture the weights came from (from_config builds it);
-        # this key says how each layer was pruned. hwprune.hf.from_pretrained reads the shapes back.
-        config.hwprune_pruned_layers = widths

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from ..groups import BUFFER, CONSUMER, PRODUCER
+from .groups import BUFFER, CONSUMER, PRODUCER
 
 
 @dataclass

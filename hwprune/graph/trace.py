@@ -25,7 +25,7 @@ class _Tracer(fx.Tracer):
         self.failed_at: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from ..distributed import SyncedBatchNorm  # a BatchNorm to group discovery, whatever its forward
+        from ..training.distributed import SyncedBatchNorm  # a BatchNorm to group discovery, whatever its forward
 
         return qualname in self.leaves or isinstance(m, SyncedBatchNorm) or super().is_leaf_module(m, qualname)
 

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HwpruneError
-from ..groups import CONSUMER, NORMALIZED, PRODUCER, get_tensor
+from ..graph.groups import CONSUMER, NORMALIZED, PRODUCER, get_tensor
 from .base import MinWidthGuard, RegContext, Regularizer, register
 from .fold import FoldReport, InputRecorder, bn_after, fold_removed_constants
 from .pacing import PacedController
@@ -137,7 +137,7 @@ def _bn_forward(bn: nn.modules.batchnorm._BatchNorm, x, weight, bias):
     updated the running averages), running statistics in evaluation, as ``_BatchNorm.forward``."""
     use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
     if use_batch:  # under torchrun: the global batch's statistics, as the module itself uses
-        from ..distributed import batch_norm_global
+        from ..training.distributed import batch_norm_global
 
         return batch_norm_global(x, weight, bias, bn.eps)
     return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import HwpruneError
-from ..groups import UnitIndex
+from ..graph.groups import UnitIndex
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Regularizer:
     def finalize(self, groups, keep: dict[str, np.ndarray]) -> None:
         """Before masking and slicing: fold gates/constants into the kept weights, remove hooks."""
 
-    # The allocation policy (hwprune.allocation) a run uses with this method unless --allocation says
+    # The allocation policy (hwprune.budget.allocation) a run uses with this method unless --allocation says
     # otherwise: the global solver for most; methods whose scores are built to be compared across
     # layers (fluctuation's standardised scores) keep ``learned``.
     default_allocation: ClassVar[str] = "global"

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import HwpruneError
-from ..groups import CONSUMER, get_tensor
+from ..graph.groups import CONSUMER, get_tensor
 from .base import Regularizer, register
 from .fold import ChannelMoments, FoldReport, fold_removed_constants
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..groups import CONSUMER, PRODUCER, UnitIndex
+from ..graph.groups import CONSUMER, PRODUCER, UnitIndex
 
 # Ops with f(αx) = α·f(x) for α > 0, channel by channel.
 _HOMOGENEOUS_MODULES = (
@@ -170,7 +170,7 @@ class InputRecorder:
         """The recorded inputs as one process would have recorded them: under torchrun each rank saw its
         contiguous share of the last global batch, so the shares are joined in rank order (every rank
         gets the same tensor, and the fold that uses it gives the same model on every rank)."""
-        from .. import distributed
+        from ..training import distributed
 
         if not distributed.info().enabled:
             return self.inputs

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..groups import PRODUCER, UnitIndex, get_tensor
+from ..graph.groups import PRODUCER, UnitIndex, get_tensor
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import HwpruneError
-from ..groups import CONSUMER, NORMALIZED, PRODUCER, get_tensor
+from ..graph.groups import CONSUMER, NORMALIZED, PRODUCER, get_tensor
 from .base import MinWidthGuard, RegContext, Regularizer, register
 from .pacing import PacedController, SpeedMeter
 from .fold import FoldReport, InputRecorder, trace_graph, bn_after, fold_removed_constants, homogeneous_units

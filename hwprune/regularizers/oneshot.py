@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..groups import CONSUMER, NORMALIZED, PRODUCER
+from ..graph.groups import CONSUMER, NORMALIZED, PRODUCER
 from .base import Regularizer, register
 
 

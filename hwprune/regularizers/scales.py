@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..groups import PRODUCER, UnitIndex, get_tensor
+from ..graph.groups import PRODUCER, UnitIndex, get_tensor
 
 
 class UnitScales:

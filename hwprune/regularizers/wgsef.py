@@ -12,7 +12,7 @@ Unit weights ``w_i`` (the √d_i of §1.3):
 * ``uniform``: ``d_i = 1``;
 * ``cost``: ``d_i ∝ |G_i| · cost_i``, with cost_i the FLOPs (or latency) a unit costs: costly units
   are pushed to zero first;
-* ``allocation`` (the default when the run has an allocation plan, :mod:`hwprune.allocation`): every
+* ``allocation`` (the default when the run has an allocation plan, :mod:`hwprune.budget.allocation`): every
   unit of a group gets the norm at which the plan cuts that group (between its last kept and first
   removed unit at the start of the stage), so that ``a_i / w_i`` crosses 1 at the planned width in
   every group and the single global threshold of the envelope removes what the plan removes. The

@@ -4,7 +4,7 @@ A task owns the data and knows what the model computes. The pipeline calls:
 
 * ``example``: inputs to discover groups, count FLOPs and export with (a tensor or a tuple);
 * ``steps_per_epoch(settings)`` and ``train_epoch(...)``: one epoch of the task's loss, with the
-  regularizer's hooks after every step (see :func:`hwprune.train.train_epoch`);
+  regularizer's hooks after every step (see :func:`hwprune.training.loop.train_epoch`);
 * ``evaluate(model)``: the quality measure on held-out data, higher is better (``metric`` names it);
 * ``recalibrate(model, ...)``: refresh statistics a pruned model needs (BatchNorm), or nothing;
 * ``calibration_forward(model, n, seed)``: run ``n`` training inputs through the model, no gradients
@@ -42,7 +42,7 @@ class Task:
                     lr_at: Callable[[int], float], step0: int, regularizer=None, on_step=None, device="cpu",
                     after_backward=None, teacher=None):
         """One epoch; ``on_step(step, loss)`` after every step with its task loss, ``after_backward()``
-        between the backward pass and the optimizer step (see :func:`hwprune.train.train_epoch`);
+        between the backward pass and the optimizer step (see :func:`hwprune.training.loop.train_epoch`);
         ``teacher``: a :class:`~hwprune.tasks.classification.Distillation` (classification only)."""
         raise NotImplementedError
 
@@ -67,7 +67,7 @@ class Task:
         raise HwpruneError(f"the {self.name} task cannot measure sensitivity curves; use --allocation global")
 
     def make_optimizer(self, model: nn.Module, settings, no_decay=(), extra_groups=(), special_groups=()):
-        from ..train import make_optimizer
+        from ..training.loop import make_optimizer
 
         return make_optimizer(model, settings, no_decay, extra_groups, special_groups)
 

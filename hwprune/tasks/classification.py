@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..train import epoch_loader, eval_loader, evaluate, recalibrate_bn, train_epoch
+from ..training.loop import epoch_loader, eval_loader, evaluate, recalibrate_bn, train_epoch
 from .base import Task
 
 
@@ -120,12 +120,12 @@ class ClassificationTask(Task):
         return torch.stack([torch.as_tensor(source[i][0]) for i in range(n)])
 
     def export_onnx(self, model, path: str | os.PathLike) -> None:
-        from ..export.onnx import export_onnx
+        from ..runtimes.onnxruntime import export_onnx
 
         export_onnx(model, self.example, path)
 
     def onnx_max_abs_diff(self, path, model) -> tuple[float, int]:
-        from ..export.onnx import onnx_max_abs_diff
+        from ..runtimes.onnxruntime import onnx_max_abs_diff
 
         check = self.check_inputs()
         return onnx_max_abs_diff(path, model, check), len(check)

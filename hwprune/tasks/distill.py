@@ -33,7 +33,7 @@ from torch import nn
 
 from ..text.minilm import SentenceEncoder, mean_pool
 from ..text.quality import embedding_quality
-from ..train import EpochStats, optimizer_step, set_lr
+from ..training.loop import EpochStats, optimizer_step, set_lr
 from .base import Task
 
 LATENCY_SEQ_LEN = 128  # the issue's latency setting: sequence length 128 at batch 1 and 8
@@ -215,7 +215,7 @@ class SentenceDistillTask(Task):
     # --- export -------------------------------------------------------------------------------
     def export_onnx(self, model: nn.Module, path: str | os.PathLike) -> None:
         """The encoder with pooling, token ids and mask in (batch and sequence axes dynamic), embedding out."""
-        from ..export.onnx import export_onnx
+        from ..runtimes.onnxruntime import export_onnx
         from ..text.minilm import DYNAMIC_AXES, INPUT_NAMES, OUTPUT_NAME
 
         export_onnx(SentenceEncoder(model), self.example, path, input_names=INPUT_NAMES, output_name=OUTPUT_NAME,
@@ -224,7 +224,7 @@ class SentenceDistillTask(Task):
     @torch.no_grad()
     def onnx_max_abs_diff(self, path, model) -> tuple[float, int]:
         """Largest |onnxruntime − torch| over the held-out sentences (padded batches of 64)."""
-        from ..export.onnx import ort_session
+        from ..runtimes.onnxruntime import ort_session
 
         sess = ort_session(path)
         enc = SentenceEncoder(model).eval()

@@ -1,0 +1,110 @@
+"""Latency budgets for ``fit``: the target's profile, a calibrated latency model, and where it is measured.
+
+``hwprune fit --latency-ms X`` (or ``--speedup S``: X = the dense model's measured latency / S) needs
+a latency model of *this* model on *this* target: the target's measured profile (``hwprune profile``)
+gives every layer's latency against its widths, and two whole-model measurements on the target's
+runtime (dense, and every group at its minimum width) calibrate it (:meth:`LatencyModel.calibrated`).
+The calibration is written to the run folder, so a resumed run predicts exactly what it predicted.
+
+Runtimes: onnxruntime on this machine, or TVM (the hand-scheduled dense path) here or on an RPC
+device. The profile must come from the same runtime as the measurement.
+
+Example:
+    >>> lm = latency_model_for(net, x, groups, target, runtime="onnxruntime", cache=run_dir / "latency_model.json")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ProfileError
+from ..io import atomic_write_json
+from ..runtimes.onnxruntime import LatencyResult
+from .model import LatencyModel
+from .profile import Profile
+from ..runtimes import RUNTIMES, runtime
+from ..runtimes.tvm.rpc import RemoteSpec
+from ..target import Target
+
+def measurement_runtime(requested: str | None, remote: RemoteSpec | None) -> str:
+    """The runtime that times a run: on an RPC device the one that runs there (TVM), else what was asked
+    (onnxruntime by default)."""
+    if requested is not None:
+        chosen = runtime(requested, "--latency-runtime")
+        if remote is not None and not chosen.remote:
+            raise ProfileError(f"an RPC device runs TVM libraries: --latency-runtime {requested} cannot be used with "
+                               "--rpc/--tracker")
+        return chosen.name
+    if remote is not None:
+        return next(r.name for r in RUNTIMES.values() if r.remote)
+    return "onnxruntime"
+
+
+def load_profile(target: Target, path: str | os.PathLike | None, runtime: str) -> Profile:
+    """The profile for a latency budget: ``path``, or the target's ``latency.profile``; checked against the
+    target and the runtime that will measure the run."""
+    p = Path(path) if path else target.profile_path()
+    if p is None:
+        raise ProfileError(f"target '{target.name}' names no latency profile (latency.profile) and no --profile was "
+                           f"given; measure one: hwprune profile --target {target.name}")
+    if not p.is_file():
+        raise ProfileError(f"{p}: target '{target.name}' has no measured profile yet; measure one: "
+                           f"hwprune profile --target {target.name}" + (" --rpc HOST:PORT --runtime tvm" if not target.is_local else ""))
+    prof = Profile.load(p)
+    if prof.target != target.name:
+        raise ProfileError(f"{p}: measured for target '{prof.target}', not '{target.name}'; a profile of one device "
+                           "does not predict another")
+    if prof.runtime.get("name") != runtime:
+        raise ProfileError(f"{p}: measured with {prof.runtime.get('name')}, but this run measures latency with {runtime}; "
+                           f"profile with the same runtime (hwprune profile --target {target.name} --runtime {runtime})")
+    return prof
+
+
+def min_width_keep(groups) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every prunable group at its minimum width (its first units): per group, and as a 0/1 vector."""
+    keep, parts = {}, []
+    for g in groups:
+        if g.prunable:
+            keep[g.name] = np.arange(g.min_keep)
+            parts.append(np.r_[np.ones(g.min_keep), np.zeros(g.size - g.min_keep)])
+    return keep, (np.concatenate(parts) if parts else np.zeros(0))
+
+
+def measure(models: dict[str, torch.nn.Module], example: torch.Tensor, target: Target, *, runtime: str,
+            remote: RemoteSpec | None = None, batch_size: int | None = None, repeats: int | None = None) -> LatencyResult:
+    """Time models together (interleaved) on the run's runtime: onnxruntime here, or TVM here / on the device."""
+    return RUNTIMES[runtime].time_models(models, example, target, remote=remote, batch_size=batch_size,
+                                         repeats=repeats)
+
+
+def latency_model_for(template: torch.nn.Module, example: torch.Tensor, groups, target: Target, *, runtime: str,
+                      profile_path=None, remote: RemoteSpec | None = None, cache: Path | None = None,
+                      batch_size: int | None = None, repeats: int | None = None, progress=None) -> LatencyModel:
+    """The calibrated latency model of ``template`` (an untrained copy is fine: latency does not depend on
+    the weights). With ``cache`` (the run folder's ``latency_model.json``) an earlier calibration is reused."""
+    from ..apply.slicing import slice_model
+
+    profile = load_profile(target, profile_path, runtime)
+    lm = LatencyModel.build(profile, template, example, groups)
+    keep_min, vec_min = min_width_keep(groups)
+    if cache is not None and Path(cache).is_file():
+        cal = json.loads(Path(cache).read_text())
+        return lm.calibrated(cal["dense_ms"], cal["min_ms"], vec_min, **{k: v for k, v in cal.items() if k not in (
+            "dense_ms", "min_ms", "layers_dense_ms", "layers_min_ms", "scale", "overhead_ms")})
+    if progress:
+        progress(f"[latency model] profile {profile.path}; calibrating on the dense and the narrowest model ({runtime})")
+    narrow = slice_model(copy.deepcopy(template).eval(), groups, keep_min).eval()
+    res = measure({"dense": copy.deepcopy(template).eval(), "narrowest": narrow}, example, target, runtime=runtime,
+                  remote=remote, batch_size=batch_size, repeats=repeats)
+    lm = lm.calibrated(res.stats["dense"].median_ms, res.stats["narrowest"].median_ms, vec_min,
+                       runtime=res.runtime, measured_on=res.measured_on, profile=str(profile.path),
+                       profile_created=profile.created)
+    if cache is not None:
+        atomic_write_json(cache, lm.calibration)
+    return lm

@@ -1,0 +1,782 @@
+"""``hwprune.fit``: the whole job in one call, with checkpoints so that an interrupted run resumes.
+
+Stages: ``dense`` (train or keep a pretrained model) → ``regularize`` (the method pushes units to
+zero while λ is adapted towards the budget) → projection to exactly the budget and slicing →
+``finetune`` (the smaller dense model) → ``export`` (ONNX, checked with onnxruntime) → latency
+measured on the target's runtime → report.
+
+``granularity="blocks"`` swaps the units: weight blocks of the target's block shape instead of
+channels (:mod:`hwprune.graph.blocks`), and the projection masks instead of slicing; the masked model is
+fine-tuned with its zero blocks held at zero. Everything else is the same code. A checkpoint is written atomically after every epoch;
+calling ``fit`` again on the same run folder continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from . import distributed
+from ..budget import KINDS, Budget, check_budget, project
+from .checkpoint import Checkpointer
+from ..budget.cost import count_flops, count_params, flops_model, params_model
+from ..errors import BudgetError, CheckpointError, DivergedError, HwpruneError
+from .granularity import granularity
+from ..apply.plan import Plan, apply_plan
+from ..regularizers import RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer, make_config
+from ..report import Report, layer_table, plot_history, plot_norms
+from ..apply.slicing import reinitialize, slice_model
+from ..target import Target, load_target
+from ..tasks import ClassificationTask, Task
+from ..tasks.base import as_args
+from .loop import TrainSettings, cosine_lr
+
+
+@dataclass
+class FitConfig:
+    """Everything that decides the result of a run (compared on resume)."""
+
+    budget: Budget
+    method: str = "wgsef"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    epochs_dense: int = 15
+    epochs_regularize: int = 15
+    epochs_finetune: int = 10
+    finetune_lr_scale: float = 0.4
+    train: TrainSettings = field(default_factory=TrainSettings)
+    seed: int = 0
+    exclude: tuple[str, ...] = ()
+    latency_batch_size: int | None = None
+    latency_repeats: int | None = None
+    granularity: str = "channels"  # or "blocks": weight blocks of the target's block shape
+    latency_runtime: str | None = None  # "onnxruntime" (default here) or "tvm" (always on an RPC device)
+    profile: str | None = None  # latency profile for a latency budget (default: the target's)
+    # how many units each group keeps (hwprune.budget.allocation); None: the method's default (global for most)
+    allocation: str | None = None
+    allocation_options: dict[str, Any] = field(default_factory=dict)  # floor / cap
+    # Knowledge distillation while fine-tuning a classifier: the loss is (1 - a)·CE + a·T²·KL(teacher ‖
+    # student) with the dense model as teacher, a = ``distill``, T = ``distill_temperature``.
+    distill: float = 0.0
+    distill_temperature: float = 4.0
+
+    def __post_init__(self):
+        unit = granularity(self.granularity)  # an unknown name is refused here
+        if self.allocation is not None or self.allocation_options:
+            self.allocation_config()  # unknown names and options are refused before any work
+            from ..regularizers.base import REGISTRY
+
+            method_cls = REGISTRY.get(self.method)
+            if method_cls is not None and method_cls.default_allocation == "uniform" and self.allocation not in (None, "uniform"):
+                raise HwpruneError(f"--method {self.method} is a width multiplier: it takes no --allocation "
+                                   f"{self.allocation} (use --method magnitude --allocation {self.allocation} to prune "
+                                   "by score)")
+        if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
+            raise HwpruneError(f"--distill {self.distill!r}: expected the weight of the teacher's loss, in [0, 1]")
+        if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
+            raise HwpruneError(f"--distill-temperature {self.distill_temperature!r}: expected a positive number")
+        if unit.budget_kinds is not None and self.budget.kind not in unit.budget_kinds:
+            raise BudgetError(f"{self.budget.spec.flag} with --granularity {unit.name}: a {unit.noun} run takes "
+                              f"{' or '.join(KINDS[k].flag for k in unit.budget_kinds)} (the fraction of weight blocks "
+                              "removed); FLOPs and parameter budgets work on channels")
+
+    def allocation_config(self, default: str = "global"):
+        """The :class:`~hwprune.budget.allocation.AllocationConfig` of this run (``default``: the method's)."""
+        from ..budget.allocation import AllocationConfig
+
+        return AllocationConfig.from_options(self.allocation or default, self.allocation_options)
+
+    def fingerprint(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["budget"] = {"kind": self.budget.kind, "value": self.budget.value}
+        d["exclude"] = list(self.exclude)
+        # settings added after runs existed are left out at their defaults, so those runs resume unchanged
+        for key, default in (("granularity", "channels"), ("allocation", None), ("allocation_options", {}),
+                             ("distill", 0.0), ("distill_temperature", 4.0)):
+            if d[key] == default:
+                del d[key]
+        return json.loads(json.dumps(d, default=str))
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the pruned model, its plan, the report and the run folder."""
+
+    model: nn.Module
+    plan: Plan
+    report: Report
+    run_dir: Path
+
+
+def _say(progress, msg: str) -> None:
+    if progress:
+        progress(msg)
+
+
+def _env() -> dict[str, str]:
+    import onnxruntime
+
+    return {
+        "hwprune": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(), "machine": platform.machine(),
+    }
+
+
+def fit(
+    model: nn.Module,
+    train_data,
+    *,
+    target: Target | str,
+    sparsity: float | None = None,
+    flops: float | None = None,
+    params: float | None = None,
+    latency_ms: float | None = None,
+    speedup: float | None = None,
+    test_data=None,
+    out_dir: str | os.PathLike | None = None,
+    config: FitConfig | None = None,
+    method: str | None = None,
+    granularity: str | None = None,
+    allocation: str | None = None,
+    progress: Callable[[str], None] | None = print,
+    run_info: dict[str, Any] | None = None,
+    measure: bool = True,
+    remote=None,
+) -> FitResult:
+    """Train ``model`` with a structured regularizer, prune it to exactly the budget, fine-tune, export
+    ONNX, measure latency on the target and write a report into ``out_dir``.
+
+    Give exactly one budget: ``sparsity`` (fraction of prunable units removed), ``flops`` or ``params``
+    (fraction kept), ``latency_ms`` or ``speedup`` (predicted from the target's measured profile, see
+    :mod:`hwprune.latency.budget`). ``granularity="blocks"`` prunes weight blocks of the target's block
+    shape instead of channels (``sparsity`` is then the fraction of blocks removed) and masks instead of
+    slicing. ``allocation``: how many units each layer group keeps (:mod:`hwprune.budget.allocation`:
+    ``global``, ``uniform``, ``sensitivity``, ``learned``; default: the method's). ``remote``: a :class:`~hwprune.runtimes.tvm.rpc.RemoteSpec` (RPC device) on which latency is measured
+    with TVM. ``train_data``/``test_data``: datasets or DataLoaders of ``(input, label)``; with a
+    DataLoader its dataset and collate function are used, and hwprune draws the order itself (seeded
+    per epoch, so that a resumed run replays exactly). ``train_data`` may instead be a
+    :class:`~hwprune.tasks.Task` (e.g. distilling a sentence encoder), which owns its data. If
+    ``out_dir`` holds a checkpoint of the same configuration, the run continues from it.
+
+    Example:
+        >>> from hwprune.models import build_model
+        >>> from hwprune.data import load_dataset
+        >>> data = load_dataset("digits")
+        >>> net = build_model("small-resnet", in_channels=1, num_classes=10, input_size=8)
+        >>> result = hwprune.fit(net, data.train, test_data=data.test, target="host-cpu",
+        ...                      sparsity=0.7, out_dir="runs/demo")          # doctest: +SKIP
+        >>> print(result.report)                                              # doctest: +SKIP
+    """
+    given = {"sparsity": sparsity, "flops": flops, "params": params, "latency_ms": latency_ms, "speedup": speedup}
+    budgets = [(kind.name, given[kind.arg]) for kind in KINDS.values() if given[kind.arg] is not None]
+    if config is None:
+        if len(budgets) != 1:
+            raise BudgetError("give exactly one budget: sparsity=, flops=, params=, latency_ms= or speedup=")
+        config = FitConfig(budget=Budget(*budgets[0]), granularity=granularity or "channels")
+    elif budgets:
+        raise BudgetError("give the budget either in config or as sparsity=/flops=/params=/latency_ms=/speedup=, not both")
+    elif granularity is not None:
+        config = dataclasses.replace(config, granularity=granularity)
+    if method is not None:
+        config = dataclasses.replace(config, method=method)  # never the caller's object
+    if allocation is not None:
+        config = dataclasses.replace(config, allocation=allocation)
+    make_config(config.method, config.method_options)  # reject unknown methods/options before any work
+    target = load_target(target) if not isinstance(target, Target) else target
+    task = train_data if isinstance(train_data, Task) else ClassificationTask(train_data, test_data)
+    run = _Run(model, task, target, config, Path(out_dir or _default_dir(config, run_info)), progress,
+               run_info or {}, measure, remote)
+    return run.execute()
+
+
+def check_collapse(reg) -> None:
+    """Stop if the regularizer drove every unit of a layer to zero: the network cannot recover
+    from that (a zero channel gets no gradient), and the projection would keep dead units."""
+    scores = np.asarray(reg.scores(), dtype=np.float64)
+    if not len(scores) or not np.isfinite(scores).all():
+        bad = [] if not len(scores) else [g.name for g, v in zip(reg.index.groups, reg.index.split(torch.as_tensor(scores)).values())
+                                          if not torch.isfinite(v).all()]
+        raise DivergedError(f"unit scores became NaN or infinite{' in ' + ', '.join(bad[:3]) if bad else ''}; "
+                            "the run stopped and the last good checkpoint is kept")
+    scale = float(np.median(scores[scores > 0])) if (scores > 0).any() else 0.0
+    for g, v in reg.index.split(torch.as_tensor(scores)).items():
+        if float(v.max()) <= 1e-8 * scale:
+            raise DivergedError(
+                f"layer group '{g}' collapsed to zero width during regularized training; the run stopped and the last "
+                "good checkpoint is kept. Lower the method's strength (--method-option strength=...) or the "
+                "learning rate, and start again"
+            )
+
+
+def _check_task_support(task, config: FitConfig, remote, distributed_run: bool) -> None:
+    """What works for the classification task only, refused up front for other tasks (distillation)."""
+    missing = []
+    if config.budget.spec.cost == "latency":
+        missing.append("latency budgets")
+    if remote is not None or config.latency_runtime == "tvm":
+        missing.append("TVM / RPC latency")
+    if distributed_run:
+        missing.append("several processes (torchrun)")
+    if config.distill > 0:
+        missing.append("--distill (the task distills in its own way, or not at all)")
+    if config.allocation == "sensitivity":
+        missing.append("--allocation sensitivity")
+    if missing:
+        raise HwpruneError(f"the {task.name} task does not support {', '.join(missing)} yet: use a sparsity, FLOPs or "
+                           "parameter budget in one process, timed with onnxruntime")
+
+
+def _default_dir(config: FitConfig, info: dict) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    b = config.budget
+    tag = "-".join(str(x) for x in (info.get("model"), info.get("data"), info.get("target")) if x)
+    return Path("runs") / f"{stamp}-{tag}-{b.kind}{b.value:g}".replace("--", "-")
+
+
+class _Run:
+    """One run's state machine: each stage reads and writes the checkpoint."""
+
+    def __init__(self, model, task: Task, target, config: FitConfig, run_dir: Path, progress, info, measure, remote=None):
+        self.dist = distributed.info()
+        if not isinstance(task, ClassificationTask):
+            _check_task_support(task, config, remote, self.dist.enabled)
+        if self.dist.enabled:  # BN statistics over the global batch, as in one process
+            distributed.convert_batchnorm(model, to_synced=True)
+            progress = progress if self.dist.is_main else None
+        self.template = copy.deepcopy(model).cpu()  # the untrained architecture, to rebuild from
+        self.model = model
+        self.task = task
+        self.target, self.config, self.run_dir = target, config, run_dir
+        self.progress, self.info, self.measure = progress, info, measure
+        from ..latency.budget import measurement_runtime
+
+        self.remote = remote
+        self.runtime = measurement_runtime(config.latency_runtime, remote)
+        self._latency = None  # the calibrated latency model of a latency budget, built once
+        self.device = torch.device("cpu")
+        self.ckpt = Checkpointer(run_dir)
+        self.example = task.example
+        self.state: dict[str, Any] = {
+            "stage": "dense", "epoch": 0, "history": [], "acc": {}, "plan": None, "projection": None,
+            "norms_before": None, "norms_after": None, "dense_model": None, "regularizer": None,
+            "target_fraction": None, "zero_fraction": None, "finetune_plan": None, "seconds": 0.0,
+            "stage_plan": None,  # the allocation planned at the start of the regularized stage
+        }
+
+    # --- helpers -------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        fp = self.config.fingerprint()
+        fp["target"] = self.target.name
+        fp["model"] = self.info.get("model") or type(self.template).__name__
+        fp["data"] = self.info.get("data")
+        return fp
+
+    def test_accuracy(self, model) -> float | None:
+        """The task's quality measure on held-out data (accuracy for classification)."""
+        return self.task.evaluate(model)
+
+    def save(self, optimizer=None, regularizer=None, controller=None) -> None:
+        if hasattr(self, "_t_start"):
+            self.state["seconds"] = time.perf_counter() - self._t_start
+        payload = dict(self.state)
+        payload["model"] = self.model.state_dict()
+        payload["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+        if regularizer is not None:
+            payload["regularizer"] = {"state": regularizer.state_dict(), "controller": controller.state_dict() if controller else {}}
+        payload["rng"] = torch.get_rng_state()
+        payload["config"] = self.fingerprint()
+        if self.dist.is_main:  # one writer; every rank holds the same state (no rank reads it mid-run)
+            self.ckpt.save(payload)
+
+    @property
+    def unit(self):
+        """The run's :class:`~hwprune.training.granularity.Granularity` (channels or weight blocks)."""
+        return granularity(self.config.granularity)
+
+    def groups(self, model):
+        groups, self.dense_layers = self.unit.groups(model, self.example, self.target, self.config.exclude)
+        return groups
+
+    def index(self, model, groups):
+        return self.unit.index(model, groups)
+
+    def sliced_from_plan(self, plan: Plan) -> nn.Module:
+        return apply_plan(copy.deepcopy(self.template), plan, target=self.target)
+
+    # --- the run -------------------------------------------------------------------------------
+    def execute(self) -> FitResult:
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        resumed = self.resume()
+        # the run's wall time adds up over resumed sessions (checkpoints carry what came before)
+        self._t_start = t_start = time.perf_counter() - float(self.state.get("seconds") or 0.0)
+        # Reject an impossible budget before any training (groups depend only on the architecture).
+        groups = self.groups(self.template)
+        cost = self.cost_model(self.template, groups)
+        try:
+            check_budget(groups, self.budget(), cost)
+        except BudgetError as e:
+            if self.config.budget.kind != "speedup":
+                raise
+            raise BudgetError(f"--speedup {self.config.budget.value:g} (= {self.budget().value:.4g} ms against the measured "
+                              f"dense {self._latency.calibration['dense_ms']:.4g} ms): {e}") from None
+        _say(self.progress, f"run folder: {self.run_dir}" + (f" (resumed at stage '{self.state['stage']}', epoch {self.state['epoch']})" if resumed else ""))
+        if self.state["stage"] == "dense":
+            self.stage_dense()
+        if self.state["stage"] == "regularize":
+            self.stage_regularize()
+        if self.state["stage"] == "finetune":
+            self.stage_finetune()
+        report = None
+        if self.dist.enabled:
+            distributed.convert_batchnorm(self.model, to_synced=False)
+        if self.state["stage"] in ("export", "done") and self.dist.is_main:
+            report = self.stage_export(time.perf_counter() - t_start)
+        distributed.barrier()
+        plan = Plan.from_dict(self.state["plan"])
+        return FitResult(self.model, plan, report, self.run_dir)
+
+    def resume(self) -> bool:
+        payload = self.ckpt.load()
+        if payload is None:
+            return False
+        saved, now = payload.get("config"), self.fingerprint()
+        if saved != now:
+            diffs = [k for k in sorted(set(saved or {}) | set(now)) if (saved or {}).get(k) != now.get(k)]
+            raise CheckpointError(
+                f"{self.run_dir} holds a run with other settings ({', '.join(diffs)} differ). "
+                "Resume it with the same settings (hwprune fit --resume DIR), or choose another --out folder."
+            )
+        for k in self.state:
+            if k in payload:
+                self.state[k] = payload[k]
+        if self.state["plan"] is not None and self.state["stage"] in ("finetune", "export", "done"):
+            self.model = self.sliced_from_plan(Plan.from_dict(self.state["plan"]))
+        self.model.load_state_dict(payload["model"])
+        self._resume_payload = payload
+        torch.set_rng_state(payload["rng"])
+        return True
+
+    def _resume_optimizer(self, optimizer, regularizer=None, controller=None) -> None:
+        payload = getattr(self, "_resume_payload", None)
+        if payload is None:
+            return
+        if optimizer is not None and payload.get("optimizer") is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        if regularizer is not None and payload.get("regularizer"):
+            regularizer.load_state_dict(payload["regularizer"]["state"])
+            if controller is not None:
+                controller.load_state_dict(payload["regularizer"]["controller"])
+        self._resume_payload = None
+
+    def log_epoch(self, stage, epoch, total, stats, acc, extra: dict[str, Any] | None = None) -> None:
+        rec = {"stage": stage, "epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+               "test_accuracy": acc, "seconds": stats.seconds, "samples_per_s": stats.samples_per_s, "lr": stats.lr}
+        rec.update(extra or {})
+        self.state["history"].append(rec)
+        more = "".join(f"  {k} {v:.3g}" if isinstance(v, float) else f"  {k} {v}" for k, v in (extra or {}).items())
+        acc_s = f"  {self._metric(acc)}" if acc is not None else ""
+        _say(self.progress, f"[{stage} {epoch + 1}/{total}] loss {stats.loss:.4f}{acc_s}{more}  ({stats.seconds:.1f}s, {stats.samples_per_s:.0f} samples/s)")
+
+    def _metric(self, value, label: str | None = None) -> str:
+        """The task's quality measure for the log: accuracy in percent, anything else as a number.
+        ``label`` replaces the task's label ("" for none)."""
+        label = self.task.metric_label if label is None else label
+        if self.task.metric == "accuracy":
+            return f"{label} {100 * (value or 0):.2f}%".lstrip()
+        return f"{label} {value if value is not None else float('nan'):.4f}".lstrip()
+
+    def recalibrate(self) -> None:
+        self.task.recalibrate(self.model, self.config.train, self.config.seed, self.device)
+
+    def run_epochs(self, stage, total, settings: TrainSettings, regularizer=None, controller=None, lr_scale=1.0,
+                   extra_fn=None, lr_floor=0.0, teacher=None):
+        optimizer = self.task.make_optimizer(
+            self.model, settings, regularizer.no_weight_decay() if regularizer else (),
+            regularizer.extra_parameters() if regularizer else (),
+            regularizer.param_groups() if regularizer else (),
+        )
+        self._resume_optimizer(optimizer, regularizer, controller)
+        steps_per_epoch = self.task.steps_per_epoch(settings)
+        total_steps = total * steps_per_epoch
+        base = settings.lr * lr_scale
+
+        def on_step(step, loss):
+            if controller is not None:
+                loss = distributed.mean(loss)  # every rank's controller must see the same loss
+                regularizer.strength = controller.update(step + 1, regularizer.control_value(), regularizer.strength, loss)
+
+        extra = [p for g in (regularizer.extra_parameters() if regularizer else ()) for p in g["params"]]
+        sync_extra = (lambda: distributed.all_reduce_grads_(extra)) if self.dist.enabled and extra else None
+        train_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            train_model = DistributedDataParallel(self.model, broadcast_buffers=False)
+
+        for epoch in range(self.state["epoch"], total):
+            stats = self.task.train_epoch(
+                train_model, optimizer, settings=settings, seed=self.config.seed, stage=stage, epoch=epoch,
+                lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
+                step0=epoch * steps_per_epoch, regularizer=regularizer,
+                on_step=on_step if controller is not None else None, device=self.device, after_backward=sync_extra,
+                **({"teacher": teacher} if teacher is not None else {}),
+            )
+            if isinstance(regularizer, Regularizer):
+                check_collapse(regularizer)  # before the checkpoint: the last good one stays
+                self.recalibrate()  # the regularizer moved the channel scales faster than BN's averages
+            acc = self.test_accuracy(self.model)
+            self.log_epoch(stage, epoch, total, stats, acc, extra_fn() if extra_fn else None)
+            self.state["epoch"] = epoch + 1
+            self.save(optimizer, regularizer, controller)
+        return optimizer
+
+    def stage_dense(self) -> None:
+        cfg = self.config
+        if cfg.epochs_dense > 0:
+            self.run_epochs("dense", cfg.epochs_dense, cfg.train, extra_fn=lambda: {"sparsity": 0.0})
+        self.state["acc"]["dense"] = self.test_accuracy(self.model)
+        self.state["dense_model"] = copy.deepcopy(self.model.state_dict())
+        self.state.update(stage="regularize", epoch=0)
+        self.save()
+
+    def budget(self) -> Budget:
+        """The budget in the projection's terms: a speedup becomes milliseconds of the measured dense model."""
+        b = self.config.budget
+        if b.spec.measure == "relative":
+            if self._latency is None:
+                self.cost_model(self.template, self.groups(self.template))
+            return b.as_latency(self._latency.calibration["dense_ms"])
+        return b
+
+    def cost_model(self, model, groups):
+        """The cost the budget is measured in (None for a count of units), built by :data:`COSTS`."""
+        name = self.config.budget.spec.cost
+        return COSTS[name](self, model, groups) if name is not None else None
+
+    def latency_cost(self, model, groups):
+        """The calibrated latency model of a latency or speedup budget, built once per run."""
+        if self._latency is None:
+            from ..latency.budget import latency_model_for
+
+            # widths, not weights, set latency: the untrained template is measured, once per run
+            self._latency = latency_model_for(
+                self.template, self.example, self.groups(self.template), self.target, runtime=self.runtime,
+                profile_path=self.config.profile, remote=self.remote, cache=self.run_dir / "latency_model.json",
+                batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats,
+                progress=self.progress)
+        return self._latency
+
+    def allocation(self, reg):
+        """The run's allocation: ``--allocation``, else the method's default; weight blocks default to
+        ``learned`` (one layer's blocks are compared with another's by score, as block runs always were)."""
+        from ..regularizers.base import REGISTRY
+
+        default = self.unit.default_allocation or REGISTRY[self.config.method].default_allocation
+        return self.config.allocation_config(default)
+
+    def build_regularizer(self, groups):
+        index = self.index(self.model, groups)
+        cost = self.cost_model(self.model, groups)
+        # How many units does the budget remove? Project once with the current norms (sensitivity curves are
+        # measured on the trained model at the projection; the global solver estimates the count before).
+        # Planned once, with the norms at the stage's start, and kept in the checkpoint: a resumed stage
+        # must not re-plan from half-trained norms.
+        plan = self.state.get("stage_plan")
+        if plan is None:
+            allocation = self.allocation(None)
+            if allocation.policy == "sensitivity":
+                allocation = dataclasses.replace(allocation, policy="global")
+            proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost, allocation=allocation)
+            plan = {"removed_units": proj.removed_units, "keep": [len(proj.keep[g.name]) for g in index.groups]}
+            self.state["stage_plan"] = plan
+        # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
+        unit_costs = (cost.unit_savings(np.ones(index.n_units))
+                      if cost is not None and cost.name in ("flops", "latency") else None)
+        steps = self.config.epochs_regularize * self.task.steps_per_epoch(self.config.train)
+        target_fraction = plan["removed_units"] / max(index.n_units, 1)
+        schedule = SparsitySchedule(target_fraction, steps)
+        ctx = RegContext(self.model, index, keep_units=index.n_units - plan["removed_units"], unit_costs=unit_costs,
+                         total_steps=steps, schedule=schedule, planned_keep=self.unit.planned_keep(plan))
+        reg = build_regularizer(self.config.method, ctx, self.config.method_options)
+        adaptive = getattr(reg.config, "adaptive", False) and not reg.solves_strength
+        controller = StrengthController(schedule, max_step=reg.controller_max_step) if adaptive else None
+        return reg, controller, target_fraction
+
+    def stage_regularize(self) -> None:
+        """Regularized epochs, then the projection to the budget, the method's finalize, and slicing."""
+        groups = self.groups(self.model)
+        reg, controller, target_fraction = self.build_regularizer(groups)
+        reg.attach(resumed=self.state["epoch"] > 0)
+        if reg.calibrates:  # every rank measures the same inputs, so every rank gets the same plan
+            reg.calibrate(lambda n: self.task.calibration_forward(self.model, n, self.config.seed, self.device))
+        if self.state["norms_before"] is None:
+            self.state["norms_before"] = reg.scores().tolist()
+        if reg.trains:
+            # The learning rate keeps a floor here: the gradient must be able to answer the regularizer's
+            # pressure up to the last step (with a cosine to zero, accuracy fell 5 points in the last epochs).
+            self.run_epochs(
+                "regularize", self.config.epochs_regularize, self.config.train, reg, controller,
+                extra_fn=lambda: {"sparsity": reg.zero_fraction(), "strength": reg.strength}, lr_floor=0.1,
+            )
+        else:
+            self._resume_optimizer(None, reg, controller)
+        self.state["norms_after"] = reg.scores().tolist()
+        self.state["target_fraction"] = target_fraction
+        self.state["zero_fraction"] = reg.zero_fraction() if reg.trains else 0.0
+        self.project_and_slice(groups, reg)
+
+    def sensitivity_curves(self, groups, reg, cost) -> list:
+        """Each group's loss increase at each allowed count, measured on training batches (the
+        ``sensitivity`` allocation); see :func:`hwprune.budget.sensitivity.measure_curves`."""
+        from ..budget.sensitivity import measure_curves
+
+        t0 = time.perf_counter()
+        curves = measure_curves(self.model, groups, reg.scores(),
+                                lambda m: self.task.probe_loss(m, self.config.seed, self.device))
+        _say(self.progress, f"[sensitivity] {len(curves)} groups measured ({time.perf_counter() - t0:.1f}s)")
+        return curves
+
+    def project_and_slice(self, groups, reg) -> None:
+        cost = self.cost_model(self.model, groups)
+        allocation = self.allocation(reg)
+        curves = self.sensitivity_curves(groups, reg, cost) if allocation.policy == "sensitivity" else None
+        proj = reg.project(groups, self.budget(), cost, allocation=allocation, sensitivity=curves)
+        acc_before = self.test_accuracy(self.model)
+        reg.finalize(groups, proj.keep)  # fold gates / constants; the model is plain again
+        self.unit.cut(self.model, groups, proj.keep)
+        self.recalibrate()
+        acc_after = self.test_accuracy(self.model)
+        plan = Plan.from_groups(groups, proj.keep, as_args(self.example)[0].shape, self.config.exclude,
+                                meta={"target": self.target.name, "budget": self.config.budget.describe(),
+                                      "method": self.config.method, **self.info})
+        self.unit.shrink(self.model, groups, proj.keep)
+        if reg.from_scratch:
+            reinitialize(self.model, self.config.seed)
+            self.unit.after_reinit(self.model, groups, proj.keep)
+        plan.save(self.run_dir / "plan.json")
+        multiples = sorted({g.multiple for g in groups if g.prunable})
+        self.state["plan"] = plan.to_dict()
+        self.state["projection"] = {
+            "units": proj.units, "removed_units": proj.removed_units, "requested": proj.requested,
+            "achieved": proj.achieved, "kind": proj.kind,
+            "zero_fraction_before": self.state.get("zero_fraction", 0.0),
+            "target_fraction": self.state.get("target_fraction", proj.removed_units / max(proj.units, 1)),
+            "accuracy_before": acc_before, "accuracy_after": acc_after,
+            "rounding": f"kept counts are multiples of {', '.join(map(str, multiples))} or the full width"
+            if multiples != [1] else "exact: no hardware multiple",
+            "allocation": proj.allocation, "status": proj.status, "reason": proj.reason,
+        }
+        if cost is not None and cost.name == "latency":
+            self.state["projection"]["predicted_latency_ms"] = {"dense": cost(np.ones(proj.units)),
+                                                                "pruned": cost(proj.keep_mask.astype(float))}
+            self.state["projection"]["keep_vector"] = proj.keep_mask.astype(int).tolist()
+        _say(self.progress, f"[project] removed {proj.removed_units} of {proj.units} units ({proj.kind} requested "
+             f"{proj.requested:g}, achieved {proj.achieved:.4f}, allocation {proj.allocation}: {proj.status}); "
+             f"{self._metric(acc_before, 'accuracy' if self.task.metric == 'accuracy' else None)} -> "
+             f"{self._metric(acc_after, '')} (pruning shock)" + ("; re-initialized to train from scratch" if reg.from_scratch else ""))
+        self.state["finetune_plan"] = self.finetune_schedule(reg)
+        self.state.update(stage="finetune", epoch=0)
+        self.save()
+
+    def finetune_schedule(self, reg) -> dict:
+        """Epochs and learning-rate scale of the last stage. Every method gets the same total epochs:
+        one-shot methods fine-tune through the regularized epochs too; from-scratch methods train the
+        thin model for all epochs at the full learning rate."""
+        cfg = self.config
+        # from scratch means without the dense model: no teacher either
+        distill = cfg.distill > 0 and not reg.from_scratch
+        if reg.from_scratch:
+            return {"epochs": cfg.epochs_dense + cfg.epochs_regularize + cfg.epochs_finetune, "lr_scale": 1.0,
+                    "distill": distill}
+        if not reg.trains:
+            return {"epochs": cfg.epochs_regularize + cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale,
+                    "distill": distill}
+        return {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale, "distill": distill}
+
+    def teacher(self):
+        """The dense model as the fine-tune's teacher (``FitConfig.distill``), or None."""
+        from ..tasks.classification import Distillation
+
+        teacher = copy.deepcopy(self.template)
+        teacher.load_state_dict(self.state["dense_model"])
+        return Distillation(teacher.eval(), self.config.distill, self.config.distill_temperature)
+
+    def stage_finetune(self) -> None:
+        cfg = self.config
+        sparsity = self.state["projection"]["removed_units"] / max(self.state["projection"]["units"], 1)
+        schedule = self.state.get("finetune_plan") or {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
+        hold = self.unit.finetune_hold(self.model, Plan.from_dict(self.state["plan"]))
+        teacher = self.teacher() if schedule.get("distill") and self.state.get("dense_model") is not None else None
+        if schedule["epochs"] > 0:
+            self.run_epochs("finetune", schedule["epochs"], cfg.train, regularizer=hold, lr_scale=schedule["lr_scale"],
+                            extra_fn=lambda: {"sparsity": sparsity}, teacher=teacher)
+        self.state["acc"]["pruned"] = self.test_accuracy(self.model)
+        from ..io import atomic_torch_save
+
+        atomic_torch_save(self.run_dir / "pruned.pt", {"state_dict": self.model.state_dict(), "plan": self.state["plan"]})
+        self.state.update(stage="export", epoch=0)
+        self.save()
+
+    def stage_export(self, seconds: float) -> Report:
+        from ..runtimes import RUNTIMES
+
+        dense = copy.deepcopy(self.template)
+        dense.load_state_dict(self.state["dense_model"])
+        dense.eval()
+        self.model.eval()
+        self.task.export_onnx(dense, self.run_dir / "dense.onnx")
+        self.task.export_onnx(self.model, self.run_dir / "model.onnx")
+        diff, n_checked = self.task.onnx_max_abs_diff(self.run_dir / "model.onnx", self.model)
+        _say(self.progress, f"[export] model.onnx: onnxruntime vs torch max |diff| {diff:.2e} on {n_checked} real inputs")
+        latencies = []
+        # A latency budget also times the narrowest model alongside: the latency model's anchors
+        # re-measured in the same session as the pruned model (a shared machine drifts by tens of %).
+        anchor = self.config.budget.spec.cost == "latency"
+        if self.measure:
+            rt = RUNTIMES[self.runtime]
+            models = {"dense": dense, "pruned": self.model}
+            if anchor:
+                models["narrowest"] = self._narrowest()
+            sizes = ([self.config.latency_batch_size] if self.config.latency_batch_size else
+                     list(self.task.latency_batch_sizes or [None]))
+            where = self.remote.describe() if self.remote is not None else "this machine"
+            for bs in sizes:
+                _say(self.progress, f"[latency] timing dense and pruned on {rt.name}, {where}, interleaved"
+                     f"{f' (batch {bs})' if bs else ''} ...")
+                latencies.append(rt.time_models(
+                    models, self.example, self.target, remote=self.remote, batch_size=bs,
+                    repeats=self.config.latency_repeats, export=self.task.export_onnx, feeds=self.task.latency_feeds,
+                    exported={"dense": self.run_dir / "dense.onnx", "pruned": self.run_dir / "model.onnx"}))
+        report = self.build_report(dense, diff, n_checked, latencies, seconds)
+        report.save(self.run_dir)
+        norms_b, norms_a = self.state.get("norms_before"), self.state.get("norms_after")
+        if norms_b is not None and norms_a is not None:
+            plot_norms(np.asarray(norms_b), np.asarray(norms_a), self.run_dir / "norms.png")
+        if self.state["history"]:
+            plot_history(self.state["history"], self.run_dir / "history.png")
+        self.state.update(stage="done")
+        self.save()
+        return report
+
+    def _narrowest(self) -> nn.Module:
+        """The architecture with every prunable group at its minimum width (a latency anchor)."""
+        from ..latency.budget import min_width_keep
+
+        groups = self.groups(self.template)
+        return slice_model(copy.deepcopy(self.template), groups, min_width_keep(groups)[0]).eval()
+
+    def _latency_info(self) -> dict:
+        if self._latency is None:
+            try:
+                self.cost_model(self.template, self.groups(self.template))
+            except HwpruneError:
+                return {}
+        return self._latency.describe()
+
+    def build_report(self, dense, diff, n_checked, latencies, seconds) -> Report:
+        b = self.config.budget
+        proj = self.state["projection"]
+        flops_d, flops_p = count_flops(dense, self.example), count_flops(self.model, self.example)
+        params_d, params_p = count_params(dense), count_params(self.model)
+        # weight blocks keep dense shapes: count what the sparse formats store and compute
+        blocks = self.unit.report(self.model, self.example, Plan.from_dict(self.state["plan"]),
+                                  getattr(self, "dense_layers", None))
+        if blocks is not None:
+            params_p -= blocks["params_removed"]
+            flops_p -= blocks["macs_removed"]
+        achieved = {"sparsity": proj["removed_units"] / max(proj["units"], 1), "flops": flops_p / flops_d,
+                    "params": params_p / params_d}
+        data: dict[str, Any] = {
+            "run": {
+                "model": self.info.get("model") or type(self.template).__name__, "data": self.info.get("data"),
+                "target": self.target.name, "method": self.config.method, "budget": b.describe(),
+                "command": self.info.get("command"), "seconds": seconds, "config": self.fingerprint(),
+            },
+            "requested": {b.kind: b.value},
+            "achieved": achieved,
+            self.task.metric: {"dense": self.state["acc"].get("dense"), "pruned": self.state["acc"].get("pruned"),
+                         "after_projection": proj["accuracy_after"], "before_projection": proj["accuracy_before"]},
+            "params": {"dense": params_d, "pruned": params_p},
+            "flops": {"dense": flops_d, "pruned": flops_p, "unit": "multiply-accumulates per sample (conv + linear)"},
+            "projection": proj,
+            "onnx": {"max_abs_diff": diff, "checked_inputs": n_checked, "file": "model.onnx"},
+            "target": {"name": self.target.name, "device": self.target.device.name, "local": self.target.is_local},
+            "throughput": {
+                "samples_per_s": {st: float(np.mean([h["samples_per_s"] for h in self.state["history"] if h["stage"] == st]))
+                                  for st in dict.fromkeys(h["stage"] for h in self.state["history"])},
+                "processes": self.dist.world, "data_workers": self.config.train.num_workers,
+            },
+            "env": _env(),
+        }
+        if blocks is not None:
+            data["blocks"] = blocks
+            data["params"]["counted"] = data["flops"]["counted"] = "weights in kept blocks (a block plan keeps dense shapes)"
+        data.update(self.task.report(dense, self.model))
+        latency = latencies[0] if latencies else None
+        if latency is not None:
+            data["latency_ms"] = {"dense": latency.stats["dense"].median_ms, "pruned": latency.stats["pruned"].median_ms}
+            data["latency"] = {
+                "batch_size": latency.batch_size, "runtime": latency.runtime, "measured_on": latency.measured_on,
+                "on_target_device": latency.on_target, "note": latency.note, "runs": latency.stats["dense"].runs,
+                "warmup": latency.warmup, "statistic": "median",
+                "p10_ms": {k: v.p10_ms for k, v in latency.stats.items()},
+                "p90_ms": {k: v.p90_ms for k, v in latency.stats.items()},
+            }
+            ms_d, ms_p = data["latency_ms"]["dense"], data["latency_ms"]["pruned"]
+            if b.spec.cost == "latency":
+                achieved["latency"], achieved["speedup"] = ms_p, ms_d / ms_p
+        predicted = proj.get("predicted_latency_ms")
+        if predicted is not None:
+            lm = {"predicted_ms": predicted, "budget_ms": self.budget().value, "model": self._latency_info()}
+            if latency is not None:
+                err = {k: data["latency_ms"][k] / predicted[k] - 1.0 for k in ("dense", "pruned")}
+                lm.update(measured_ms=dict(data["latency_ms"]), error=err)
+                if "narrowest" in latency.stats and self._latency is not None:
+                    from ..latency.budget import min_width_keep
+
+                    # the same model, anchored on dense and narrowest timed together with the pruned one
+                    _, vec_min = min_width_keep(self.groups(self.template))
+                    now = self._latency.calibrated(latency.stats["dense"].median_ms, latency.stats["narrowest"].median_ms,
+                                                   vec_min)
+                    keep = np.asarray(self.state["projection"]["keep_vector"], dtype=float)
+                    same = now(keep)
+                    lm["same_session"] = {"narrowest_ms": latency.stats["narrowest"].median_ms,
+                                          "predicted_pruned_ms": same,
+                                          "error_pruned": data["latency_ms"]["pruned"] / same - 1.0,
+                                          "scale": now.scale, "overhead_ms": now.overhead_ms}
+                    lm["within_10pct"] = bool(abs(lm["same_session"]["error_pruned"]) <= 0.10)
+                lm["within_10pct_of_planning"] = bool(abs(err["pruned"]) <= 0.10)
+            data["latency_model"] = lm
+            if b.spec.measure == "relative":
+                data["requested"]["latency_ms"] = self.budget().value
+        if len(latencies) > 1:  # the same models timed at several batch sizes
+            data["latency_by_batch"] = {
+                str(lat.batch_size): {**{k: v.median_ms for k, v in lat.stats.items()},
+                                      "p10_ms": {k: v.p10_ms for k, v in lat.stats.items()},
+                                      "p90_ms": {k: v.p90_ms for k, v in lat.stats.items()}}
+                for lat in latencies
+            }
+        return Report(data, layer_table(dense, self.model), self.state["history"])
+
+
+# The cost model each budget kind is measured in (BudgetKind.cost), built for a run's model and groups.
+COSTS: dict[str, Callable[[_Run, nn.Module, list], Any]] = {
+    "flops": lambda run, model, groups: flops_model(model, as_args(run.example), groups),
+    "params": lambda run, model, groups: params_model(model, groups),
+    "latency": _Run.latency_cost,
+}
+
