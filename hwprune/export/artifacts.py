@@ -311,14 +311,13 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
     block plan's ``model.onnx`` is: onnxruntime computes the zero blocks like any others), on the same
     inputs, taking turns, on this machine. Returns the manifest's ``measured`` entry.
     """
-    import platform
     import tempfile
 
     import onnxruntime as ort
     import tvm
 
     from ..runtimes.onnxruntime import interleaved_times, provider_note
-    from ..target import host_description
+    from ..target import this_machine
     from ..runtimes.onnxruntime import export_onnx, ort_session
 
     tgt = run.target
@@ -354,7 +353,7 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
                      ort_name: f"onnxruntime {ort.__version__} {sess.get_providers()[0]}, {threads} thread"
                                f"{'s' if threads != 1 else ''}"},
         "threads": {tvm_name: 1, ort_name: threads},  # no TVM kernel here has parallel loops
-        "measured_on": f"this machine: {host_description()}, {platform.node()}",
+        "measured_on": this_machine(),
         "on_target": bool(tgt.is_local),
         **({} if tgt.is_local else {"note": f"measured on this machine, NOT on the target device '{tgt.device.name}'"}),
     }

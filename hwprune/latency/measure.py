@@ -35,7 +35,7 @@ from ..graph import discover_groups
 from .shapes import layer_uses
 from .profile import LayerTable, Profile
 from ..runtimes.tvm.rpc import RemoteSpec
-from ..target import Target, host_description
+from ..target import Target, host_description, this_machine
 
 
 
@@ -343,7 +343,7 @@ def measure_profile(models, target: Target, *, runtime: str = "onnxruntime", rem
     return Profile(
         target=target.name, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         machine=machine_info(remote, target),
-        measured_on=remote.describe() if remote is not None else f"this machine: {host_description()}, {platform.node()}",
+        measured_on=remote.describe() if remote is not None else this_machine(),
         on_target_device=remote is not None or target.is_local, runtime=rt, libraries=library_versions(), batch_size=batch,
         warmup=settings.warmup, repeats=settings.repeats, call_overhead_ms=overhead, layers=layers,
         models=models_info, statistic=statistic,

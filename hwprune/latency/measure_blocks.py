@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import platform
 import time
 from dataclasses import dataclass, field
 
@@ -33,7 +32,7 @@ from ..errors import ProfileError
 from .profile_blocks import RUNTIME, BlockSection, BlockTable, block_key
 from .profile import Profile
 from .measure import ProfileSettings, median_ms, say, library_versions, machine_info
-from ..target import Target, host_description
+from ..target import Target, this_machine
 
 DEFAULT_DENSITIES = (0.1, 0.3, 0.5, 0.7, 1.0)
 
@@ -317,7 +316,7 @@ def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES
         return prof
     return Profile(
         target=target.name, created=info["created"], machine=machine_info(None, target),
-        measured_on=f"this machine: {host_description()}, {platform.node()}", on_target_device=True,
+        measured_on=this_machine(), on_target_device=True,
         runtime={"name": runtime, "label": dense_label}, libraries=library_versions(), batch_size=batch,
         warmup=settings.warmup, repeats=settings.repeats, call_overhead_ms=dense_over, layers={},
         statistic="no width tables yet (hwprune profile --target TARGET --append adds them); see blocks.statistic",

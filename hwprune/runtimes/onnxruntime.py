@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 from ..io import atomic_write_bytes
 
 from .clock import take_turns, wall_clock
-from ..target import Target, host_description
+from ..target import Target, this_machine
 
 BLOCK = 10  # consecutive timed calls of one model before the next model's turn
 
@@ -136,7 +135,7 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
         )
     if missing_note:
         notes.append(f"target providers {missing_note}; used {used}")
-    return LatencyResult(stats, batch_size, runtime, f"this machine: {host_description()}, {platform.node()}",
+    return LatencyResult(stats, batch_size, runtime, this_machine(),
                          on_target, "; ".join(notes), warmup)
 
 

@@ -448,3 +448,9 @@ def host_description() -> str:
     except OSError:
         pass
     return f"{cpu or 'unknown CPU'} ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def this_machine() -> str:
+    """The label of a measurement taken here: ``this machine: <CPU> (<arch>, <cores> cores), <hostname>``.
+    Every latency hwprune reports says where it was measured with this (or the RPC device's name)."""
+    return f"this machine: {host_description()}, {platform.node()}"

@@ -23,7 +23,7 @@ import torch
 
 from ..onnxruntime import LatencyResult, LatencyStats
 from .rpc import RemoteSession, RemoteSpec, time_vms
-from ...target import Target, host_description
+from ...target import Target, this_machine
 
 
 def _stats(v: list[float]) -> LatencyStats:
@@ -62,7 +62,7 @@ def measure_tvm_latency(models: dict[str, torch.nn.Module], example: torch.Tenso
         inputs = {k: tvm.runtime.tensor(data[k]) for k in builds}
         times = time_vms(vms, inputs, tvm.cpu(), warmup=warmup, repeats=repeats)
         on_target = target.is_local
-        measured_on = f"this machine: {host_description()}, {platform.node()}"
+        measured_on = this_machine()
     else:
         with tempfile.TemporaryDirectory(prefix="hwprune-tvm-") as tmp, RemoteSession(remote) as sess:
             vms = {k: sess.load_vm(b.export(Path(tmp) / f"{k}.so")) for k, b in builds.items()}
