@@ -32,6 +32,7 @@ from .. import __version__
 from . import distributed
 from ..budget import KINDS, Budget, check_budget, project
 from .checkpoint import Checkpointer
+from .state import RunState
 from ..budget.cost import count_flops, count_params, flops_model, params_model
 from ..errors import BudgetError, CheckpointError, DivergedError, HwpruneError
 from .granularity import granularity
@@ -268,12 +269,10 @@ class _Run:
         self.device = torch.device("cpu")
         self.ckpt = Checkpointer(run_dir)
         self.example = task.example
-        self.state: dict[str, Any] = {
-            "stage": "dense", "epoch": 0, "history": [], "acc": {}, "plan": None, "projection": None,
-            "norms_before": None, "norms_after": None, "dense_model": None, "regularizer": None,
-            "target_fraction": None, "zero_fraction": None, "finetune_plan": None, "seconds": 0.0,
-            "stage_plan": None,  # the allocation planned at the start of the regularized stage
-        }
+        self.state = RunState()
+        self.dense_layers: dict = {}  # layers a block run leaves dense (for the report)
+        self._t_start: float | None = None  # when this session's part of the run started
+        self._resume_payload: dict | None = None  # the checkpoint, until the optimizer has read it
 
     # --- helpers -------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -288,9 +287,9 @@ class _Run:
         return self.task.evaluate(model)
 
     def save(self, optimizer=None, regularizer=None, controller=None) -> None:
-        if hasattr(self, "_t_start"):
-            self.state["seconds"] = time.perf_counter() - self._t_start
-        payload = dict(self.state)
+        if self._t_start is not None:
+            self.state.seconds = time.perf_counter() - self._t_start
+        payload = self.state.to_payload()
         payload["model"] = self.model.state_dict()
         payload["optimizer"] = optimizer.state_dict() if optimizer is not None else None
         if regularizer is not None:
@@ -322,7 +321,7 @@ class _Run:
         distributed.barrier()
         resumed = self.resume()
         # the run's wall time adds up over resumed sessions (checkpoints carry what came before)
-        self._t_start = t_start = time.perf_counter() - float(self.state.get("seconds") or 0.0)
+        self._t_start = t_start = time.perf_counter() - float(self.state.seconds or 0.0)
         # Reject an impossible budget before any training (groups depend only on the architecture).
         groups = self.groups(self.template)
         cost = self.cost_model(self.template, groups)
@@ -333,20 +332,20 @@ class _Run:
                 raise
             raise BudgetError(f"--speedup {self.config.budget.value:g} (= {self.budget().value:.4g} ms against the measured "
                               f"dense {self._latency.calibration['dense_ms']:.4g} ms): {e}") from None
-        _say(self.progress, f"run folder: {self.run_dir}" + (f" (resumed at stage '{self.state['stage']}', epoch {self.state['epoch']})" if resumed else ""))
-        if self.state["stage"] == "dense":
+        _say(self.progress, f"run folder: {self.run_dir}" + (f" (resumed at stage '{self.state.stage}', epoch {self.state.epoch})" if resumed else ""))
+        if self.state.stage == "dense":
             self.stage_dense()
-        if self.state["stage"] == "regularize":
+        if self.state.stage == "regularize":
             self.stage_regularize()
-        if self.state["stage"] == "finetune":
+        if self.state.stage == "finetune":
             self.stage_finetune()
         report = None
         if self.dist.enabled:
             distributed.convert_batchnorm(self.model, to_synced=False)
-        if self.state["stage"] in ("export", "done") and self.dist.is_main:
+        if self.state.stage in ("export", "done") and self.dist.is_main:
             report = self.stage_export(time.perf_counter() - t_start)
         distributed.barrier()
-        plan = Plan.from_dict(self.state["plan"])
+        plan = Plan.from_dict(self.state.plan)
         return FitResult(self.model, plan, report, self.run_dir)
 
     def resume(self) -> bool:
@@ -360,18 +359,16 @@ class _Run:
                 f"{self.run_dir} holds a run with other settings ({', '.join(diffs)} differ). "
                 "Resume it with the same settings (hwprune fit --resume DIR), or choose another --out folder."
             )
-        for k in self.state:
-            if k in payload:
-                self.state[k] = payload[k]
-        if self.state["plan"] is not None and self.state["stage"] in ("finetune", "export", "done"):
-            self.model = self.sliced_from_plan(Plan.from_dict(self.state["plan"]))
+        self.state.update_from(payload)
+        if self.state.sliced:
+            self.model = self.sliced_from_plan(Plan.from_dict(self.state.plan))
         self.model.load_state_dict(payload["model"])
         self._resume_payload = payload
         torch.set_rng_state(payload["rng"])
         return True
 
     def _resume_optimizer(self, optimizer, regularizer=None, controller=None) -> None:
-        payload = getattr(self, "_resume_payload", None)
+        payload = self._resume_payload
         if payload is None:
             return
         if optimizer is not None and payload.get("optimizer") is not None:
@@ -386,7 +383,7 @@ class _Run:
         rec = {"stage": stage, "epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "test_accuracy": acc, "seconds": stats.seconds, "samples_per_s": stats.samples_per_s, "lr": stats.lr}
         rec.update(extra or {})
-        self.state["history"].append(rec)
+        self.state.history.append(rec)
         more = "".join(f"  {k} {v:.3g}" if isinstance(v, float) else f"  {k} {v}" for k, v in (extra or {}).items())
         acc_s = f"  {self._metric(acc)}" if acc is not None else ""
         _say(self.progress, f"[{stage} {epoch + 1}/{total}] loss {stats.loss:.4f}{acc_s}{more}  ({stats.seconds:.1f}s, {stats.samples_per_s:.0f} samples/s)")
@@ -427,7 +424,7 @@ class _Run:
 
             train_model = DistributedDataParallel(self.model, broadcast_buffers=False)
 
-        for epoch in range(self.state["epoch"], total):
+        for epoch in range(self.state.epoch, total):
             stats = self.task.train_epoch(
                 train_model, optimizer, settings=settings, seed=self.config.seed, stage=stage, epoch=epoch,
                 lr_at=lambda s: cosine_lr(base, s, total_steps, lr_floor * base),
@@ -440,7 +437,7 @@ class _Run:
                 self.recalibrate()  # the regularizer moved the channel scales faster than BN's averages
             acc = self.test_accuracy(self.model)
             self.log_epoch(stage, epoch, total, stats, acc, extra_fn() if extra_fn else None)
-            self.state["epoch"] = epoch + 1
+            self.state.epoch = epoch + 1
             self.save(optimizer, regularizer, controller)
         return optimizer
 
@@ -448,9 +445,9 @@ class _Run:
         cfg = self.config
         if cfg.epochs_dense > 0:
             self.run_epochs("dense", cfg.epochs_dense, cfg.train, extra_fn=lambda: {"sparsity": 0.0})
-        self.state["acc"]["dense"] = self.test_accuracy(self.model)
-        self.state["dense_model"] = copy.deepcopy(self.model.state_dict())
-        self.state.update(stage="regularize", epoch=0)
+        self.state.acc["dense"] = self.test_accuracy(self.model)
+        self.state.dense_model = copy.deepcopy(self.model.state_dict())
+        self.state.enter("regularize")
         self.save()
 
     def budget(self) -> Budget:
@@ -495,14 +492,14 @@ class _Run:
         # measured on the trained model at the projection; the global solver estimates the count before).
         # Planned once, with the norms at the stage's start, and kept in the checkpoint: a resumed stage
         # must not re-plan from half-trained norms.
-        plan = self.state.get("stage_plan")
+        plan = self.state.stage_plan
         if plan is None:
             allocation = self.allocation(None)
             if allocation.policy == "sensitivity":
                 allocation = dataclasses.replace(allocation, policy="global")
             proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost, allocation=allocation)
             plan = {"removed_units": proj.removed_units, "keep": [len(proj.keep[g.name]) for g in index.groups]}
-            self.state["stage_plan"] = plan
+            self.state.stage_plan = plan
         # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
         unit_costs = (cost.unit_savings(np.ones(index.n_units))
                       if cost is not None and cost.name in ("flops", "latency") else None)
@@ -520,11 +517,11 @@ class _Run:
         """Regularized epochs, then the projection to the budget, the method's finalize, and slicing."""
         groups = self.groups(self.model)
         reg, controller, target_fraction = self.build_regularizer(groups)
-        reg.attach(resumed=self.state["epoch"] > 0)
+        reg.attach(resumed=self.state.epoch > 0)
         if reg.calibrates:  # every rank measures the same inputs, so every rank gets the same plan
             reg.calibrate(lambda n: self.task.calibration_forward(self.model, n, self.config.seed, self.device))
-        if self.state["norms_before"] is None:
-            self.state["norms_before"] = reg.scores().tolist()
+        if self.state.norms_before is None:
+            self.state.norms_before = reg.scores().tolist()
         if reg.trains:
             # The learning rate keeps a floor here: the gradient must be able to answer the regularizer's
             # pressure up to the last step (with a cosine to zero, accuracy fell 5 points in the last epochs).
@@ -534,9 +531,9 @@ class _Run:
             )
         else:
             self._resume_optimizer(None, reg, controller)
-        self.state["norms_after"] = reg.scores().tolist()
-        self.state["target_fraction"] = target_fraction
-        self.state["zero_fraction"] = reg.zero_fraction() if reg.trains else 0.0
+        self.state.norms_after = reg.scores().tolist()
+        self.state.target_fraction = target_fraction
+        self.state.zero_fraction = reg.zero_fraction() if reg.trains else 0.0
         self.project_and_slice(groups, reg)
 
     def sensitivity_curves(self, groups, reg, cost) -> list:
@@ -569,27 +566,27 @@ class _Run:
             self.unit.after_reinit(self.model, groups, proj.keep)
         plan.save(self.run_dir / "plan.json")
         multiples = sorted({g.multiple for g in groups if g.prunable})
-        self.state["plan"] = plan.to_dict()
-        self.state["projection"] = {
+        self.state.plan = plan.to_dict()
+        self.state.projection = {
             "units": proj.units, "removed_units": proj.removed_units, "requested": proj.requested,
             "achieved": proj.achieved, "kind": proj.kind,
-            "zero_fraction_before": self.state.get("zero_fraction", 0.0),
-            "target_fraction": self.state.get("target_fraction", proj.removed_units / max(proj.units, 1)),
+            "zero_fraction_before": self.state.zero_fraction,
+            "target_fraction": self.state.target_fraction,
             "accuracy_before": acc_before, "accuracy_after": acc_after,
             "rounding": f"kept counts are multiples of {', '.join(map(str, multiples))} or the full width"
             if multiples != [1] else "exact: no hardware multiple",
             "allocation": proj.allocation, "status": proj.status, "reason": proj.reason,
         }
         if cost is not None and cost.name == "latency":
-            self.state["projection"]["predicted_latency_ms"] = {"dense": cost(np.ones(proj.units)),
+            self.state.projection["predicted_latency_ms"] = {"dense": cost(np.ones(proj.units)),
                                                                 "pruned": cost(proj.keep_mask.astype(float))}
-            self.state["projection"]["keep_vector"] = proj.keep_mask.astype(int).tolist()
+            self.state.projection["keep_vector"] = proj.keep_mask.astype(int).tolist()
         _say(self.progress, f"[project] removed {proj.removed_units} of {proj.units} units ({proj.kind} requested "
              f"{proj.requested:g}, achieved {proj.achieved:.4f}, allocation {proj.allocation}: {proj.status}); "
              f"{self._metric(acc_before, 'accuracy' if self.task.metric == 'accuracy' else None)} -> "
              f"{self._metric(acc_after, '')} (pruning shock)" + ("; re-initialized to train from scratch" if reg.from_scratch else ""))
-        self.state["finetune_plan"] = self.finetune_schedule(reg)
-        self.state.update(stage="finetune", epoch=0)
+        self.state.finetune_plan = self.finetune_schedule(reg)
+        self.state.enter("finetune")
         self.save()
 
     def finetune_schedule(self, reg) -> dict:
@@ -612,30 +609,30 @@ class _Run:
         from ..tasks.classification import Distillation
 
         teacher = copy.deepcopy(self.template)
-        teacher.load_state_dict(self.state["dense_model"])
+        teacher.load_state_dict(self.state.dense_model)
         return Distillation(teacher.eval(), self.config.distill, self.config.distill_temperature)
 
     def stage_finetune(self) -> None:
         cfg = self.config
-        sparsity = self.state["projection"]["removed_units"] / max(self.state["projection"]["units"], 1)
-        schedule = self.state.get("finetune_plan") or {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
-        hold = self.unit.finetune_hold(self.model, Plan.from_dict(self.state["plan"]))
-        teacher = self.teacher() if schedule.get("distill") and self.state.get("dense_model") is not None else None
+        sparsity = self.state.projection["removed_units"] / max(self.state.projection["units"], 1)
+        schedule = self.state.finetune_plan or {"epochs": cfg.epochs_finetune, "lr_scale": cfg.finetune_lr_scale}
+        hold = self.unit.finetune_hold(self.model, Plan.from_dict(self.state.plan))
+        teacher = self.teacher() if schedule.get("distill") and self.state.dense_model is not None else None
         if schedule["epochs"] > 0:
             self.run_epochs("finetune", schedule["epochs"], cfg.train, regularizer=hold, lr_scale=schedule["lr_scale"],
                             extra_fn=lambda: {"sparsity": sparsity}, teacher=teacher)
-        self.state["acc"]["pruned"] = self.test_accuracy(self.model)
+        self.state.acc["pruned"] = self.test_accuracy(self.model)
         from ..io import atomic_torch_save
 
-        atomic_torch_save(self.run_dir / "pruned.pt", {"state_dict": self.model.state_dict(), "plan": self.state["plan"]})
-        self.state.update(stage="export", epoch=0)
+        atomic_torch_save(self.run_dir / "pruned.pt", {"state_dict": self.model.state_dict(), "plan": self.state.plan})
+        self.state.enter("export")
         self.save()
 
     def stage_export(self, seconds: float) -> Report:
         from ..runtimes import RUNTIMES
 
         dense = copy.deepcopy(self.template)
-        dense.load_state_dict(self.state["dense_model"])
+        dense.load_state_dict(self.state.dense_model)
         dense.eval()
         self.model.eval()
         self.task.export_onnx(dense, self.run_dir / "dense.onnx")
@@ -663,12 +660,12 @@ class _Run:
                     exported={"dense": self.run_dir / "dense.onnx", "pruned": self.run_dir / "model.onnx"}))
         report = self.build_report(dense, diff, n_checked, latencies, seconds)
         report.save(self.run_dir)
-        norms_b, norms_a = self.state.get("norms_before"), self.state.get("norms_after")
+        norms_b, norms_a = self.state.norms_before, self.state.norms_after
         if norms_b is not None and norms_a is not None:
             plot_norms(np.asarray(norms_b), np.asarray(norms_a), self.run_dir / "norms.png")
-        if self.state["history"]:
-            plot_history(self.state["history"], self.run_dir / "history.png")
-        self.state.update(stage="done")
+        if self.state.history:
+            plot_history(self.state.history, self.run_dir / "history.png")
+        self.state.stage = "done"
         self.save()
         return report
 
@@ -689,12 +686,12 @@ class _Run:
 
     def build_report(self, dense, diff, n_checked, latencies, seconds) -> Report:
         b = self.config.budget
-        proj = self.state["projection"]
+        proj = self.state.projection
         flops_d, flops_p = count_flops(dense, self.example), count_flops(self.model, self.example)
         params_d, params_p = count_params(dense), count_params(self.model)
         # weight blocks keep dense shapes: count what the sparse formats store and compute
-        blocks = self.unit.report(self.model, self.example, Plan.from_dict(self.state["plan"]),
-                                  getattr(self, "dense_layers", None))
+        blocks = self.unit.report(self.model, self.example, Plan.from_dict(self.state.plan),
+                                  self.dense_layers)
         if blocks is not None:
             params_p -= blocks["params_removed"]
             flops_p -= blocks["macs_removed"]
@@ -708,7 +705,7 @@ class _Run:
             },
             "requested": {b.kind: b.value},
             "achieved": achieved,
-            self.task.metric: {"dense": self.state["acc"].get("dense"), "pruned": self.state["acc"].get("pruned"),
+            self.task.metric: {"dense": self.state.acc.get("dense"), "pruned": self.state.acc.get("pruned"),
                          "after_projection": proj["accuracy_after"], "before_projection": proj["accuracy_before"]},
             "params": {"dense": params_d, "pruned": params_p},
             "flops": {"dense": flops_d, "pruned": flops_p, "unit": "multiply-accumulates per sample (conv + linear)"},
@@ -716,8 +713,8 @@ class _Run:
             "onnx": {"max_abs_diff": diff, "checked_inputs": n_checked, "file": "model.onnx"},
             "target": {"name": self.target.name, "device": self.target.device.name, "local": self.target.is_local},
             "throughput": {
-                "samples_per_s": {st: float(np.mean([h["samples_per_s"] for h in self.state["history"] if h["stage"] == st]))
-                                  for st in dict.fromkeys(h["stage"] for h in self.state["history"])},
+                "samples_per_s": {st: float(np.mean([h["samples_per_s"] for h in self.state.history if h["stage"] == st]))
+                                  for st in dict.fromkeys(h["stage"] for h in self.state.history)},
                 "processes": self.dist.world, "data_workers": self.config.train.num_workers,
             },
             "env": _env(),
@@ -752,7 +749,7 @@ class _Run:
                     _, vec_min = min_width_keep(self.groups(self.template))
                     now = self._latency.calibrated(latency.stats["dense"].median_ms, latency.stats["narrowest"].median_ms,
                                                    vec_min)
-                    keep = np.asarray(self.state["projection"]["keep_vector"], dtype=float)
+                    keep = np.asarray(self.state.projection["keep_vector"], dtype=float)
                     same = now(keep)
                     lm["same_session"] = {"narrowest_ms": latency.stats["narrowest"].median_ms,
                                           "predicted_pruned_ms": same,
@@ -770,7 +767,7 @@ class _Run:
                                       "p90_ms": {k: v.p90_ms for k, v in lat.stats.items()}}
                 for lat in latencies
             }
-        return Report(data, layer_table(dense, self.model), self.state["history"])
+        return Report(data, layer_table(dense, self.model), self.state.history)
 
 
 # The cost model each budget kind is measured in (BudgetKind.cost), built for a run's model and groups.
