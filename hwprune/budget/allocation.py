@@ -216,6 +216,10 @@ class Policy:
     def solve(self, problem: Problem, extra) -> tuple[list[int], str, str]:
         return solve_lagrangian(problem, self.values(problem, extra))
 
+    def unit_values(self, problem: Problem, extra) -> list[np.ndarray]:
+        """The values when the cost is the number of units (a sparsity budget, solved exactly)."""
+        return self.values(problem, extra)
+
 
 POLICIES: dict[str, Policy] = {}
 
@@ -264,6 +268,10 @@ class GlobalPolicy(Policy):
     def values(self, problem, extra):
         return log_fraction_values(problem, cost_shares(problem))
 
+    def unit_values(self, problem, extra):
+        # counting units, a group's share of the cost is its share of the units
+        return log_fraction_values(problem, np.array(problem.sizes, float) / sum(problem.sizes))
+
 
 @register
 class LearnedPolicy(Policy):
@@ -301,13 +309,17 @@ class UniformPolicy(Policy):
 
     def solve(self, problem, extra):
         alpha, counts = uniform_fraction(problem)
-        lo, hi = problem.band()
         if problem.distance(problem.cost(counts)) == 0:
             return counts, "within-tolerance", f"every group at {alpha:.3f} of its width (rounded to its multiple)"
         # Rounding to the multiples missed the band: repair towards it, staying as close to uniform as
         # possible (equal scores make the log-fraction objective peak at the uniform width).
         values = log_fraction_values(problem, cost_shares(problem), scores_of=lambda g: np.ones(problem.sizes[g]))
         return repair(problem, values, counts)
+
+    def unit_values(self, problem, extra):
+        # equal scores: the log-fraction objective peaks at the same fraction everywhere
+        return log_fraction_values(problem, np.array(problem.sizes, float) / sum(problem.sizes),
+                                   scores_of=lambda g: np.ones(problem.sizes[g]))
 
 
 def uniform_counts(problem: Problem, alpha: float) -> list[int]:
@@ -609,21 +621,22 @@ def allocate(problem: Problem, config: AllocationConfig, sensitivity=None,
     ``sensitivity``: per group, the loss increase at each allowed count (``sensitivity`` policy).
 
     Example:
-        >>> alloc = allocate(build_problem(prunable, scores, "flops", 0.25 * dense, fm), AllocationConfig())  # doctest: +SKIP
-        >>> alloc.status
-        'within-tolerance'
+        >>> import torch
+        >>> from torch import nn
+        >>> from hwprune.budget.cost import flops_model
+        >>> from hwprune.graph import discover_groups
+        >>> net, x = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1)), torch.zeros(1, 3, 8, 8)
+        >>> groups = discover_groups(net, x)
+        >>> fm = flops_model(net, (x,), groups)
+        >>> prunable, dense = [g for g in groups if g.prunable], fm(np.ones(16))
+        >>> alloc = allocate(build_problem(prunable, np.arange(16.0), "flops", 0.25 * dense, fm), AllocationConfig())
+        >>> alloc.counts, alloc.status
+        ([4], 'within-tolerance')
     """
     alpha = apply_bounds(problem, config)
     policy = POLICIES[config.policy]
     if keep_target is not None:
-        if config.policy == "uniform":
-            values = log_fraction_values(problem, np.array(problem.sizes, float) / sum(problem.sizes),
-                                         scores_of=lambda g: np.ones(problem.sizes[g]))
-        elif config.policy == "global":  # the cost share of a group is its number of units
-            values = log_fraction_values(problem, np.array(problem.sizes, float) / sum(problem.sizes))
-        else:
-            values = policy.values(problem, sensitivity)
-        counts, status, reason = solve_units(problem, values, keep_target)
+        counts, status, reason = solve_units(problem, policy.unit_values(problem, sensitivity), keep_target)
     else:
         counts, status, reason = policy.solve(problem, sensitivity)
     return Allocation(counts, problem.cost(counts), status, reason, config.policy, alpha)

@@ -93,6 +93,7 @@ class Regularizer:
     # otherwise: the global solver for most; methods whose scores are built to be compared across
     # layers (fluctuation's standardised scores) keep ``learned``.
     default_allocation: ClassVar[str] = "global"
+    allocation_fixed: ClassVar[bool] = False  # True: the method is its allocation (a width multiplier)
 
     def project(self, groups, budget, cost=None, allocation=None, sensitivity=None):
         """The units to keep for ``budget``: ``allocation`` (default :attr:`default_allocation`)

@@ -72,6 +72,7 @@ class Uniform(Regularizer):
             if self.index.groups else np.zeros(0)
 
     default_allocation = "uniform"
+    allocation_fixed = True
 
     def project(self, groups, budget, cost=None, allocation=None, sensitivity=None):
         # a width multiplier whatever --allocation says: that is what this baseline is

@@ -80,7 +80,8 @@ class FitConfig:
             from ..regularizers.base import REGISTRY
 
             method_cls = REGISTRY.get(self.method)
-            if method_cls is not None and method_cls.default_allocation == "uniform" and self.allocation not in (None, "uniform"):
+            if (method_cls is not None and method_cls.allocation_fixed
+                    and self.allocation not in (None, method_cls.default_allocation)):
                 raise HwpruneError(f"--method {self.method} is a width multiplier: it takes no --allocation "
                                    f"{self.allocation} (use --method magnitude --allocation {self.allocation} to prune "
                                    "by score)")
