@@ -13,6 +13,8 @@ Example: ``hwprune profile --target host-cpu --granularity blocks --densities 0.
 
 from __future__ import annotations
 
+from ..report.table import text_table
+
 from ..runtimes import RUNTIMES
 
 from pathlib import Path
@@ -132,9 +134,5 @@ def summary(profile) -> str:
         grid = " x ".join(f"{a} {g[0]}..{g[-1]} ({len(g)})" for a, g in zip(t.axes, t.grid))
         used = ", ".join(t.used_by[:2]) + (f" (+{len(t.used_by) - 2})" if len(t.used_by) > 2 else "")
         rows.append((t.key, grid, f"{float(t.ms[(-1,) * t.ms.ndim]):.4f}", used))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"runtime: {profile.runtime.get('label')}; {profile.measured_on}; batch {profile.batch_size}; "
-                 f"call overhead {profile.call_overhead_ms:.4f} ms")
-    return "\n".join(lines)
+    return text_table(rows) + (f"\nruntime: {profile.runtime.get('label')}; {profile.measured_on}; batch "
+                               f"{profile.batch_size}; call overhead {profile.call_overhead_ms:.4f} ms")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..report.table import text_table
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("targets", help="list the shipped hardware targets, or show one")
@@ -42,7 +44,5 @@ def run(args) -> int:
         p = t.profile_path()
         rows.append((t.name, f"{t.device.name}{' (this machine)' if t.is_local else ''}", _shapes(t),
                      "measured" if p and p.exists() else "none"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(text_table(rows, rule=False))
     return 0

@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+from ..report.table import text_table
+
 import copy
 import datetime as _dt
 import time
@@ -332,9 +334,5 @@ def summary(profile: Profile) -> str:
         used = ", ".join(t.used_by[:2]) + (f" (+{len(t.used_by) - 2})" if len(t.used_by) > 2 else "")
         rows.append((t.key, " ".join(f"{d:.2f}" for d in t.densities), f"{t.ms[0]:.4f}..{t.ms[-1]:.4f}",
                      f"{t.dense_ms:.4f}", used))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"sparse: {s.runtime}, TVM {s.info.get('tvm')}; dense: {s.dense_runtime}; {profile.measured_on}; "
-                 f"batch {s.batch_size}")
-    return "\n".join(lines)
+    return text_table(rows) + (f"\nsparse: {s.runtime}, TVM {s.info.get('tvm')}; dense: {s.dense_runtime}; "
+                               f"{profile.measured_on}; batch {s.batch_size}")

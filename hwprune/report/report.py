@@ -6,6 +6,8 @@ Example:
 
 from __future__ import annotations
 
+from .table import text_table
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -65,10 +67,7 @@ class Report:
         pd, pp = g("latency_model.predicted_ms.dense"), g("latency_model.predicted_ms.pruned")
         if pp is not None:
             rows.append(("latency predicted (ms)", f"{pd:.4f}", f"{pp:.4f}", f"{pp / pd:.3f}x"))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)) for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        out = "\n".join(lines)
+        out = text_table(rows, right=(1, 2, 3))
         req, ach = g("requested"), g("achieved")
         if req:
             kind = next(iter(req))
