@@ -3,7 +3,7 @@
     >>> import hwprune
     >>> target = hwprune.load_target("host-cpu")
     >>> result = hwprune.fit(model, train_loader, target=target, sparsity=0.7, test_data=test_loader)  # doctest: +SKIP
-    >>> again = hwprune.apply.hf.from_pretrained("minilm-pruned")  # a sliced transformer saved with save_pretrained  # doctest: +SKIP
+    >>> again = hwprune.hf.from_pretrained("minilm-pruned")  # a sliced transformer saved with save_pretrained  # doctest: +SKIP
 
 Heavy backends (onnxruntime, TVM, matplotlib) are imported only when used, so ``import hwprune`` is fast.
 """

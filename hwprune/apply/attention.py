@@ -9,10 +9,18 @@ keeps the head size and computes the same attention for the heads that remain. T
 loadable, and the forward is plain matmul/softmax, which exports to ONNX.
 
 Example:
-    >>> attn = nn.MultiheadAttention(64, 4, batch_first=True)
-    >>> slice_model(vit, groups, keep)                 # doctest: +SKIP
-    >>> type(vit.blocks[0].attn).__name__, vit.blocks[0].attn.num_heads    # doctest: +SKIP
-    ('HeadPrunedMultiheadAttention', 3)
+    >>> from hwprune.apply.slicing import slice_model
+    >>> from hwprune.graph import discover_groups
+    >>> class SelfAttention(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+    ...     def forward(self, x):
+    ...         return self.attn(x, x, x, need_weights=False)[0]
+    >>> net, x = SelfAttention(), torch.randn(1, 5, 64)
+    >>> net = slice_model(net, discover_groups(net, x), {"attn": [0, 1, 3]})      # head 2 removed
+    >>> type(net.attn).__name__, net.attn.num_heads, tuple(net(x).shape)
+    ('HeadPrunedMultiheadAttention', 3, (1, 5, 64))
 """
 
 from __future__ import annotations

@@ -7,8 +7,18 @@ would build the full-width model and fail on the shapes; :func:`from_pretrained`
 to the saved widths and loads the weights.
 
 Example:
-    >>> pruned.save_pretrained("minilm-pruned")                        # doctest: +SKIP
-    >>> again = hwprune.apply.hf.from_pretrained("minilm-pruned")            # doctest: +SKIP
+    >>> import tempfile
+    >>> from transformers import BertConfig, BertModel
+    >>> from hwprune.apply.slicing import slice_model
+    >>> from hwprune.graph import discover_groups
+    >>> bert = BertModel(BertConfig(vocab_size=100, hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+    ...                             intermediate_size=128)).eval()
+    >>> pruned = slice_model(bert, discover_groups(bert, None), {"encoder.layer.0.attention": [0, 1]})  # 2 of 4 heads
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     pruned.save_pretrained(d)
+    ...     again = from_pretrained(d)                  # hwprune.hf.from_pretrained
+    >>> again.config.hwprune_pruned_layers
+    {'encoder.layer.0': {'intermediate_size': 128, 'num_attention_heads': 2}}
 """
 
 from __future__ import annotations

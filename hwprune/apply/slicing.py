@@ -76,8 +76,13 @@ def slice_model(model: nn.Module, groups: list[Group], keep: dict[str, np.ndarra
     """Remove every unit not in ``keep[group_name]`` from ``model``, in place; returns the model.
 
     Example:
-        >>> groups = discover_groups(net, x)                            # doctest: +SKIP
-        >>> slice_model(net, groups, {groups[0].name: [0, 2, 5]})       # doctest: +SKIP
+        >>> from hwprune.graph import discover_groups
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1))
+        >>> x = torch.zeros(1, 3, 8, 8)
+        >>> groups = discover_groups(net, x)
+        >>> net = slice_model(net, groups, {groups[0].name: [0, 2, 5]})
+        >>> net[0].out_channels, net[1].num_features, net[3].in_channels, tuple(net(x).shape)
+        (3, 3, 3, (1, 8, 6, 6))
     """
     for g in groups:
         if g.name in keep:

@@ -121,8 +121,13 @@ def flops_model(model: nn.Module, example_inputs, groups: list[Group]) -> CostMo
     """MACs per sample of conv and linear layers, as a function of the kept units.
 
     Example:
-        >>> cm = flops_model(net, (x,), groups)                  # doctest: +SKIP
-        >>> cm(np.ones(cm.A.shape[1]))                           # the dense model's FLOPs
+        >>> from hwprune.graph import discover_groups
+        >>> net, x = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1)), torch.zeros(1, 3, 8, 8)
+        >>> cm = flops_model(net, (x,), discover_groups(net, x))
+        >>> cm(np.ones(16))              # all 16 channels kept: 16*3*9*36 + 8*16*36 MACs
+        20160.0
+        >>> cm(np.r_[np.ones(4), np.zeros(12)])     # 4 kept
+        5040.0
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

@@ -218,9 +218,16 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
     group, the measured loss increase at each allowed count (for the ``sensitivity`` policy).
 
     Example:
-        >>> proj = project(groups, norms, Budget("sparsity", 0.7))             # doctest: +SKIP
-        >>> proj.achieved                                                      # doctest: +SKIP
-        0.7
+        >>> import torch
+        >>> from torch import nn
+        >>> from hwprune.graph import discover_groups
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1))
+        >>> groups = discover_groups(net, torch.zeros(1, 3, 8, 8))         # two groups of 16 channels
+        >>> proj = project(groups, np.random.default_rng(0).random(32), Budget("sparsity", 0.7))
+        >>> proj.achieved, proj.status                                     # 22 of 32 removed: nearest to 22.4
+        (0.6875, 'exact')
+        >>> {name: len(kept) for name, kept in proj.keep.items()}
+        {'0': 5, '2': 5}
     """
     from .allocation import AllocationConfig
 

@@ -10,8 +10,19 @@
    ``.so`` that ``tvm.runtime.load_module`` + ``relax.VirtualMachine`` run without hwprune or torch.
 
 Example:
-    >>> build = build_sparse_module(model, example, layers, target)        # doctest: +SKIP
-    >>> build.export("model.so")                                             # doctest: +SKIP
+    >>> import tempfile, torch
+    >>> from hwprune.runtimes.tvm.bsr.packing import SparseLayer
+    >>> net, x = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10)).eval(), torch.randn(1, 32)
+    >>> net[0].weight.data[16:] = 0                    # 16 x 1 blocks: block rows 1 and 2 dropped
+    >>> layers = [SparseLayer.from_dense("0", "linear", net[0].weight.detach().numpy(), (16, 1))]
+    >>> build = build_sparse_module(net, x, layers, {"kind": "llvm", "mcpu": "core-avx2"})
+    >>> [(l.name, l.spec.nnz, l.schedule.strategy) for l in build.layers]
+    [('0', 32, 'rows')]
+    >>> np.allclose(build.run(x.numpy()), net(x).detach().numpy(), atol=1e-5)
+    True
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     build.export(f"{d}/model.so").name
+    'model.so'
 """
 
 from __future__ import annotations

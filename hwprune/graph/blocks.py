@@ -24,6 +24,7 @@ plan masks: the model keeps its dense shapes with exact zero blocks; the speed c
 sparse export (``hwprune export --format tvm``).
 
 Example:
+    >>> from hwprune.target import load_target
     >>> net = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
     >>> groups, skipped = block_groups(net, torch.zeros(1, 32), load_target("host-cpu"))
     >>> [(g.name, g.grid, g.size) for g in groups], skipped
@@ -225,8 +226,15 @@ class BlockIndex:
     roles of channel units (consumers, BN-normalized weights, buffers) do not exist for them.
 
     Example:
-        >>> idx = BlockIndex(model, groups)                  # doctest: +SKIP
+        >>> from hwprune.target import load_target
+        >>> net = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
+        >>> idx = BlockIndex(net, block_groups(net, torch.zeros(1, 32), load_target("host-cpu"))[0])
+        >>> idx.n_units                                      # layer 0: 48 x 32 in blocks of 16 x 1
+        96
+        >>> net[0].weight.data[:16, 0] = 1e-5                # block 0 nearly zero
         >>> idx.mask_(idx.sq_norms() > 1e-6)                 # zero the blocks that are nearly zero
+        >>> int((net[0].weight == 0).sum())
+        16
     """
 
     def __init__(self, model: nn.Module, groups: list[BlockGroup]):
@@ -325,7 +333,12 @@ def mask_blocks(model: nn.Module, groups: list[BlockGroup], keep: dict[str, np.n
     """Zero every block not in ``keep[layer]``, in place; the model keeps its shapes.
 
     Example:
-        >>> mask_blocks(net, groups, {"0": [0, 5, 7]})     # doctest: +SKIP
+        >>> from hwprune.target import load_target
+        >>> net = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
+        >>> groups, _ = block_groups(net, torch.zeros(1, 32), load_target("host-cpu"))
+        >>> net = mask_blocks(net, groups, {"0": [0, 5, 7]})
+        >>> int((net[0].weight != 0).sum())                # 3 blocks of 16 x 1 weights
+        48
     """
     index = BlockIndex(model, [g for g in groups if g.name in keep])
     index.mask_(index.keep_from_plan(keep))
@@ -372,8 +385,12 @@ def block_stats(model: nn.Module, example_inputs, groups: list[BlockGroup], keep
     per sample (a dropped weight saves one MAC per output position of its layer).
 
     Example:
-        >>> block_stats(net, torch.zeros(1, 32), groups, plan.keep_by_group())["layers"][0]["density"]   # doctest: +SKIP
-        0.3
+        >>> from hwprune.target import load_target
+        >>> net = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
+        >>> groups, _ = block_groups(net, torch.zeros(1, 32), load_target("host-cpu"))
+        >>> stats = block_stats(net, torch.zeros(1, 32), groups, {"0": np.arange(24)})   # 24 of 96 blocks
+        >>> stats["layers"][0]["density"], stats["params_removed"], stats["macs_removed"]
+        (0.25, 1152, 1152.0)
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

@@ -2,9 +2,12 @@
 
 Example:
     >>> from hwprune.graph import discover_groups
-    >>> groups = discover_groups(model, torch.zeros(1, 3, 32, 32))      # doctest: +SKIP
-    >>> print(groups[0].describe())
-    layer1.0.conv1: 16 channels (multiple 1); members: layer1.0.conv1.weight:0, ...
+    >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    >>> groups = discover_groups(net, torch.zeros(1, 3, 8, 8))
+    >>> print(groups[0].describe())      # a conv channel lives or dies with its BN channel and the next conv's input
+    0: 16 channels (multiple 1); members: 0.weight:0, 0.bias:0, 1.weight:0, ..., 3.weight:1
+    >>> print(groups[1].describe())
+    3: 8 channels (blocked: model output); members: 3.weight:0, 3.bias:0
 """
 
 from __future__ import annotations

@@ -116,8 +116,12 @@ class UnitIndex:
     ``offsets[g] .. offsets[g] + groups[g].size``.
 
     Example:
-        >>> idx = UnitIndex(model, groups)          # doctest: +SKIP
+        >>> from hwprune.graph import discover_groups
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1))
+        >>> idx = UnitIndex(net, discover_groups(net, torch.zeros(1, 3, 8, 8)))
         >>> norms = idx.sq_norms().sqrt()          # one value per unit
+        >>> norms.shape
+        torch.Size([16])
         >>> idx.scale_(torch.where(norms < 1e-3, 0.0, 1.0))
     """
 

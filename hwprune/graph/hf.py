@@ -19,10 +19,12 @@ sliced self-attention and records the per-layer widths in ``config.hwprune_prune
 model runs, saves with ``save_pretrained`` and reloads with :func:`hwprune.apply.hf.from_pretrained`.
 
 Example:
-    >>> from transformers import BertConfig, BertModel                          # doctest: +SKIP
-    >>> bert = BertModel(BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2))
-    >>> [g.name for g in discover_groups(bert, None) if g.prunable][:2]        # doctest: +SKIP
-    ['encoder.layer.0.attention', 'encoder.layer.0.intermediate.dense']
+    >>> from transformers import BertConfig, BertModel
+    >>> from hwprune.graph import discover_groups
+    >>> bert = BertModel(BertConfig(vocab_size=100, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+    ...                             intermediate_size=128))
+    >>> [(g.name, g.size) for g in discover_groups(bert, None) if g.prunable][:2]     # 128 neurons, 4 heads
+    [('encoder.layer.0.intermediate.dense', 128), ('encoder.layer.0.attention', 4)]
 """
 
 from __future__ import annotations

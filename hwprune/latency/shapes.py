@@ -7,9 +7,13 @@ input and output widths. Both come from here. Widths follow the cost variables o
 what "kept" means.
 
 Example:
-    >>> uses, A, fixed = layer_uses(net, x, groups)                         # doctest: +SKIP
-    >>> uses[0].key, uses[0].grids
-    ('conv2d k3x3 s1x1 p1x1 d1x1 in8x8', ((1,), (8, 16, 24, ..., 80)))
+    >>> import torch
+    >>> from hwprune.graph import discover_groups
+    >>> from hwprune.target import load_target
+    >>> net, x = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 4, 1)), torch.zeros(1, 1, 8, 8)
+    >>> uses, A, fixed = layer_uses(net, x, discover_groups(net, x, target=load_target("host-cpu")))
+    >>> uses[0].key, uses[0].grids                # (input widths, output widths): channels in multiples of 8
+    ('conv2d k3x3 s1x1 p1x1 d1x1 in8x8', ((1,), (8, 16, 24, 32)))
 """
 
 from __future__ import annotations

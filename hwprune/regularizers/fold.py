@@ -142,10 +142,11 @@ class InputRecorder:
     Evaluation passes (test accuracy) are not recorded: only training inputs feed the fold.
 
     Example:
-        >>> rec = InputRecorder(net)            # doctest: +SKIP
-        >>> rec.attach(); net.train(); net(x)   # doctest: +SKIP
-        >>> rec.inputs.shape[0] <= 64           # doctest: +SKIP
-        True
+        >>> net, x = nn.Sequential(nn.Linear(4, 2)), torch.randn(100, 4)
+        >>> rec = InputRecorder(net)
+        >>> rec.attach(); _ = net.train()(x)
+        >>> rec.inputs.shape                    # the first 64 samples of the last training batch
+        torch.Size([64, 4])
     """
 
     def __init__(self, model: nn.Module, keep: int = 64):
@@ -196,9 +197,12 @@ class ChannelMoments:
     number of forward passes (dim 1 of a conv's input, the last dim of a linear's).
 
     Example:
-        >>> with ChannelMoments(net, ["fc"]) as moments:   # doctest: +SKIP
-        ...     net(x1); net(x2)
-        >>> mean, std = moments.stats()["fc"]               # doctest: +SKIP
+        >>> net = nn.Sequential(nn.Linear(2, 3))
+        >>> with ChannelMoments(net, ["0"]) as moments:
+        ...     _ = net(torch.tensor([[1.0, 2.0]])); _ = net(torch.tensor([[3.0, 2.0]]))
+        >>> mean, std = moments.stats()["0"]                # per input feature, over both passes
+        >>> mean, std
+        (tensor([2., 2.], dtype=torch.float64), tensor([1., 0.], dtype=torch.float64))
     """
 
     def __init__(self, model: nn.Module, layers: list[str], outputs: bool = False):
@@ -286,9 +290,18 @@ def fold_removed_constants(model: nn.Module, index: UnitIndex, removed: torch.Te
     or from ``stats`` measured beforehand (:class:`ChannelMoments`).
 
     Example:
-        >>> report = fold_removed_constants(net, index, ~keep, x, bn_after(net))   # doctest: +SKIP
-        >>> report.unfolded                                                         # doctest: +SKIP
-        []
+        >>> from hwprune.graph import discover_groups
+        >>> net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).eval()
+        >>> x = torch.randn(32, 4)
+        >>> index = UnitIndex(net, discover_groups(net, x))
+        >>> net[1].weight.data[:3], net[1].bias.data[:3] = 0.0, 0.5     # units 0-2 carry the constant relu(0.5)
+        >>> before, removed = net(x), torch.arange(6) < 3
+        >>> report = fold_removed_constants(net, index, removed, x, bn_after(net))
+        >>> report.folded, report.unfolded
+        ({'3': 'bias'}, [])
+        >>> index.mask_(~removed)
+        >>> bool((net(x) - before).abs().max() < 1e-5)                  # masked, the model computes the same
+        True
     """
     report = FoldReport()
     if not bool(removed.any()):

@@ -20,10 +20,14 @@ class UnitScales:
     """The scale factors of all units of a :class:`UnitIndex`.
 
     Example:
-        >>> scales = UnitScales(model, index)                     # doctest: +SKIP
-        >>> scales.attach()                                       # installs gates where needed
-        >>> penalty = scales.values().abs().sum()                 # L1 on every factor (differentiable)
+        >>> from hwprune.graph import discover_groups
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+        >>> scales = UnitScales(net, UnitIndex(net, discover_groups(net, torch.zeros(1, 3, 8, 8))))
+        >>> scales.attach()                                       # installs gates where needed (none: BN)
+        >>> factors, units = scales.values()                      # the BN weights, one per unit here
+        >>> penalty = factors.abs().sum()                         # L1 on every factor (differentiable)
         >>> scales.unit_scores()                                  # one score per unit
+        array([1., 1., 1., 1.])
     """
 
     def __init__(self, model: nn.Module, index: UnitIndex, gate_init: float = 1.0):

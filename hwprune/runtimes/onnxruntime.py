@@ -101,9 +101,14 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
     it (or when it returns None) the first input gets random normal values of the model's input shape.
 
     Example:
-        >>> r = measure_onnx_latency({"dense": "dense.onnx", "pruned": "model.onnx"}, load_target("host-cpu"))  # doctest: +SKIP
-        >>> r.stats["pruned"].median_ms < r.stats["dense"].median_ms
-        True
+        >>> import tempfile
+        >>> from hwprune.target import load_target
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     dense = export_onnx(nn.Linear(256, 256), torch.zeros(1, 256), f"{d}/dense.onnx")
+        ...     pruned = export_onnx(nn.Linear(256, 64), torch.zeros(1, 256), f"{d}/pruned.onnx")
+        ...     r = measure_onnx_latency({"dense": dense, "pruned": pruned}, load_target("host-cpu"), repeats=20)
+        >>> sorted(r.stats), r.stats["pruned"].runs, r.runtime
+        (['dense', 'pruned'], 20, 'onnxruntime ... CPUExecutionProvider, 1 thread')
     """
     import onnxruntime as ort
 
@@ -156,7 +161,12 @@ def export_onnx(model: nn.Module, example_input, path: str | os.PathLike, *, dyn
     dynamo exporter (0.3 s against 4.7 s on a small CNN).
 
     Example:
-        >>> export_onnx(pruned, torch.zeros(1, 1, 8, 8), "model.onnx")      # doctest: +SKIP
+        >>> import tempfile
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU())
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = export_onnx(net, torch.zeros(1, 1, 8, 8), f"{d}/model.onnx")
+        ...     onnx_max_abs_diff(path, net, torch.randn(4, 1, 8, 8)) < 1e-5     # batch 4: the batch axis is dynamic
+        True
     """
     model = model.eval()
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)

@@ -4,7 +4,12 @@ This is the behaviour the pipeline had before tasks existed, moved here unchange
 seeds, loss, BatchNorm recalibration, ONNX export and check.
 
 Example:
-    >>> task = ClassificationTask(data.train, data.test)          # doctest: +SKIP
+    >>> from torch.utils.data import TensorDataset
+    >>> train = TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
+    >>> test = TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    >>> task = ClassificationTask(train, test)
+    >>> task.metric, task.example.shape                           # one input: discovery, FLOPs, export
+    ('accuracy', torch.Size([1, 1, 8, 8]))
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ class Distillation:
     Example:
         >>> kd = Distillation(teacher=nn.Linear(4, 3), alpha=1.0, temperature=1.0)
         >>> x = torch.randn(2, 4)
-        >>> round(float(kd.loss(kd.teacher(x), torch.tensor([0, 1]), x)), 6)  # a student equal to its teacher
-        0.0
+        >>> abs(kd.loss(kd.teacher(x), torch.tensor([0, 1]), x).item()) < 1e-6    # a student equal to its teacher
+        True
     """
 
     teacher: nn.Module

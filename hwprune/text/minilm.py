@@ -8,7 +8,7 @@ Sentence embeddings are computed as sentence-transformers does for this model: m
 hidden states over the real (unpadded) tokens, then L2-normalized.
 
 Example:
-    >>> model, tokenizer = load_minilm()                                  # doctest: +SKIP
+    >>> model, tokenizer = load_minilm()
     >>> enc = SentenceEncoder(model)
     >>> batch = tokenizer(["A sentence."], return_tensors="pt")
     >>> enc(batch["input_ids"], batch["attention_mask"]).shape

@@ -24,9 +24,13 @@ class Checkpointer:
     """Saves and loads a run folder's checkpoint.
 
     Example:
-        >>> ck = Checkpointer("runs/x")                                   # doctest: +SKIP
-        >>> ck.save({"stage": "dense", "epoch": 3, ...}); ck.load()["epoch"]
-        3
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as run_dir:
+        ...     ck = Checkpointer(run_dir)
+        ...     ck.save({"stage": "dense", "epoch": 3})
+        ...     ck.save({"stage": "dense", "epoch": 4})          # epoch 3 becomes checkpoint.prev.pt
+        ...     ck.load()["epoch"], ck.prev.exists()
+        (4, True)
     """
 
     def __init__(self, run_dir: str | os.PathLike):

@@ -6,7 +6,8 @@ works without it; a missing TVM is a :class:`~hwprune.errors.RuntimeUnavailable`
 install.
 
 Example:
-    >>> t = tvm_target(load_target("host-cpu"))        # doctest: +SKIP
+    >>> from hwprune.target import load_target
+    >>> t = tvm_target(load_target("host-cpu"))
     >>> str(t.kind)
     'llvm'
 """

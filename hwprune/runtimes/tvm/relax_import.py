@@ -8,10 +8,15 @@ rewrite what uses it) before the remaining ones are bound as constants.
 TVM is imported inside the functions: ``import hwprune`` does not need it.
 
 Example:
-    >>> imported = import_torch(model.eval(), torch.zeros(1, 3, 32, 32))     # doctest: +SKIP
-    >>> imported.var_of["fc.weight"]                                          # doctest: +SKIP
+    >>> from collections import OrderedDict
+    >>> net = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(),
+    ...                                 fc=nn.Linear(8, 10)))
+    >>> imported = import_torch(net.eval(), torch.zeros(1, 3, 8, 8))
+    >>> imported.var_of["fc.weight"]
     'p_fc_weight'
     >>> mod = imported.bound()                                                # every parameter a constant
+    >>> len(imported.mod["main"].params), len(mod["main"].params)    # input + 4 parameters, then the input alone
+    (5, 1)
 """
 
 from __future__ import annotations

@@ -7,9 +7,16 @@ the onnxruntime measurement. The result is the same :class:`~hwprune.runtimes.on
 names the device: "RPC device 'rpi5' (from the tracker at ...)" or "this machine: ...".
 
 Example:
-    >>> r = measure_tvm_latency({"dense": net, "pruned": small}, x, load_target("host-cpu"))   # doctest: +SKIP
+    >>> from torch import nn
+    >>> from hwprune.target import load_target
+    >>> net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)).eval()
+    >>> small = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    >>> r = measure_tvm_latency({"dense": net, "pruned": small}, torch.zeros(1, 1, 8, 8), load_target("host-cpu"),
+    ...                         repeats=20)
     >>> r.runtime
-    'TVM 0.27.0 hand schedule (hwprune NCHW8c kernels, no tuning), llvm core-avx2, 1 thread'
+    'TVM 0.27.0... hand schedule (hwprune NCHW8c kernels, no tuning), llvm core-avx2, 1 thread'
+    >>> r.measured_on
+    'this machine: ...'
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Every shape is a compile-time constant (one PrimFunc per layer); the sparsity pa
 
 Example:
     >>> spec = KernelSpec(out_features=64, in_features=32, block=(16, 1), nnz=40, batch=1)
-    >>> func = bsr_primfunc(spec)                                   # doctest: +SKIP
+    >>> func = bsr_primfunc(spec)
     >>> choose_schedule(spec).strategy
     'rows'
 """
@@ -149,8 +149,11 @@ def bsr_primfunc(spec: KernelSpec, schedule: Schedule | None = None, name: str =
     ``in_features`` in edge blocks are never written / read.
 
     Example:
-        >>> f = bsr_primfunc(KernelSpec(64, 32, (16, 1), nnz=40, batch=4))    # doctest: +SKIP
-        >>> lib = tvm.compile(tvm.IRModule({"bsr_matmul": f}), target="llvm")  # doctest: +SKIP
+        >>> import tvm
+        >>> f = bsr_primfunc(KernelSpec(64, 32, (16, 1), nnz=40, batch=4))
+        >>> lib = tvm.compile(tvm.IRModule({"bsr_matmul": f}), target="llvm")
+        >>> [p.name for p in f.params]
+        ['x', 'data', 'indices', 'indptr', 'out']
     """
     schedule = schedule or choose_schedule(spec)
     builders = {"rows": _rows_kernel, "batch": _batch_kernel, "gather": _gather_kernel}
@@ -374,7 +377,9 @@ def im2col_primfunc(batch: int, channels: int, height: int, width: int, kernel, 
     stride 1.
 
     Example:
-        >>> f = im2col_primfunc(1, 16, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1))     # doctest: +SKIP
+        >>> f = im2col_primfunc(1, 16, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1))
+        >>> [p.name for p in f.params]
+        ['x', 'cols']
     """
     from tvm.script import tirx as T
 

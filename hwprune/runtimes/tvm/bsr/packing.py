@@ -7,9 +7,14 @@ block shape, and the kept blocks as BSR arrays in scipy's convention (``data (nn
 block; ``padded_shape`` is the BSR matrix's shape, ``shape`` the layer's.
 
 Example:
-    >>> layers = sparse_layers(model, plan)                                 # doctest: +SKIP
-    >>> layers[0].to_scipy()                                                 # doctest: +SKIP
-    <Block Sparse Row sparse matrix of dtype 'float32' with 11520 stored elements (blocksize=16x1) ...>
+    >>> from hwprune.apply.plan import Plan
+    >>> from hwprune.graph.blocks import block_groups
+    >>> from hwprune.target import load_target
+    >>> net = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 10))
+    >>> groups, _ = block_groups(net, torch.zeros(1, 32), load_target("host-cpu"))
+    >>> layers = sparse_layers(net, Plan.from_groups(groups, {"0": np.arange(24)}, (1, 32)))   # 24 of 96 blocks
+    >>> layers[0].to_scipy()
+    <Block Sparse Row sparse matrix of dtype 'float32' with 384 stored elements (blocksize=16x1) and shape (48, 32)>
 """
 
 from __future__ import annotations

@@ -9,9 +9,15 @@ Two schedules, and every latency says which one it came from:
   no schedule applied (any model torch.export captures; 20-70x slower than onnxruntime here).
 
 Example:
-    >>> b = build_dense(pruned.eval(), torch.zeros(1, 1, 8, 8), "host-cpu")       # doctest: +SKIP
-    >>> b.export("model.so"); b.schedule
-    'hand schedule (hwprune NCHW8c kernels, no tuning)'
+    >>> import tempfile
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+    ...                     nn.Linear(512, 10))
+    >>> b = build_dense(net.eval(), torch.zeros(1, 1, 8, 8), "host-cpu")
+    >>> b.schedule, b.label
+    ('hand', 'hand schedule (hwprune NCHW8c kernels, no tuning)')
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     b.export(f"{d}/model.so").name
+    'model.so'
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ Every function returns a scheduled ``tirx.PrimFunc`` in destination-passing styl
 last argument), ready for ``relax.call_tir``.
 
 Example:
-    >>> f = conv2d(ConvSpec(n=1, cin=16, h=8, w=8, cout=16, kh=3, kw=3, pad=(1, 1), lanes_in=8, lanes_out=8))  # doctest: +SKIP
+    >>> spec = ConvSpec(n=1, cin=16, h=8, w=8, cout=16, kh=3, kw=3, pad=(1, 1), lanes_in=8, lanes_out=8)
+    >>> f = conv2d(spec)
+    >>> [p.name for p in f.params], spec.in_shape, spec.out_shape       # X, W, B in; Y written (NCHW8c)
+    (['X', 'W', 'B', 'Y'], (1, 2, 8, 8, 8), (1, 2, 8, 8, 8))
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ to an RPC device for the whole profile. ``overhead`` is a function with one triv
 per-call cost that every measured function pays once.
 
 Example:
-    >>> mod = layer_module([("conv2d", shape, (16, 32))], batch=1, lanes=8)     # doctest: +SKIP
+    >>> shape = {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "input_hw": [8, 8]}
+    >>> mod, inputs = layer_module([("conv2d", shape, (16, 32))], batch=1, lanes=8)   # 16 -> 32 channels
+    >>> inputs
+    {'p0': (1, 2, 8, 8, 8), 'overhead': (1, 1, 1, 1, 8)}
 """
 
 from __future__ import annotations

@@ -13,7 +13,11 @@ Anything else is a :class:`~hwprune.errors.ModelError` naming the layer; the gen
 path in :mod:`hwprune.runtimes.tvm.build` takes any model that torch.export can capture.
 
 Example:
-    >>> mod = lower(model.eval(), torch.zeros(1, 1, 8, 8), lanes=8)   # doctest: +SKIP
+    >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+    ...                     nn.Flatten(), nn.Linear(8, 10))
+    >>> mod, calls = lower(net.eval(), torch.zeros(1, 1, 8, 8), lanes=8)
+    >>> calls, sorted(gv.name_hint for gv in mod.get_global_vars())     # BN and ReLU are inside 'conv'
+    (5, ['avgpool', 'conv', 'dense', 'main', 'take_columns', 'to_blocked'])
 """
 
 from __future__ import annotations
