@@ -128,6 +128,8 @@ def test_speedup_budget_end_to_end(digits, profile_path, tmp_path, monkeypatch):
     # the budget is the measured dense latency / 2; the projection meets it, and the prediction is exact
     assert lm["budget_ms"] == pytest.approx(dense_ms / 2)
     assert rep["requested"] == {"speedup": 2.0, "latency_ms": pytest.approx(dense_ms / 2)}
+    # a latency budget keeps the uniform width unless --allocation says otherwise (docs/benchmarks.md)
+    assert rep["projection"]["allocation"] == "uniform"
     assert lm["predicted_ms"] == {"dense": pytest.approx(dense_ms), "pruned": pytest.approx(pruned_ms)}
     assert lm["predicted_ms"]["pruned"] <= lm["budget_ms"] * (1 + 1e-9)
     # the files the run wrote were timed, each under its own name, and the speedup asked for was achieved

@@ -479,11 +479,14 @@ class _Run:
         return self._latency
 
     def allocation(self, reg):
-        """The run's allocation: ``--allocation``, else the method's default; weight blocks default to
-        ``learned`` (one layer's blocks are compared with another's by score, as block runs always were)."""
+        """The run's allocation: ``--allocation``, else, in this order, the granularity's default (weight
+        blocks: ``learned``, as block runs always were), a method that is its own allocation
+        (``uniform``), the budget kind's default (latency budgets: ``uniform``), the method's default."""
         from ..regularizers.base import REGISTRY
 
-        default = self.unit.default_allocation or REGISTRY[self.config.method].default_allocation
+        method = REGISTRY[self.config.method]
+        default = (self.unit.default_allocation or (method.default_allocation if method.allocation_fixed else None)
+                   or self.config.budget.spec.allocation or method.default_allocation)
         return self.config.allocation_config(default)
 
     def build_regularizer(self, groups):
