@@ -162,20 +162,6 @@ def elf_machine(path: str | os.PathLike) -> str:
     return _ELF_MACHINES.get(machine, f"unknown (e_machine {machine:#x})")
 
 
-def import_torch(model, example):
-    """Import a torch model into Relax through torch.export (weights become constants)."""
-    import torch
-
-    require_tvm()
-    from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
-
-    with torch.no_grad():
-        exported = torch.export.export(model.eval(), (example,))
-    mod = from_exported_program(exported, keep_params_as_input=False)
-    return relax.transform.DecomposeOpsForInference()(mod)
-
-
 def default_schedule(mod, target):
     """TVM's untuned default: legalize every op to TIR and fuse (no schedule is applied)."""
     tvm = require_tvm()

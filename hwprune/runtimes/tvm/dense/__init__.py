@@ -97,6 +97,9 @@ def build_dense(model: nn.Module, example: torch.Tensor, target: Target | str, *
         parallel = target.onnxruntime.threads != 1
         mod, calls = lower(model, example, lanes=lanes, parallel=parallel)
     else:
-        mod = tvm_build.default_schedule(tvm_build.import_torch(model, example), target)
+        from ..relax_import import import_torch
+
+        # the one torch -> Relax import (parameters bound as constants for the untuned default)
+        mod = tvm_build.default_schedule(import_torch(model, example).bound(), target)
     ex, seconds = tvm_build.compile_relax(mod, target)
     return DenseBuild(ex, target, schedule, schedule_label(schedule, lanes), seconds, tuple(example.shape), calls)
