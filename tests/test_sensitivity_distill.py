@@ -114,3 +114,26 @@ def test_distillation_loss_by_hand():
     expected = (1 - a) * ce + a * t * t * kl
     got = float(Distillation(teacher, alpha=a, temperature=t).loss(out, y, x))
     assert got == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("method, distill, expect_teacher", [("magnitude", 0.5, True), ("magnitude", 0.0, False),
+                                                              ("uniform", 0.5, False)])
+def test_fit_fine_tunes_against_the_dense_teacher(tmp_path, monkeypatch, method, distill, expect_teacher):
+    """``distill`` > 0 puts the dense model in the fine-tune's loss, every step; 0 does not; a model
+    trained from scratch (``uniform``) never has a teacher."""
+    import hwprune
+    from hwprune.data import load_dataset
+    from hwprune.training.pipeline import FitConfig
+
+    calls = []
+    real = Distillation.loss
+    monkeypatch.setattr(Distillation, "loss", lambda self, out, y, x: calls.append(self.alpha) or real(self, out, y, x))
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    net = build_model("small-resnet", in_channels=1, num_classes=10, input_size=8, width=0.25)
+    cfg = FitConfig(budget=Budget("flops", 0.5), method=method, epochs_dense=1, epochs_regularize=0,
+                    epochs_finetune=1, distill=distill)
+    hwprune.fit(net, data.train, test_data=data.test, target="host-cpu", config=cfg, out_dir=tmp_path / "run",
+                progress=None, measure=False)
+    steps = -(-len(data.train) // cfg.train.batch_size)
+    assert calls == ([0.5] * steps if expect_teacher else [])

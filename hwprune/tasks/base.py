@@ -34,6 +34,7 @@ class Task:
     metric_label: str = "test acc"
     example: Any = None  # a tensor or a tuple of tensors
     latency_batch_sizes: tuple[int, ...] | None = None  # None: the target's batch size
+    default_distill: float = 0.0  # weight of the dense teacher in the fine-tune's loss (FitConfig.distill)
 
     def steps_per_epoch(self, settings) -> int:
         raise NotImplementedError

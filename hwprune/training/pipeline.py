@@ -69,8 +69,9 @@ class FitConfig:
     allocation: str | None = None
     allocation_options: dict[str, Any] = field(default_factory=dict)  # floor / cap
     # Knowledge distillation while fine-tuning a classifier: the loss is (1 - a)·CE + a·T²·KL(teacher ‖
-    # student) with the dense model as teacher, a = ``distill``, T = ``distill_temperature``.
-    distill: float = 0.0
+    # student) with the dense model as teacher, a = ``distill``, T = ``distill_temperature``. None: the
+    # task's default (Task.default_distill: see docs/benchmarks.md for what decided it).
+    distill: float | None = None
     distill_temperature: float = 4.0
 
     def __post_init__(self):
@@ -85,7 +86,7 @@ class FitConfig:
                 raise HwpruneError(f"--method {self.method} is a width multiplier: it takes no --allocation "
                                    f"{self.allocation} (use --method magnitude --allocation {self.allocation} to prune "
                                    "by score)")
-        if not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
+        if self.distill is not None and not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
             raise HwpruneError(f"--distill {self.distill!r}: expected the weight of the teacher's loss, in [0, 1]")
         if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
             raise HwpruneError(f"--distill-temperature {self.distill_temperature!r}: expected a positive number")
@@ -106,7 +107,7 @@ class FitConfig:
         d["exclude"] = list(self.exclude)
         # settings added after runs existed are left out at their defaults, so those runs resume unchanged
         for key, default in (("granularity", "channels"), ("allocation", None), ("allocation_options", {}),
-                             ("distill", 0.0), ("distill_temperature", 4.0)):
+                             ("distill", None), ("distill_temperature", 4.0)):
             if d[key] == default:
                 del d[key]
         return json.loads(json.dumps(d, default=str))
@@ -231,7 +232,7 @@ def _check_task_support(task, config: FitConfig, remote, distributed_run: bool) 
         missing.append("TVM / RPC latency")
     if distributed_run:
         missing.append("several processes (torchrun)")
-    if config.distill > 0:
+    if config.distill:
         missing.append("--distill (the task distills in its own way, or not at all)")
     if config.allocation == "sensitivity":
         missing.append("--allocation sensitivity")
@@ -599,7 +600,7 @@ class _Run:
         thin model for all epochs at the full learning rate."""
         cfg = self.config
         # from scratch means without the dense model: no teacher either
-        distill = cfg.distill > 0 and not reg.from_scratch
+        distill = self.distill_weight > 0 and not reg.from_scratch
         if reg.from_scratch:
             return {"epochs": cfg.epochs_dense + cfg.epochs_regularize + cfg.epochs_finetune, "lr_scale": 1.0,
                     "distill": distill}
@@ -614,7 +615,12 @@ class _Run:
 
         teacher = copy.deepcopy(self.template)
         teacher.load_state_dict(self.state.dense_model)
-        return Distillation(teacher.eval(), self.config.distill, self.config.distill_temperature)
+        return Distillation(teacher.eval(), self.distill_weight, self.config.distill_temperature)
+
+    @property
+    def distill_weight(self) -> float:
+        """``--distill``, or the task's default (0 for tasks that distill in their own way)."""
+        return self.config.distill if self.config.distill is not None else self.task.default_distill
 
     def stage_finetune(self) -> None:
         cfg = self.config
