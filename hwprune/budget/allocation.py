@@ -132,6 +132,10 @@ class Problem:
     target: float
     cost_fn: object
     ceiling: bool = False  # a latency budget: the cost must not exceed the target
+    # The cost whose shares weight the groups in ``global`` (default: ``cost_fn``). A latency profile's
+    # tables are flat between hardware steps, so a group's latency share can be ~0 while it holds a
+    # large part of the network: latency budgets weight groups by their FLOPs instead.
+    share_fn: object = None
     dense_cost: float = field(init=False)
 
     def __post_init__(self):
@@ -191,12 +195,13 @@ class Problem:
         return np.maximum(self.scores[a + self.orders[g]], 0.0)
 
 
-def build_problem(prunable, scores, kind, target, cost_fn, ceiling: bool = False) -> Problem:
+def build_problem(prunable, scores, kind, target, cost_fn, ceiling: bool = False, share_fn=None) -> Problem:
     offsets = np.concatenate([[0], np.cumsum([g.size for g in prunable])]).astype(np.int64)
     # best first; ties keep the lower index (the old projection removed the higher index first)
     orders = [np.argsort(-scores[offsets[i] : offsets[i + 1]], kind="stable") for i in range(len(prunable))]
     allowed = [np.asarray(g.allowed_keep_counts(), dtype=np.int64) for g in prunable]
-    return Problem([g.size for g in prunable], allowed, orders, offsets, scores, kind, target, cost_fn, ceiling)
+    return Problem([g.size for g in prunable], allowed, orders, offsets, scores, kind, target, cost_fn, ceiling,
+                   share_fn)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,12 +240,16 @@ def cost_shares(problem: Problem) -> np.ndarray:
     """Each group's share of the dense cost: ``n_g · ∂cost/∂c_g`` at the dense width, measured as
     the cost saved by removing one allowed step, scaled to the full width; shares sum to 1."""
     full = list(problem.sizes)
+    share_fn = problem.share_fn or problem.cost_fn
+    dense = float(share_fn(problem.keep_vector(full)))
     w = np.zeros(problem.n_groups)
     for g in range(problem.n_groups):
         lower = problem.allowed[g][-2] if len(problem.allowed[g]) > 1 else problem.allowed[g][-1]
         step = full[g] - lower
         if step > 0:
-            w[g] = max(problem.dense_cost - problem.costs_varying(full, g, [lower])[0], 0.0) * full[g] / step
+            cut = list(full)
+            cut[g] = int(lower)
+            w[g] = max(dense - float(share_fn(problem.keep_vector(cut))), 0.0) * full[g] / step
     if w.sum() <= 0:
         return np.full(problem.n_groups, 1.0 / max(problem.n_groups, 1))
     w = np.maximum(w, 1e-6 * w.max())  # a group that saves nothing still values its units a little

@@ -54,8 +54,9 @@ class BudgetKind:
     phrase: Callable[[float], str]
     # The allocation this kind of budget uses when neither --allocation nor the method decides: latency
     # budgets keep the uniform width. Measured (docs/benchmarks.md, ResNet-20 at --speedup 2, pretrained,
-    # seed 0): uniform 84.25% at 0.515x measured latency, the global solver on the latency profile 77.20%
-    # at 0.509x (it cut to 0.18 of the FLOPs where 0.28 met the same latency).
+    # seed 0): uniform 84.25% at 0.515x measured latency; the global solver weighting groups by their
+    # latency share 77.20% at 0.509x (0.18 of the FLOPs: a profile flat at the top step made a stream
+    # look worthless), by their FLOPs share (now) 83.15% at 0.488x.
     allocation: str | None = None
 
 
@@ -212,7 +213,7 @@ def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = N
 
 
 def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostModel | None = None,
-            allocation: "AllocationConfig | str | None" = None, sensitivity=None) -> Projection:
+            allocation: "AllocationConfig | str | None" = None, sensitivity=None, share_cost=None) -> Projection:
     """Choose the kept units of every prunable group so that the budget is met as exactly as the
     hardware multiples allow.
 
@@ -221,6 +222,8 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
     ``allocation``: the policy that decides each group's kept count (a name or an
     :class:`~hwprune.budget.allocation.AllocationConfig`; default ``global``). ``sensitivity``: per prunable
     group, the measured loss increase at each allowed count (for the ``sensitivity`` policy).
+    ``share_cost``: the cost whose shares weight the groups in ``global`` (default ``cost``; the
+    pipeline passes the FLOPs model with a latency budget).
 
     Example:
         >>> import torch
@@ -253,14 +256,15 @@ def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostM
         keep, current = _unit_steps(prunable, offsets, scores, target)  # tens of thousands of blocks: one sort
         return _result(prunable, offsets, keep, current, budget, cost_fn, config.policy, "exact",
                        f"{int(n - keep.sum())} of {n} units removed: round({budget.value:g} x {n})")
-    return _allocate(prunable, offsets, scores, budget, target, cost_fn, config, sensitivity)
+    return _allocate(prunable, offsets, scores, budget, target, cost_fn, config, sensitivity, share_cost)
 
 
-def _allocate(prunable, offsets, scores, budget, target, cost_fn, config, sensitivity) -> Projection:
+def _allocate(prunable, offsets, scores, budget, target, cost_fn, config, sensitivity, share_cost=None) -> Projection:
     from .allocation import allocate, build_problem, keep_indices
 
     measure = budget.spec.measure
-    problem = build_problem(prunable, scores, budget.kind, target, cost_fn, ceiling=measure == "ms")
+    problem = build_problem(prunable, scores, budget.kind, target, cost_fn, ceiling=measure == "ms",
+                            share_fn=share_cost)
     alloc = allocate(problem, config, sensitivity, keep_target=target if measure == "units" else None)
     keep = np.zeros(int(offsets[-1]))
     for i, idx in enumerate(keep_indices(problem, alloc.counts)):

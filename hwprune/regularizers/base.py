@@ -95,13 +95,13 @@ class Regularizer:
     default_allocation: ClassVar[str] = "global"
     allocation_fixed: ClassVar[bool] = False  # True: the method is its allocation (a width multiplier)
 
-    def project(self, groups, budget, cost=None, allocation=None, sensitivity=None):
+    def project(self, groups, budget, cost=None, allocation=None, sensitivity=None, share_cost=None):
         """The units to keep for ``budget``: ``allocation`` (default :attr:`default_allocation`)
         decides each group's kept count, and within a group the lowest :meth:`scores` go first."""
         from ..budget import project
 
         return project(groups, self.scores(), budget, cost, allocation=allocation or self.default_allocation,
-                       sensitivity=sensitivity)
+                       sensitivity=sensitivity, share_cost=share_cost)
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups with special settings for existing model parameters, e.g.

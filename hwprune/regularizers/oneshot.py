@@ -74,7 +74,7 @@ class Uniform(Regularizer):
     default_allocation = "uniform"
     allocation_fixed = True
 
-    def project(self, groups, budget, cost=None, allocation=None, sensitivity=None):
+    def project(self, groups, budget, cost=None, allocation=None, sensitivity=None, share_cost=None):
         # a width multiplier whatever --allocation says: that is what this baseline is
         return super().project(groups, budget, cost, allocation="uniform")
 

@@ -466,6 +466,11 @@ class _Run:
         name = self.config.budget.spec.cost
         return COSTS[name](self, model, groups) if name is not None else None
 
+    def share_cost(self, model, groups, cost):
+        """What weights the groups in the global allocation: the budget's own cost, except a latency
+        profile (flat between hardware steps), for which the FLOPs stand in."""
+        return COSTS["flops"](self, model, groups) if cost is not None and cost.name == "latency" else None
+
     def latency_cost(self, model, groups):
         """The calibrated latency model of a latency or speedup budget, built once per run."""
         if self._latency is None:
@@ -502,7 +507,8 @@ class _Run:
             allocation = self.allocation(None)
             if allocation.policy == "sensitivity":
                 allocation = dataclasses.replace(allocation, policy="global")
-            proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost, allocation=allocation)
+            proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost, allocation=allocation,
+                           share_cost=self.share_cost(self.model, groups, cost))
             plan = {"removed_units": proj.removed_units, "keep": [len(proj.keep[g.name]) for g in index.groups]}
             self.state.stage_plan = plan
         # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
@@ -556,7 +562,8 @@ class _Run:
         cost = self.cost_model(self.model, groups)
         allocation = self.allocation(reg)
         curves = self.sensitivity_curves(groups, reg, cost) if allocation.policy == "sensitivity" else None
-        proj = reg.project(groups, self.budget(), cost, allocation=allocation, sensitivity=curves)
+        proj = reg.project(groups, self.budget(), cost, allocation=allocation, sensitivity=curves,
+                           share_cost=self.share_cost(self.model, groups, cost))
         acc_before = self.test_accuracy(self.model)
         reg.finalize(groups, proj.keep)  # fold gates / constants; the model is plain again
         self.unit.cut(self.model, groups, proj.keep)
