@@ -46,6 +46,4 @@ def test_docstring_examples(name, tmp_path, monkeypatch):
     report: list[str] = []
     for test in doctest.DocTestFinder().find(module, name):
         runner.run(test, out=report.append)
-    if runner.failures:
-        pytest.fail(f"{runner.failures} of {runner.tries} examples of {name} failed:\n" + "".join(report),
-                    pytrace=False)
+    assert runner.failures == 0, f"{runner.failures} of {runner.tries} examples of {name} failed:\n" + "".join(report)
