@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -655,5 +655,3 @@ def keep_indices(problem: Problem, counts) -> list[np.ndarray]:
     """The kept unit indices of every group (sorted), the ``c`` best by score."""
     return [np.sort(problem.orders[g][: int(c)]) for g, c in enumerate(counts)]
 
-
-ScoreFn = Callable[[int], np.ndarray]
