@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
                    help="floor=F / cap=C: every group keeps at least F and at most C times the uniform width")
     p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
                    help="fine-tune with the dense model as teacher: loss (1-ALPHA)·CE + ALPHA·T²·KL "
-                   "(classification; 0 turns it off; default: see docs/benchmarks.md)")
+                   "(classification; default 0.7, measured in docs/benchmarks.md; 0 turns it off)")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("DENSE", "REGULARIZE", "FINETUNE"),
                    help="epochs per stage (default 15 15 10); DENSE 0 keeps the model's weights as they are")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
