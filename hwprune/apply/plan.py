@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import PlanError
@@ -31,7 +30,6 @@ from ..io import atomic_write_json
 
 FORMAT = "hwprune-plan"
 VERSION = 1
-GRANULARITIES = ("channels", "blocks")
 
 
 @dataclass
@@ -63,15 +61,15 @@ class Plan:
     def from_groups(cls, groups: list[Group], keep: dict[str, np.ndarray], input_shape, exclude=(), meta=None) -> "Plan":
         """Build a plan from discovered groups (channel groups or :class:`~hwprune.graph.blocks.BlockGroup`)
         and kept unit indices per group name."""
-        blocks = any(getattr(g, "kind", None) == "blocks" for g in groups)
+        from .granularity import GRANULARITIES
+
+        unit = GRANULARITIES[next((g.kind for g in groups if g.kind in GRANULARITIES), "channels")]
         plans = [
-            GroupPlan(g.name, g.size, sorted(int(i) for i in keep[g.name]), g.signature,
-                      list(g.block) if blocks else None)
+            GroupPlan(g.name, g.size, sorted(int(i) for i in keep[g.name]), g.signature, unit.block_of(g))
             for g in groups
             if g.name in keep
         ]
-        return cls(plans, [int(s) for s in input_shape], list(exclude), dict(meta or {}),
-                   "blocks" if blocks else "channels")
+        return cls(plans, [int(s) for s in input_shape], list(exclude), dict(meta or {}), unit.name)
 
     def keep_by_group(self) -> dict[str, np.ndarray]:
         return {g.name: np.asarray(g.keep, dtype=np.int64) for g in self.groups}
@@ -105,13 +103,16 @@ class Plan:
             raise PlanError(f"{source}: not an hwprune plan (expected \"format\": \"{FORMAT}\")")
         if d.get("version") != VERSION:
             raise PlanError(f"{source}: plan version {d.get('version')!r}; this hwprune reads version {VERSION}")
+        from .granularity import GRANULARITIES
+
         granularity = d.get("granularity", "channels")
         if granularity not in GRANULARITIES:
             raise PlanError(f"{source}: granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)}")
+        unit = GRANULARITIES[granularity]
         try:
             groups = [
                 GroupPlan(str(g["name"]), int(g["size"]), [int(i) for i in g["keep"]], [str(m) for m in g["members"]],
-                          _block(g) if granularity == "blocks" else None)
+                          unit.read_block(g))
                 for g in d["groups"]
             ]
             return cls(groups, [int(s) for s in d["input_shape"]], [str(e) for e in d.get("exclude", [])],
@@ -135,7 +136,7 @@ class Plan:
         return cls.from_dict(d, str(path))
 
 
-def _block(g: dict) -> list[int]:
+def read_block(g: dict) -> list[int]:
     block = g["block"]
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(v, int) and v > 0 for v in block)):
         raise ValueError(f"group '{g.get('name')}': block {block!r} is not [rows, cols]")
@@ -168,14 +169,6 @@ def apply_plan(model: nn.Module, plan: Plan, target=None) -> nn.Module:
     Example:
         >>> pruned = apply_plan(fresh_model, Plan.load("plan.json"))    # doctest: +SKIP
     """
-    if plan.granularity == "blocks":
-        from ..graph.blocks import groups_from_plan, mask_blocks
+    from .granularity import granularity
 
-        return mask_blocks(model, groups_from_plan(model, plan), plan.keep_by_group())
-    from ..graph import discover_groups
-    from .slicing import slice_model
-
-    x = torch.zeros(plan.input_shape)
-    groups = discover_groups(model, x, exclude=plan.exclude, target=target)
-    check_plan(plan, groups)
-    return slice_model(model, groups, plan.keep_by_group())
+    return granularity(plan.granularity).replay(model, plan, target)

@@ -29,6 +29,7 @@ from .. import __version__
 from . import FORMAT_NAMES
 from ..errors import ExportError, PlanError, TargetError
 from ..io import atomic_write_bytes, atomic_write_json
+from ..apply.granularity import granularity
 from ..apply.plan import Plan, apply_plan
 from ..runtimes.tvm.build import require_tvm
 
@@ -122,7 +123,7 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
     if plan is None:
         raise ExportError(f"{run}: no plan.json; the run has not reached its projection yet "
                           f"(finish it with hwprune fit --resume {run})")
-    if need_blocks and plan.granularity != "blocks":
+    if need_blocks and not granularity(plan.granularity).sparse:
         raise PlanError(f"{run}: --format {need_blocks} writes block-sparse layers, but this run pruned channels (its "
                         "model is already a smaller dense model: use --format onnx), or run hwprune fit --granularity blocks")
     weights = run / "pruned.pt"
@@ -253,7 +254,7 @@ def export_onnx_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Exp
                 "granularity": run.plan.granularity, "reference": "reference.npz", "hwprune": __version__}
     atomic_write_json(out_dir / "manifest.json", manifest)
     result = ExportResult("onnx", out_dir, [path, out_dir / "manifest.json", ref], manifest)
-    if run.plan.granularity == "blocks":
+    if granularity(run.plan.granularity).sparse:
         result.notes.append("note: a block plan's ONNX model keeps dense shapes (zero blocks); onnxruntime gains no speed from them")
     return _checked(result, "onnx", path, ref, "onnxruntime", run.inputs_from) if check else result
 

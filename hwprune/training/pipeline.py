@@ -35,7 +35,7 @@ from .checkpoint import Checkpointer
 from .state import RunState
 from ..budget.cost import count_flops, count_params, flops_model, params_model
 from ..errors import BudgetError, CheckpointError, DivergedError, HwpruneError
-from .granularity import granularity
+from ..apply.granularity import granularity
 from ..apply.plan import Plan, apply_plan
 from ..regularizers import RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer, make_config
 from ..report import Report, layer_table, plot_history, plot_norms
@@ -303,7 +303,7 @@ class _Run:
 
     @property
     def unit(self):
-        """The run's :class:`~hwprune.training.granularity.Granularity` (channels or weight blocks)."""
+        """The run's :class:`~hwprune.apply.granularity.Granularity` (channels or weight blocks)."""
         return granularity(self.config.granularity)
 
     def groups(self, model):

@@ -24,6 +24,7 @@ class Granularity:
 
     name: ClassVar[str] = "channels"
     noun: ClassVar[str] = "channel"  # for messages: "a channel run"
+    sparse: ClassVar[bool] = False  # the pruned model keeps dense shapes with zero weights (sparse formats)
     budget_kinds: ClassVar[tuple[str, ...] | None] = None  # None: every budget kind
     default_allocation: ClassVar[str | None] = None  # None: the method's
 
@@ -61,6 +62,26 @@ class Granularity:
         """Extra counts for the report (None: the model's own parameter and FLOP counts are right)."""
         return None
 
+    def block_of(self, group) -> list[int] | None:
+        """What a plan records of a group beyond its kept units (a block group's block shape)."""
+        return None
+
+    def read_block(self, entry: dict) -> list[int] | None:
+        """That, read back from a plan file's group entry."""
+        return None
+
+    def replay(self, model: nn.Module, plan, target=None) -> nn.Module:
+        """Apply a saved plan to a fresh ``model`` of the architecture it came from: rediscover the
+        groups, check they match the plan, slice."""
+        import torch
+
+        from .plan import check_plan
+        from .slicing import slice_model
+
+        groups = discover_groups(model, torch.zeros(plan.input_shape), exclude=plan.exclude, target=target)
+        check_plan(plan, groups)
+        return slice_model(model, groups, plan.keep_by_group())
+
 
 class Blocks(Granularity):
     """Weight blocks of the target's block shape (:mod:`hwprune.graph.blocks`): masked, not sliced; zero
@@ -68,6 +89,7 @@ class Blocks(Granularity):
 
     name = "blocks"
     noun = "block"
+    sparse = True
     budget_kinds = ("sparsity",)
     default_allocation = "learned"  # one layer's blocks are ranked against another's, as block runs always were
 
@@ -108,6 +130,20 @@ class Blocks(Granularity):
             "model.onnx keeps the dense shapes with exact zero blocks: onnxruntime runs it at dense speed. "
             "The block-sparse speed-up comes from the BSR kernels: hwprune export RUN_DIR --format tvm --measure"))
         return stats
+
+    def block_of(self, group):
+        return list(group.block)
+
+    def read_block(self, entry):
+        from .plan import read_block
+
+        return read_block(entry)
+
+    def replay(self, model, plan, target=None):
+        """Mask instead: the dropped blocks become zeros and the shapes stay."""
+        from ..graph.blocks import groups_from_plan, mask_blocks
+
+        return mask_blocks(model, groups_from_plan(model, plan), plan.keep_by_group())
 
 
 GRANULARITIES: dict[str, Granularity] = {g.name: g for g in (Granularity(), Blocks())}
