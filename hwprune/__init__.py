@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "fit": ("hwprune.training.pipeline", "fit"),
-    "FitConfig": ("hwprune.training.pipeline", "FitConfig"),
+    "FitConfig": ("hwprune.training.config", "FitConfig"),
     "Budget": ("hwprune.budget", "Budget"),
     "load_target": ("hwprune.target", "load_target"),
     "list_targets": ("hwprune.target", "list_targets"),

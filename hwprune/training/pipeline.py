@@ -16,11 +16,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +31,7 @@ from .. import __version__
 from . import distributed
 from ..budget import KINDS, Budget, check_budget, project
 from .checkpoint import Checkpointer
+from .config import FitConfig
 from .state import RunState
 from ..budget.cost import count_flops, count_params, flops_model, params_model
 from ..errors import BudgetError, CheckpointError, DivergedError, HwpruneError
@@ -44,73 +44,6 @@ from ..target import Target, load_target
 from ..tasks import ClassificationTask, Task
 from ..tasks.base import as_args
 from .loop import TrainSettings, cosine_lr
-
-
-@dataclass
-class FitConfig:
-    """Everything that decides the result of a run (compared on resume)."""
-
-    budget: Budget
-    method: str = "wgsef"
-    method_options: dict[str, Any] = field(default_factory=dict)
-    epochs_dense: int = 15
-    epochs_regularize: int = 15
-    epochs_finetune: int = 10
-    finetune_lr_scale: float = 0.4
-    train: TrainSettings = field(default_factory=TrainSettings)
-    seed: int = 0
-    exclude: tuple[str, ...] = ()
-    latency_batch_size: int | None = None
-    latency_repeats: int | None = None
-    granularity: str = "channels"  # or "blocks": weight blocks of the target's block shape
-    latency_runtime: str | None = None  # "onnxruntime" (default here) or "tvm" (always on an RPC device)
-    profile: str | None = None  # latency profile for a latency budget (default: the target's)
-    # how many units each group keeps (hwprune.budget.allocation); None: the method's default (global for most)
-    allocation: str | None = None
-    allocation_options: dict[str, Any] = field(default_factory=dict)  # floor / cap
-    # Knowledge distillation while fine-tuning a classifier: the loss is (1 - a)·CE + a·T²·KL(teacher ‖
-    # student) with the dense model as teacher, a = ``distill``, T = ``distill_temperature``. None: the
-    # task's default (Task.default_distill: see docs/benchmarks.md for what decided it).
-    distill: float | None = None
-    distill_temperature: float = 4.0
-
-    def __post_init__(self):
-        unit = granularity(self.granularity)  # an unknown name is refused here
-        if self.allocation is not None or self.allocation_options:
-            self.allocation_config()  # unknown names and options are refused before any work
-            from ..regularizers.base import REGISTRY
-
-            method_cls = REGISTRY.get(self.method)
-            if (method_cls is not None and method_cls.allocation_fixed
-                    and self.allocation not in (None, method_cls.default_allocation)):
-                raise HwpruneError(f"--method {self.method} is a width multiplier: it takes no --allocation "
-                                   f"{self.allocation} (use --method magnitude --allocation {self.allocation} to prune "
-                                   "by score)")
-        if self.distill is not None and not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
-            raise HwpruneError(f"--distill {self.distill!r}: expected the weight of the teacher's loss, in [0, 1]")
-        if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
-            raise HwpruneError(f"--distill-temperature {self.distill_temperature!r}: expected a positive number")
-        if unit.budget_kinds is not None and self.budget.kind not in unit.budget_kinds:
-            raise BudgetError(f"{self.budget.spec.flag} with --granularity {unit.name}: a {unit.noun} run takes "
-                              f"{' or '.join(KINDS[k].flag for k in unit.budget_kinds)} (the fraction of weight blocks "
-                              "removed); FLOPs and parameter budgets work on channels")
-
-    def allocation_config(self, default: str = "global"):
-        """The :class:`~hwprune.budget.allocation.AllocationConfig` of this run (``default``: the method's)."""
-        from ..budget.allocation import AllocationConfig
-
-        return AllocationConfig.from_options(self.allocation or default, self.allocation_options)
-
-    def fingerprint(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["budget"] = {"kind": self.budget.kind, "value": self.budget.value}
-        d["exclude"] = list(self.exclude)
-        # settings added after runs existed are left out at their defaults, so those runs resume unchanged
-        for key, default in (("granularity", "channels"), ("allocation", None), ("allocation_options", {}),
-                             ("distill", None), ("distill_temperature", 4.0)):
-            if d[key] == default:
-                del d[key]
-        return json.loads(json.dumps(d, default=str))
 
 
 @dataclass
