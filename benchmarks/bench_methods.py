@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=HERE / "cache", help="where trained dense models are kept")
     ap.add_argument("--summarize", type=Path, default=None, metavar="JSONL", help="print the tables of a results file")
     ap.add_argument("--quick", action="store_true",
-                    help="a first look (about 15 minutes on 2 cores): seed 0, 25%% of the FLOPs, dense 10 epochs, "
+                    help="a first look (5 minutes on one core of the 2-core machine): seed 0, 25%% of the FLOPs, dense 10 epochs, "
                          "hwprune's best row against Torch-Pruning's two magnitude pruners")
     args = ap.parse_args(argv)
     if args.summarize:
