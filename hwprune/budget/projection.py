@@ -54,9 +54,9 @@ class BudgetKind:
     phrase: Callable[[float], str]
     # The allocation this kind of budget uses when neither --allocation nor the method decides: latency
     # budgets keep the uniform width. Measured (docs/benchmarks.md, ResNet-20 at --speedup 2, pretrained,
-    # seed 0): uniform 84.25% at 0.515x measured latency; the global solver weighting groups by their
-    # latency share 77.20% at 0.509x (0.18 of the FLOPs: a profile flat at the top step made a stream
-    # look worthless), by their FLOPs share (now) 83.15% at 0.488x.
+    # seeds 0 and 1): uniform 84.25% / 81.55%, the global solver 83.15% / 82.85% (weighting groups by
+    # FLOPs share; by latency share it reached 77.20% on seed 0, a profile flat at a stream's top step
+    # made the stream look worthless). A tie so far: the uniform width stays, the simpler plan to predict.
     allocation: str | None = None
 
 
