@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--allocation", choices=sorted(POLICIES), default=None,
                    help="how many units each layer group keeps: global (the solver: importance kept against cost, "
                    "uniform widths when scores are equal), uniform (one width multiplier), sensitivity (measured "
-                   "loss curves), learned (the method's scores compared across layers); default: the method's")
+                   "loss curves), learned (the method's scores compared across layers); default: global, "
+                   "uniform for latency budgets, learned for fluctuation and weight blocks")
     p.add_argument("--allocation-option", action="append", default=[], metavar="KEY=VALUE",
                    help="floor=F / cap=C: every group keeps at least F and at most C times the uniform width")
     p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
