@@ -67,8 +67,8 @@ class ClassificationTask(Task):
     metric_label = "test acc"
     # Fine-tune against the dense model by default: measured with and without on ResNet-20, pretrained
     # regime (docs/benchmarks.md), magnitude + global allocation: +1.40 and +0.70 points at 25% of the
-    # FLOPs (seeds 0, 1), +0.80 at 50% (seed 0). Against: -1.10 at 25% in the equal-epochs regime, whose
-    # teacher is a 10-epoch dense model (80.0%). alpha 0.7 at T = 4 is the setting benchmarked.
+    # FLOPs (seeds 0, 1), +0.80 at 50% (seed 0). Against: -1.5 to -1.6 on average in the equal-epochs
+    # regime, whose teacher is a 10-epoch dense model (80.0%). alpha 0.7 at T = 4 is the setting benchmarked.
     default_distill = 0.7
 
     def __init__(self, train_data, test_data=None):
