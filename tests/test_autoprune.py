@@ -117,6 +117,18 @@ def test_a_masked_unit_comes_back_when_the_loss_wants_it():
     with torch.no_grad():
         reg.m.copy_(torch.tensor([0.5, -0.2]))  # channel 1 switched off, its weights stored
     stored = net[1].weight.detach().clone()
+    held = []  # while masked, channel 1's weight must stay at its stored value
+    first, last, m_trace = _train_channel(net, reg, x, target, 40, lambda: held.append(
+        float(net[1].weight[1].detach()) == float(stored[1])))
+    assert all(held), held  # held until it comes back
+    assert m_trace[0] > -0.2 and m_trace[-1] > 0, m_trace  # it climbed back and switched on
+    assert last < 0.2 * first  # and it helps: the stored weights came back
+
+
+def _train_channel(net, reg, x, target, steps, while_masked=None):
+    """SGD on a loss that only channel 1 can lower, with the regularizer's penalty and step; returns
+    (loss before, loss after, channel 1's mask after every step). ``while_masked()`` runs after each
+    step for as long as the mask has never been above 0."""
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
 
     def loss_fn():
@@ -124,17 +136,16 @@ def test_a_masked_unit_comes_back_when_the_loss_wants_it():
 
     first = float(loss_fn().detach())
     m_trace = []
-    for step in range(40):
+    for step in range(steps):
         loss = loss_fn() + reg.penalty()
         opt.zero_grad()
         loss.backward()
         opt.step()
         reg.after_step(0.01, step)
         m_trace.append(float(reg.m[1].detach()))
-        if max(m_trace) <= 0:
-            assert float(net[1].weight[1].detach()) == float(stored[1])  # held until it comes back
-    assert m_trace[0] > -0.2 and m_trace[-1] > 0, m_trace  # it climbed back and switched on
-    assert float(loss_fn().detach()) < 0.2 * first  # and it helps: the stored weights came back
+        if while_masked is not None and max(m_trace) <= 0:
+            while_masked()
+    return first, float(loss_fn().detach()), m_trace
 
 
 def _relu_head_net(channels=4):
@@ -165,22 +176,9 @@ def test_a_masked_bn_relu_unit_comes_back_when_the_loss_wants_it():
     reg.attach()
     with torch.no_grad():
         reg.m.copy_(torch.tensor([0.5, -0.2, 0.5, 0.5]))  # channel 1 switched off
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
-
-    def loss_fn():
-        return F.mse_loss(net(x)[:, 0], target)
-
-    first = float(loss_fn().detach())
-    m_trace = []
-    for step in range(30):
-        loss = loss_fn() + reg.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        reg.after_step(0.01, step)
-        m_trace.append(float(reg.m[1].detach()))
+    first, last, m_trace = _train_channel(net, reg, x, target, 30)
     assert m_trace[0] > -0.2 and m_trace[-1] > 0, m_trace  # it climbed back and switched on
-    assert float(loss_fn().detach()) < 0.1 * first  # with the stored weights: the teacher's function
+    assert last < 0.1 * first  # with the stored weights: the teacher's function
 
 
 def test_a_masked_unit_before_a_relu_feels_the_loss_while_its_beta_is_positive():
