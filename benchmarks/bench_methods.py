@@ -70,7 +70,8 @@ ROWS = ["magnitude@global+kd", "magnitude@uniform+kd", "magnitude@global", "tp-m
         "wgsef@global+kd", "magnitude@sensitivity+kd", "magnitude@learned+kd", "tp-bn-scale", "tp-group-norm",
         "uniform", "wgsef@learned+kd", "group-lasso@global+kd", "slimming@global+kd", "polarization@global+kd",
         "autoprune@global+kd", "ista-bn@global+kd", "deephoyer@global+kd"]
-VARIANTS = {"magnitude-mean": ("magnitude", {"normalize": "mean"})}  # a row name -> (method, --method-option)
+VARIANTS = {"magnitude-mean": ("magnitude", {"normalize": "mean"}),  # a row name -> (method, --method-option)
+            "gradual-quarter": ("gradual", {"end": 0.25})}
 KD_ALPHA, KD_T = 0.7, 4.0
 
 
@@ -93,8 +94,18 @@ class Row:
         return self.name.split("@")[1].split("+")[0] if "@" in self.name else None
 
     @property
+    def flags(self) -> set[str]:
+        return set(self.name.split("+")[1:])
+
+    @property
     def distill(self) -> bool:
-        return self.name.endswith("+kd")
+        return "kd" in self.flags
+
+    @property
+    def finetune_lr_scale(self) -> float | None:
+        """``+rewind``: fine-tune at the full training learning rate (learning-rate rewinding, Renda et
+        al. 2020) instead of FitConfig's default scale."""
+        return 1.0 if "rewind" in self.flags else None
 
 
 def subset(ds, n, seed):
@@ -102,6 +113,16 @@ def subset(ds, n, seed):
         return ds
     idx = np.random.default_rng(seed).permutation(len(ds))[:n]
     return Subset(ds, idx.tolist())
+
+
+def holdout_of(train, args):
+    """``--test-subset`` training images that the training subsets of seeds 0-9 never hold (a subset is
+    the first ``--train-subset`` of a per-seed permutation, see :func:`subset`)."""
+    used = set()
+    for seed in range(10):
+        used.update(np.random.default_rng(seed).permutation(len(train))[:args.train_subset].tolist())
+    free = [i for i in np.random.default_rng(4321).permutation(len(train)).tolist() if i not in used]
+    return Subset(train, free[:args.test_subset])
 
 
 def train_dense(model, train, settings, epochs, seed, stage="bench-dense"):
@@ -149,6 +170,8 @@ def run_ours(row: Row, dense, train, test, budget, args, seed, out_dir):
     cfg = FitConfig(budget=budget, method=method, method_options=options, epochs_dense=0, epochs_regularize=r,
                     epochs_finetune=f + (d if from_scratch else 0), seed=seed, train=TrainSettings(),
                     allocation=row.allocation, distill=KD_ALPHA if row.distill else 0.0, distill_temperature=KD_T)
+    if row.finetune_lr_scale is not None:
+        cfg.finetune_lr_scale = row.finetune_lr_scale
     res = hwprune.fit(copy.deepcopy(dense), train, test_data=test, target=args.target, config=cfg, out_dir=out_dir,
                       progress=None, measure=False, run_info={"model": "bench"})
     proj = res.report.get("projection") or {}
@@ -276,6 +299,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help="row names in the order to run (see the module docstring)")
     ap.add_argument("--train-subset", type=int, default=1500)
     ap.add_argument("--test-subset", type=int, default=2000)
+    ap.add_argument("--holdout", action="store_true",
+                    help="score rows on held-out *training* images (never in any row's training subset) instead of the "
+                         "test set: for choosing settings without looking at the test set")
     ap.add_argument("--dense-epochs", type=int, default=40, help="pretrained regime: epochs of the cached dense model")
     ap.add_argument("--epochs", type=int, nargs=3, default=[10, 3, 2], metavar=("DENSE", "REG", "FT"),
                     help="equal-epochs regime")
@@ -301,19 +327,22 @@ def main(argv=None) -> int:
             import torch_pruning  # noqa: F401
         except ImportError:
             sys.exit("torch-pruning is not installed: pip install --no-deps torch-pruning==1.6.1")
-    results = args.results or HERE / "results" / f"methods-{args.regime}.jsonl"
+    results = args.results or HERE / "results" / f"methods-{args.regime}{'-holdout' if args.holdout else ''}.jsonl"
     done = done_keys(results)
     data = load_dataset("fashion-mnist")
-    test = subset(data.test, args.test_subset, 1234)
+    test = (holdout_of(data.train, args) if args.holdout else subset(data.test, args.test_subset, 1234))
     x = torch.zeros(1, 1, 28, 28)
     budgets = [parse_budget(b) for b in args.budgets.split(",") if b]
     common = {"regime": args.regime, "train_subset": args.train_subset, "test_subset": len(test),
+              **({"eval": "holdout"} if args.holdout else {}),
               "epochs": list(epochs_of(args)), "threads": args.threads}
     for model_name in args.models.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             train = subset(data.train, args.train_subset, seed)
             dense_epochs = args.dense_epochs if args.regime == "pretrained" else args.epochs[0]
             dense, acc_dense, secs = dense_model(model_name, train, test, dense_epochs, seed, args.train_subset, args.cache)
+            if args.holdout:  # the cache holds the test-set accuracy
+                acc_dense = evaluate(dense, eval_loader(test))[0]
             key = dict(common, model=model_name, seed=seed, budget="dense", row="dense")
             if key_of(key) not in done:
                 append_row(results, dict(key, acc=acc_dense, flops=1.0, params=count_params(dense), secs=secs))

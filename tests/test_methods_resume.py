@@ -41,6 +41,7 @@ def _fit(method, options, out, data, stop_at=None):
 
 @pytest.mark.parametrize("method, options", [
     ("polarization", {}), ("autoprune", {}), ("ista-bn", {"alpha": 0.5}), ("wgsef", {"hspg": True, "hspg_switch": 0.3}),
+    ("gradual", {}),
 ])
 def test_a_run_interrupted_in_the_regularized_stage_resumes_to_the_same_result(digits, tmp_path, method, options):
     _fit(method, options, tmp_path / "ref", digits)

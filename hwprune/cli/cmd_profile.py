@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None, help="where to write (default: the target's profile, profiles/<target>.json)")
     p.add_argument("--append", action="store_true",
                    help="keep the tables of an existing profile (same machine, runtime and batch) and add this model's")
-    p.add_argument("--granularity", choices=["widths", "blocks"], default="widths",
+    p.add_argument("--granularity", choices=list(PROFILE_KINDS), default="widths",
                    help="widths (kept channels; default) or blocks (BSR kernels over block densities, this machine "
                         "only; written to the profile's blocks section, width tables untouched)")
     p.add_argument("--densities", default=None, metavar="D1,D2,...",
@@ -61,13 +61,72 @@ def _default_out(target) -> Path:
     return (dirs[0] if dirs else REPO_ROOT / "profiles") / f"{target.name}.json"
 
 
+class _Widths:
+    """``--granularity widths``: every layer shape at a grid of kept widths, on this machine or over RPC."""
+
+    name = "widths"
+
+    def check(self, args) -> None:
+        if args.densities is not None:
+            raise HwpruneError("--densities is for --granularity blocks (width profiles use --max-points)")
+
+    def existing(self, args, out: Path):
+        from ..latency.profile import Profile
+
+        return Profile.load(out) if args.append and out.is_file() else None
+
+    def measure(self, args, job, target, runtime, remote, settings, existing):
+        from ..latency.measure import measure_profile
+
+        model_name, data_name, example = job[2], job[3], job[1]
+        print(f"profiling {model_name} ({data_name}, input {tuple(example.shape)}) with {runtime}"
+              + (f" on the {remote.describe()}" if remote else " on this machine"), flush=True)
+        profile = measure_profile([job], target, runtime=runtime, remote=remote, settings=settings, existing=existing,
+                                  progress=lambda m: print(m, flush=True))
+        return profile, summary(profile), ""
+
+
+class _Blocks:
+    """``--granularity blocks``: BSR kernels over block densities, on this machine, into the ``blocks`` section."""
+
+    name = "blocks"
+
+    def check(self, args) -> None:
+        from ..latency.measure_blocks import parse_densities
+
+        if args.rpc or args.tracker:
+            raise HwpruneError("--granularity blocks measures on this machine only: timing a block profile on an RPC "
+                               "device (its dense reference and the interleaved rounds over RPC) is not built yet; "
+                               "run hwprune profile --granularity blocks on the device itself")
+        if args.densities is not None:
+            parse_densities(args.densities)  # a bad list fails before any measuring
+
+    def existing(self, args, out: Path):
+        from ..latency.profile import Profile
+
+        return Profile.load(out) if out.is_file() else None  # its width tables are kept either way
+
+    def measure(self, args, job, target, runtime, remote, settings, existing):
+        from ..latency.measure_blocks import DEFAULT_DENSITIES, measure_block_profile, parse_densities, summary as blocks
+
+        densities = parse_densities(args.densities) if args.densities is not None else list(DEFAULT_DENSITIES)
+        print(f"block profile of {job[2]} ({job[3]}, input {tuple(job[1].shape)}) at densities "
+              f"{', '.join(f'{d:g}' for d in densities)} on this machine", flush=True)
+        profile = measure_block_profile([job], target, densities=densities, runtime=args.runtime, settings=settings,
+                                        existing=existing, append=args.append, progress=lambda m: print(m, flush=True))
+        return profile, blocks(profile), f" (its {len(existing.layers)} width tables unchanged)" if existing else ""
+
+
+# ``--granularity``: what a profile measures, by name
+PROFILE_KINDS = {k.name: k for k in (_Widths(), _Blocks())}
+
+
 def run(args) -> int:
     import torch
 
     from ..data import load_dataset
     from ..models import build_model
-    from ..latency.profile import Profile
-    from ..latency.measure import ProfileSettings, measure_profile
+    from ..latency.measure import ProfileSettings
     from ..runtimes.tvm.rpc import resolve_remote
     from ..target import load_target
     from .cmd_fit import DEFAULT_DATA, DEFAULT_MODEL
@@ -77,23 +136,13 @@ def run(args) -> int:
             raise HwpruneError(f"{flag} {value}: expected an integer >= {lo}")
     if args.batch_size is not None and args.batch_size < 1:
         raise HwpruneError(f"--batch-size {args.batch_size}: expected a positive integer")
-    if args.granularity == "blocks" and (args.rpc or args.tracker):
-        raise HwpruneError("--granularity blocks measures on this machine only: timing a block profile on an RPC "
-                           "device (its dense reference and the interleaved rounds over RPC) is not built yet; "
-                           "run hwprune profile --granularity blocks on the device itself")
-    if args.densities is not None and args.granularity != "blocks":
-        raise HwpruneError("--densities is for --granularity blocks (width profiles use --max-points)")
+    kind = PROFILE_KINDS[args.granularity]
+    kind.check(args)
     target = load_target(args.target)
     remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
     runtime = args.runtime or ("tvm" if remote is not None else "onnxruntime")
     out = Path(args.out) if args.out else _default_out(target)
-    if args.granularity == "blocks":
-        from ..latency.measure_blocks import DEFAULT_DENSITIES, parse_densities
-
-        densities = parse_densities(args.densities) if args.densities is not None else list(DEFAULT_DENSITIES)
-        existing = Profile.load(out) if out.is_file() else None  # its width tables are kept either way
-    else:
-        existing = Profile.load(out) if args.append and out.is_file() else None
+    existing = kind.existing(args, out)
     model_name, data_name = args.model or DEFAULT_MODEL, args.data or DEFAULT_DATA
     bundle = load_dataset(data_name, image_size=args.image_size)
     torch.manual_seed(0)
@@ -103,27 +152,12 @@ def run(args) -> int:
     settings = ProfileSettings(max_points=args.max_points, repeats=args.repeats, rounds=min(4, args.repeats),
                                batch_size=args.batch_size)
     print(f"target {target.name}: {target.description}")
-    if args.granularity == "blocks":
-        from ..latency.measure_blocks import measure_block_profile, summary as blocks_summary
-
-        print(f"block profile of {model_name} ({data_name}, input {tuple(example.shape)}) at densities "
-              f"{', '.join(f'{d:g}' for d in densities)} on this machine", flush=True)
-        profile = measure_block_profile([(model, example, model_name, data_name)], target, densities=densities,
-                                        runtime=args.runtime, settings=settings, existing=existing, append=args.append,
-                                        progress=lambda m: print(m, flush=True))
-        profile.save(out)
-        print()
-        print(blocks_summary(profile))
-        print(f"\nwrote {out}" + (f" (its {len(existing.layers)} width tables unchanged)" if existing else ""))
-        return 0
-    print(f"profiling {model_name} ({data_name}, input {tuple(example.shape)}) with {runtime}"
-          + (f" on the {remote.describe()}" if remote else " on this machine"), flush=True)
-    profile = measure_profile([(model, example, model_name, data_name)], target, runtime=runtime, remote=remote,
-                              settings=settings, existing=existing, progress=lambda m: print(m, flush=True))
+    profile, table, note = kind.measure(args, (model, example, model_name, data_name), target, runtime, remote,
+                                        settings, existing)
     profile.save(out)
     print()
-    print(summary(profile))
-    print(f"\nwrote {out}")
+    print(table)
+    print(f"\nwrote {out}{note}")
     return 0
 
 

@@ -39,6 +39,7 @@ from ..apply.granularity import granularity
 from ..apply.plan import Plan, apply_plan
 from ..regularizers import RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer, make_config
 from ..report import Report, layer_table, plot_history, plot_norms
+from ..report.sections import latency_by_batch, latency_model_check, latency_section, throughput_section
 from ..apply.slicing import reinitialize, slice_model
 from ..target import Target, load_target
 from ..tasks import ClassificationTask, Task
@@ -634,6 +635,15 @@ class _Run:
                 return {}
         return self._latency.describe()
 
+    def _same_session_prediction(self, dense_ms: float, narrowest_ms: float) -> tuple[float, float, float]:
+        """The pruned model's latency predicted by the planning model re-anchored on the dense and
+        narrowest models timed in the same session as the pruned one: (ms, scale, overhead ms)."""
+        from ..latency.budget import min_width_keep
+
+        _, vec_min = min_width_keep(self.groups(self.template))
+        now = self._latency.calibrated(dense_ms, narrowest_ms, vec_min)
+        return now(np.asarray(self.state.projection["keep_vector"], dtype=float)), now.scale, now.overhead_ms
+
     def build_report(self, dense, diff, n_checked, latencies, seconds) -> Report:
         b = self.config.budget
         proj = self.state.projection
@@ -662,11 +672,7 @@ class _Run:
             "projection": proj,
             "onnx": {"max_abs_diff": diff, "checked_inputs": n_checked, "file": "model.onnx"},
             "target": {"name": self.target.name, "device": self.target.device.name, "local": self.target.is_local},
-            "throughput": {
-                "samples_per_s": {st: float(np.mean([h["samples_per_s"] for h in self.state.history if h["stage"] == st]))
-                                  for st in dict.fromkeys(h["stage"] for h in self.state.history)},
-                "processes": self.dist.world, "data_workers": self.config.train.num_workers,
-            },
+            "throughput": throughput_section(self.state.history, self.dist.world, self.config.train.num_workers),
             "env": _env(),
         }
         if blocks is not None:
@@ -676,47 +682,21 @@ class _Run:
         latency = latencies[0] if latencies else None
         if latency is not None:
             data["latency_ms"] = {"dense": latency.stats["dense"].median_ms, "pruned": latency.stats["pruned"].median_ms}
-            data["latency"] = {
-                "batch_size": latency.batch_size, "runtime": latency.runtime, "measured_on": latency.measured_on,
-                "on_target_device": latency.on_target, "note": latency.note, "runs": latency.stats["dense"].runs,
-                "warmup": latency.warmup, "statistic": "median",
-                "p10_ms": {k: v.p10_ms for k, v in latency.stats.items()},
-                "p90_ms": {k: v.p90_ms for k, v in latency.stats.items()},
-            }
+            data["latency"] = latency_section(latency)
             ms_d, ms_p = data["latency_ms"]["dense"], data["latency_ms"]["pruned"]
             if b.spec.cost == "latency":
                 achieved["latency"], achieved["speedup"] = ms_p, ms_d / ms_p
         predicted = proj.get("predicted_latency_ms")
         if predicted is not None:
-            lm = {"predicted_ms": predicted, "budget_ms": self.budget().value, "model": self._latency_info()}
-            if latency is not None:
-                err = {k: data["latency_ms"][k] / predicted[k] - 1.0 for k in ("dense", "pruned")}
-                lm.update(measured_ms=dict(data["latency_ms"]), error=err)
-                if "narrowest" in latency.stats and self._latency is not None:
-                    from ..latency.budget import min_width_keep
-
-                    # the same model, anchored on dense and narrowest timed together with the pruned one
-                    _, vec_min = min_width_keep(self.groups(self.template))
-                    now = self._latency.calibrated(latency.stats["dense"].median_ms, latency.stats["narrowest"].median_ms,
-                                                   vec_min)
-                    keep = np.asarray(self.state.projection["keep_vector"], dtype=float)
-                    same = now(keep)
-                    lm["same_session"] = {"narrowest_ms": latency.stats["narrowest"].median_ms,
-                                          "predicted_pruned_ms": same,
-                                          "error_pruned": data["latency_ms"]["pruned"] / same - 1.0,
-                                          "scale": now.scale, "overhead_ms": now.overhead_ms}
-                    lm["within_10pct"] = bool(abs(lm["same_session"]["error_pruned"]) <= 0.10)
-                lm["within_10pct_of_planning"] = bool(abs(err["pruned"]) <= 0.10)
-            data["latency_model"] = lm
+            same_session = narrowest = None
+            if latency is not None and "narrowest" in latency.stats and self._latency is not None:
+                same_session, narrowest = self._same_session_prediction, latency.stats["narrowest"].median_ms
+            data["latency_model"] = latency_model_check(predicted, self.budget().value, self._latency_info(),
+                                                        data.get("latency_ms"), same_session, narrowest)
             if b.spec.measure == "relative":
                 data["requested"]["latency_ms"] = self.budget().value
-        if len(latencies) > 1:  # the same models timed at several batch sizes
-            data["latency_by_batch"] = {
-                str(lat.batch_size): {**{k: v.median_ms for k, v in lat.stats.items()},
-                                      "p10_ms": {k: v.p10_ms for k, v in lat.stats.items()},
-                                      "p90_ms": {k: v.p90_ms for k, v in lat.stats.items()}}
-                for lat in latencies
-            }
+        if len(latencies) > 1:
+            data["latency_by_batch"] = latency_by_batch(latencies)
         return Report(data, layer_table(dense, self.model), self.state.history)
 
 
