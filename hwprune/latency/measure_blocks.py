@@ -168,38 +168,40 @@ def _bsr_module(shapes: dict[str, _Shape], rng):
     return bb.get(), points
 
 
-def _dense_calls(shapes, target: Target, runtime: str, batch: int, rng, progress):
-    """Callables running each shape's dense layer (and ``overhead``) on ``runtime``, and the runtime's label."""
-    calls = {}
-    if runtime == "onnxruntime":
-        import onnxruntime as ort
-        from onnx import helper
+def _onnxruntime_dense_calls(shapes, target: Target, batch: int, rng, progress):
+    """Callables running each shape's dense layer (and ``overhead``) on onnxruntime, and its label."""
+    import onnxruntime as ort
+    from onnx import helper
 
-        from ..runtimes.onnxruntime import provider_note
-        from .measure import onnx_layer, onnx_model
+    from ..runtimes.onnxruntime import provider_note
+    from .measure import onnx_layer, onnx_model
 
-        providers, _ = provider_note(target)
-        so = ort.SessionOptions()
-        if target.onnxruntime.threads:
-            so.intra_op_num_threads, so.inter_op_num_threads = target.onnxruntime.threads, 1
-        blobs = {key: onnx_layer(s.op, s.shape, s.widths, batch, rng) for key, s in shapes.items()}
-        blobs["overhead"] = (onnx_model([helper.make_node("Relu", ["x"], ["y"])], [], (batch, 8)),
-                             {"x": np.ones((batch, 8), np.float32)})
-        used = None
-        for key, (blob, feed) in blobs.items():
-            sess = ort.InferenceSession(blob, so, providers=providers)
-            used = sess.get_providers()[0]
-            calls[key] = (lambda sess=sess, feed=feed: sess.run(None, feed))
-        threads = target.onnxruntime.threads or "default"
-        return calls, (f"onnxruntime {ort.__version__} {used}, {threads} thread{'s' if threads != 1 else ''} "
-                       "(one-layer model: Conv + ReLU, or Gemm)")
+    providers, _ = provider_note(target)
+    so = ort.SessionOptions()
+    if target.onnxruntime.threads:
+        so.intra_op_num_threads, so.inter_op_num_threads = target.onnxruntime.threads, 1
+    blobs = {key: onnx_layer(s.op, s.shape, s.widths, batch, rng) for key, s in shapes.items()}
+    blobs["overhead"] = (onnx_model([helper.make_node("Relu", ["x"], ["y"])], [], (batch, 8)),
+                         {"x": np.ones((batch, 8), np.float32)})
+    calls, used = {}, None
+    for key, (blob, feed) in blobs.items():
+        sess = ort.InferenceSession(blob, so, providers=providers)
+        used = sess.get_providers()[0]
+        calls[key] = (lambda sess=sess, feed=feed: sess.run(None, feed))
+    threads = target.onnxruntime.threads or "default"
+    return calls, (f"onnxruntime {ort.__version__} {used}, {threads} thread{'s' if threads != 1 else ''} "
+                   "(one-layer model: Conv + ReLU, or Gemm)")
+
+
+def _tvm_dense_calls(shapes, target: Target, batch: int, rng, progress):
+    """Callables running each shape's dense layer (and ``overhead``) with hwprune's TVM build, and its label."""
     import tvm
 
     from ..runtimes.tvm import build as tvm_build
     from ..runtimes.tvm.dense import schedule_label
     from ..runtimes.tvm.dense.layers import layer_module
 
-    lanes = tvm_build.vector_lanes(target)
+    lanes, calls = tvm_build.vector_lanes(target), {}
     keys = list(shapes)
     mod, in_shapes = layer_module([(shapes[k].op, shapes[k].shape, shapes[k].widths) for k in keys], batch=batch,
                                   lanes=lanes, parallel=target.onnxruntime.threads != 1)
@@ -210,6 +212,10 @@ def _dense_calls(shapes, target: Target, runtime: str, batch: int, rng, progress
         f, arg = vm[name], tvm.runtime.tensor(rng.standard_normal(shp).astype(np.float32))
         calls["overhead" if name == "overhead" else keys[int(name[1:])]] = (lambda f=f, arg=arg: f(arg))
     return calls, f"TVM {tvm.__version__}, {schedule_label('hand', lanes)} (hwprune.runtimes.tvm.dense)"
+
+
+# the dense reference of a block profile, by the width profile's runtime name (hwprune.runtimes.RUNTIMES)
+DENSE_CALLS = {"onnxruntime": _onnxruntime_dense_calls, "tvm": _tvm_dense_calls}
 
 
 def _check_same_machine(old: Profile, target: Target) -> None:
@@ -273,7 +279,7 @@ def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES
         calls[("bsr", name)] = (lambda f=f, arg=arg: f(arg))
     f_over, a_over = vm["overhead"], tvm.runtime.tensor(np.ones((1, 8), np.float32))
     calls[("bsr", "overhead")] = lambda: f_over(a_over)
-    dense, dense_label = _dense_calls(shapes, target, runtime, batch, rng, progress)
+    dense, dense_label = DENSE_CALLS[runtime](shapes, target, batch, rng, progress)
     calls.update({("dense", k): f for k, f in dense.items()})
     say(progress, f"[profile] timing {len(calls)} functions in {settings.rounds} rounds")
     ms = median_ms(calls, settings)

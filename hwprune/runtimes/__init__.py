@@ -24,12 +24,15 @@ from ..errors import ProfileError
 
 class Runtime:
     """``remote``: whether it can run on an RPC device; ``net_of_call``: whether its per-layer profile
-    times already exclude the per-call overhead (onnxruntime's node times do, TVM's function times not)."""
+    times already exclude the per-call overhead (onnxruntime's node times do, TVM's function times not);
+    ``task_inputs``: whether it times a model through the task's own export and inputs (``export``,
+    ``feeds``), which tasks other than classification need."""
 
     name: ClassVar[str]
     description: ClassVar[str]
     remote: ClassVar[bool]
     net_of_call: ClassVar[bool]
+    task_inputs: ClassVar[bool]
 
     def time_models(self, models: dict, example, target, *, remote=None, batch_size: int | None = None,
                     repeats: int | None = None, export: Callable | None = None, feeds=None, exported=None):
@@ -44,6 +47,7 @@ class OnnxRuntime(Runtime):
     description = "onnxruntime with the target's execution providers, on this machine"
     remote = False
     net_of_call = True
+    task_inputs = True
 
     def time_models(self, models, example, target, *, remote=None, batch_size=None, repeats=None, export=None,
                     feeds=None, exported=None):
@@ -67,6 +71,7 @@ class Tvm(Runtime):
     description = "hwprune's hand-scheduled TVM build, here or on an RPC device"
     remote = True
     net_of_call = False
+    task_inputs = False
 
     def time_models(self, models, example, target, *, remote=None, batch_size=None, repeats=None, export=None,
                     feeds=None, exported=None):

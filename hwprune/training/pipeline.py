@@ -162,7 +162,9 @@ def _check_task_support(task, config: FitConfig, remote, distributed_run: bool) 
     missing = []
     if config.budget.spec.cost == "latency":
         missing.append("latency budgets")
-    if remote is not None or config.latency_runtime == "tvm":
+    from ..runtimes import RUNTIMES
+
+    if remote is not None or not RUNTIMES[config.latency_runtime or "onnxruntime"].task_inputs:
         missing.append("TVM / RPC latency")
     if distributed_run:
         missing.append("several processes (torchrun)")
