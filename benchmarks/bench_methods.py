@@ -102,6 +102,12 @@ class Row:
         return "kd" in self.flags
 
     @property
+    def regularize_lr_scale(self) -> float | None:
+        """``+lowlr``: the regularized stage at the fine-tune's learning rate (FitConfig's 0.4 of the
+        training rate) instead of the full one: a trained model is not thrown back to the start of training."""
+        return FitConfig.finetune_lr_scale if "lowlr" in self.flags else None
+
+    @property
     def finetune_lr_scale(self) -> float | None:
         """``+rewind``: fine-tune at the full training learning rate (learning-rate rewinding, Renda et
         al. 2020) instead of FitConfig's default scale."""
@@ -172,6 +178,8 @@ def run_ours(row: Row, dense, train, test, budget, args, seed, out_dir):
                     allocation=row.allocation, distill=KD_ALPHA if row.distill else 0.0, distill_temperature=KD_T)
     if row.finetune_lr_scale is not None:
         cfg.finetune_lr_scale = row.finetune_lr_scale
+    if row.regularize_lr_scale is not None:
+        cfg.regularize_lr_scale = row.regularize_lr_scale
     res = hwprune.fit(copy.deepcopy(dense), train, test_data=test, target=args.target, config=cfg, out_dir=out_dir,
                       progress=None, measure=False, run_info={"model": "bench"})
     proj = res.report.get("projection") or {}

@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ModelError, PlanError
-from .groups import PRODUCER, KeepCounts, get_tensor
+from .groups import PRODUCER, KeepCounts, UnitNumbering, get_tensor
 
 LAYER_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv"}
 
@@ -218,7 +218,7 @@ def _hf_block_layers(model: nn.Module, excluded: set[str], skipped: dict[str, st
     return names, set()
 
 
-class BlockIndex:
+class BlockIndex(UnitNumbering):
     """Per-block reductions and updates, with the interface of :class:`~hwprune.graph.groups.UnitIndex`.
 
     Blocks of all prunable groups are numbered globally: group ``g`` owns ids
@@ -238,11 +238,7 @@ class BlockIndex:
     """
 
     def __init__(self, model: nn.Module, groups: list[BlockGroup]):
-        self.model = model
-        self.groups = [g for g in groups if g.prunable]
-        sizes = [g.size for g in self.groups]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.n_units = int(self.offsets[-1])
+        super().__init__(model, groups)
         for g in self.groups:
             w = self._weight(g)
             if tuple(w.shape) != tuple(g.weight_shape):
@@ -250,13 +246,6 @@ class BlockIndex:
 
     def _weight(self, g: BlockGroup) -> torch.Tensor:
         return get_tensor(self.model, g.name, "weight")
-
-    def _spans(self):
-        for g, off in zip(self.groups, self.offsets):
-            yield g, int(off), int(off) + g.size
-
-    def group_of_unit(self) -> np.ndarray:
-        return np.repeat(np.arange(len(self.groups)), [g.size for g in self.groups])
 
     def producer_tensors(self) -> list[torch.Tensor]:
         return [self._weight(g) for g in self.groups]
@@ -283,18 +272,6 @@ class BlockIndex:
     def mask_(self, keep: torch.Tensor) -> None:
         """Zero every dropped block."""
         self.scale_(keep.to(torch.float32))
-
-    def keep_from_plan(self, keep_by_group: dict[str, np.ndarray]) -> torch.Tensor:
-        keep = torch.ones(self.n_units, dtype=torch.bool)
-        for g, a, b in self._spans():
-            if g.name in keep_by_group:
-                mask = torch.zeros(g.size, dtype=torch.bool)
-                mask[torch.as_tensor(np.asarray(keep_by_group[g.name]), dtype=torch.long)] = True
-                keep[a:b] = mask
-        return keep
-
-    def split(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {g.name: values[a:b] for g, a, b in self._spans()}
 
 
 def groups_from_plan(model: nn.Module, plan) -> list[BlockGroup]:

@@ -109,7 +109,49 @@ def get_tensor(model: nn.Module, module: str, param: str) -> torch.Tensor:
     return getattr(owner, param)
 
 
-class UnitIndex:
+class UnitNumbering:
+    """The global numbering of the units of all prunable groups: group ``g`` owns ids
+    ``offsets[g] .. offsets[g] + groups[g].size``. :class:`UnitIndex` (channels, heads, neurons) and
+    :class:`~hwprune.graph.blocks.BlockIndex` (weight blocks) share it.
+
+    Example:
+        >>> from types import SimpleNamespace as G
+        >>> n = UnitNumbering(None, [G(name="a", size=2, prunable=True), G(name="b", size=3, prunable=True)])
+        >>> n.n_units, n.group_of_unit().tolist(), n.keep_from_plan({"b": [0, 2]}).tolist()
+        (5, [0, 0, 1, 1, 1], [True, True, True, False, True])
+    """
+
+    def __init__(self, model: nn.Module, groups: list):
+        self.model = model
+        self.groups = [g for g in groups if g.prunable]
+        sizes = [g.size for g in self.groups]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.n_units = int(self.offsets[-1])
+
+    def _spans(self):
+        for g, off in zip(self.groups, self.offsets):
+            yield g, int(off), int(off) + g.size
+
+    def group_of_unit(self) -> np.ndarray:
+        """The index (into ``self.groups``) of each global unit."""
+        return np.repeat(np.arange(len(self.groups)), [g.size for g in self.groups])
+
+    def keep_from_plan(self, keep_by_group: dict[str, np.ndarray]) -> torch.Tensor:
+        """A boolean per global unit from kept unit indices per group name (groups not named keep all)."""
+        keep = torch.ones(self.n_units, dtype=torch.bool)
+        for g, a, b in self._spans():
+            if g.name in keep_by_group:
+                mask = torch.zeros(g.size, dtype=torch.bool)
+                mask[torch.as_tensor(np.asarray(keep_by_group[g.name]), dtype=torch.long)] = True
+                keep[a:b] = mask
+        return keep
+
+    def split(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-unit values cut back into one tensor per group name."""
+        return {g.name: values[a:b] for g, a, b in self._spans()}
+
+
+class UnitIndex(UnitNumbering):
     """Per-unit reductions and updates over every group's members, a few tensor ops per parameter.
 
     Units of all prunable groups are numbered globally: group ``g`` owns ids
@@ -126,11 +168,7 @@ class UnitIndex:
     """
 
     def __init__(self, model: nn.Module, groups: list[Group]):
-        self.model = model
-        self.groups = [g for g in groups if g.prunable]
-        sizes = [g.size for g in self.groups]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.n_units = int(self.offsets[-1])
+        super().__init__(model, groups)
         # (module, param, dim) -> global unit id per index (sentinel n_units when not in a unit), per role
         self._entries: dict[str, dict[tuple[str, str, int], torch.Tensor]] = {
             PRODUCER: {}, NORMALIZED: {}, CONSUMER: {}, BUFFER: {}}
@@ -144,10 +182,6 @@ class UnitIndex:
                 local = torch.as_tensor(m.unit_of, dtype=torch.long, device=t.device)
                 hit = local >= 0
                 table[key][hit] = local[hit] + int(off)
-
-    def group_of_unit(self) -> np.ndarray:
-        """The index (into ``self.groups``) of each global unit."""
-        return np.repeat(np.arange(len(self.groups)), [g.size for g in self.groups])
 
     def _view(self, t: torch.Tensor, dim: int) -> list[int]:
         shape = [1] * t.dim()
@@ -218,16 +252,3 @@ class UnitIndex:
         """Zero the trainable entries (producers, normalized weights, consumers) of every dropped unit."""
         self.scale_(keep.to(torch.float32), roles=(PRODUCER, NORMALIZED, CONSUMER))
 
-    def keep_from_plan(self, keep_by_group: dict[str, np.ndarray]) -> torch.Tensor:
-        """A boolean per global unit from kept unit indices per group name (groups not named keep all)."""
-        keep = torch.ones(self.n_units, dtype=torch.bool)
-        for g, off in zip(self.groups, self.offsets):
-            if g.name in keep_by_group:
-                mask = torch.zeros(g.size, dtype=torch.bool)
-                mask[torch.as_tensor(keep_by_group[g.name], dtype=torch.long)] = True
-                keep[int(off) : int(off) + g.size] = mask
-        return keep
-
-    def split(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-unit values cut back into one tensor per group name."""
-        return {g.name: values[int(o) : int(o) + g.size] for g, o in zip(self.groups, self.offsets)}

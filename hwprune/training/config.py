@@ -30,6 +30,8 @@ class FitConfig:
     epochs_regularize: int = 15
     epochs_finetune: int = 10
     finetune_lr_scale: float = 0.4
+    # the regularized stage's peak learning rate, as a fraction of TrainSettings.lr
+    regularize_lr_scale: float = 1.0
     train: TrainSettings = field(default_factory=TrainSettings)
     seed: int = 0
     exclude: tuple[str, ...] = ()
@@ -61,6 +63,10 @@ class FitConfig:
                                    "by score)")
         if self.distill is not None and not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
             raise HwpruneError(f"--distill {self.distill!r}: expected the weight of the teacher's loss, in [0, 1]")
+        for name in ("finetune_lr_scale", "regularize_lr_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise HwpruneError(f"FitConfig.{name} {value!r}: expected a positive fraction of the learning rate")
         if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
             raise HwpruneError(f"--distill-temperature {self.distill_temperature!r}: expected a positive number")
         if unit.budget_kinds is not None and self.budget.kind not in unit.budget_kinds:

@@ -475,6 +475,7 @@ class _Run:
             self.run_epochs(
                 "regularize", self.config.epochs_regularize, self.config.train, reg, controller,
                 extra_fn=lambda: {"sparsity": reg.zero_fraction(), "strength": reg.strength}, lr_floor=0.1,
+                lr_scale=self.config.regularize_lr_scale,
             )
         else:
             self._resume_optimizer(None, reg, controller)
