@@ -35,6 +35,17 @@ class CostModel:
     v2: np.ndarray  # (n_terms,) var index or -1
     constant: float = 0.0
 
+    # What the pipeline asks of any cost model (hwprune.latency.model.LatencyModel answers the same):
+    # in_ms: the cost is a latency in milliseconds; stepwise: flat between the target's hardware steps
+    # (a measured profile), so it cannot rank groups by what their units cost.
+    in_ms = False
+    stepwise = False
+
+    @property
+    def saves_compute(self) -> bool:
+        """Whether removing a unit saves compute (FLOPs), not only storage (params)."""
+        return self.name == "flops"
+
     def counts(self, keep: np.ndarray) -> np.ndarray:
         return self.fixed + self.A @ keep.astype(np.float64)
 

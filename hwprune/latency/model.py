@@ -66,6 +66,9 @@ class LatencyModel:
     scale: float = 1.0
     calibration: dict | None = None
     name: str = field(default="latency", init=False)
+    in_ms = True  # the interface of hwprune.budget.cost.CostModel
+    stepwise = True
+    saves_compute = True
 
     @classmethod
     def build(cls, profile: Profile, model, example, groups, *, overhead_ms: float = 0.0) -> "LatencyModel":

@@ -405,7 +405,7 @@ class _Run:
     def share_cost(self, model, groups, cost):
         """What weights the groups in the global allocation: the budget's own cost, except a latency
         profile (flat between hardware steps), for which the FLOPs stand in."""
-        return COSTS["flops"](self, model, groups) if cost is not None and cost.name == "latency" else None
+        return COSTS["flops"](self, model, groups) if cost is not None and cost.stepwise else None
 
     def latency_cost(self, model, groups):
         """The calibrated latency model of a latency or speedup budget, built once per run."""
@@ -449,7 +449,7 @@ class _Run:
             self.state.stage_plan = plan
         # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
         unit_costs = (cost.unit_savings(np.ones(index.n_units))
-                      if cost is not None and cost.name in ("flops", "latency") else None)
+                      if cost is not None and cost.saves_compute else None)
         steps = self.config.epochs_regularize * self.task.steps_per_epoch(self.config.train)
         target_fraction = plan["removed_units"] / max(index.n_units, 1)
         schedule = SparsitySchedule(target_fraction, steps)
@@ -526,7 +526,7 @@ class _Run:
             if multiples != [1] else "exact: no hardware multiple",
             "allocation": proj.allocation, "status": proj.status, "reason": proj.reason,
         }
-        if cost is not None and cost.name == "latency":
+        if cost is not None and cost.in_ms:
             self.state.projection["predicted_latency_ms"] = {"dense": cost(np.ones(proj.units)),
                                                                 "pruned": cost(proj.keep_mask.astype(float))}
             self.state.projection["keep_vector"] = proj.keep_mask.astype(int).tolist()
