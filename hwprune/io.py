@@ -105,3 +105,53 @@ def _clean(obj: Any) -> Any:
         except (ValueError, RuntimeError):
             pass
     return obj
+
+
+_HELD: dict[str, list] = {}  # folder -> [open lock file, depth]: the lock is re-entrant within a process
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "hwprune fit") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``.hwprune.lock`` inside it) while the block runs, so that two
+    processes never write one run folder at once. A second process gets a clear error at once (no wait);
+    the lock goes with the process, so a killed run leaves nothing to clean up.
+
+    Example:
+        >>> d = tempfile.mkdtemp()
+        >>> with folder_lock(d):
+        ...     with folder_lock(d):       # the same process may enter again
+        ...         pass
+    """
+    import fcntl
+
+    from .errors import HwpruneError
+
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".hwprune.lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise HwpruneError(f"{folder} is in use by {holder}; wait for it to finish, or choose another --out "
+                           "folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{what} (pid {os.getpid()})")
+    f.flush()
+    _HELD[key] = [f, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        f.close()  # closing the file releases the lock

@@ -53,3 +53,23 @@ def test_new_settings_leave_old_fingerprints_alone():
     assert not {"allocation", "allocation_options", "distill", "distill_temperature"} & set(plain)
     set_ = FitConfig(budget=Budget("flops", 0.5), allocation="uniform", distill=0.5).fingerprint()
     assert set_["allocation"] == "uniform" and set_["distill"] == 0.5
+
+
+@pytest.mark.parametrize("option, message", [
+    ("strength=abc", "wgsef strength 'abc': expected a number"),
+    ("strength=nan", "wgsef strength nan: expected a finite number"),
+    ("strength=inf", "wgsef strength inf: expected a finite number"),
+    ('strength=!!python/object/apply:os.system ["true"]', "the value is not a plain number, word or true/false"),
+    ("weighting=3", "wgsef weighting 3: expected a word"),
+])
+def test_option_values_of_the_wrong_kind_are_one_line_errors(tmp_path, monkeypatch, capsys, option, message):
+    """Values YAML reads as the wrong type (or refuses: a python tag) are named, never a TypeError."""
+    from hwprune.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--target", "host-cpu", "--sparsity", "0.5", "--method", "wgsef", "--method-option", option,
+                 "--out", "x", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err

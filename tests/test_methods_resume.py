@@ -39,15 +39,30 @@ def _fit(method, options, out, data, stop_at=None):
                        out_dir=out, progress=progress, measure=False)
 
 
-@pytest.mark.parametrize("method, options", [
-    ("polarization", {}), ("autoprune", {}), ("ista-bn", {"alpha": 0.5}), ("wgsef", {"hspg": True, "hspg_switch": 0.3}),
-    ("gradual", {}),
+# Every method whose regularized stage has state (strengths, gates, masks, warm starts, controllers),
+# with options the registry-parametrized test does not use where a method has them.
+TRAINING = [("polarization", {}), ("autoprune", {}), ("ista-bn", {"alpha": 0.5}),
+            ("wgsef", {"hspg": True, "hspg_switch": 0.3}), ("wgsef", {}), ("gradual", {}), ("group-lasso", {}),
+            ("slimming", {}), ("deephoyer", {})]
+
+
+def test_every_training_method_is_covered():
+    from hwprune.regularizers import REGISTRY
+
+    trained = {name for name, cls in REGISTRY.items() if cls.trains}
+    assert trained <= {m for m, _ in TRAINING}, f"add to TRAINING: {sorted(trained - {m for m, _ in TRAINING})}"
+
+
+@pytest.mark.parametrize("method, options, stop_at", [
+    *[(m, o, "[regularize 2/2]") for m, o in TRAINING],
+    ("wgsef", {}, "[dense 1/1]"),  # killed after the dense stage's only epoch was saved
+    ("wgsef", {}, "[project]"),  # between the projection's checkpoint and the fine-tune
 ])
-def test_a_run_interrupted_in_the_regularized_stage_resumes_to_the_same_result(digits, tmp_path, method, options):
+def test_a_run_interrupted_in_any_stage_resumes_to_the_same_result(digits, tmp_path, method, options, stop_at):
     _fit(method, options, tmp_path / "ref", digits)
     with pytest.raises(Interrupt):
-        # the checkpoint of regularized epoch 1 is on disk when epoch 2 is logged
-        _fit(method, options, tmp_path / "cut", digits, stop_at="[regularize 2/2]")
+        # e.g. "[regularize 2/2]": the checkpoint of regularized epoch 1 is on disk when epoch 2 is logged
+        _fit(method, options, tmp_path / "cut", digits, stop_at=stop_at)
     _fit(method, options, tmp_path / "cut", digits)
     ref = json.loads((tmp_path / "ref" / "report.json").read_text())
     cut = json.loads((tmp_path / "cut" / "report.json").read_text())

@@ -100,8 +100,8 @@ class Budget:
         if self.kind not in KINDS:
             raise BudgetError(f"budget kind '{self.kind}': expected one of {', '.join(KINDS)}")
         v, k = self.value, KINDS[self.kind]
-        if not isinstance(v, (int, float)) or v != v:
-            raise BudgetError(f"{k.flag}: expected a number, got {v!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
+            raise BudgetError(f"{k.flag} {v!r}: expected {k.expected}")
         if not k.accepts(v):
             raise BudgetError(f"{k.flag} {v}: expected {k.expected}")
 

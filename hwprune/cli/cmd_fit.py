@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from ..runtimes import RUNTIMES
 
+import contextlib
 import shlex
 import sys
 from pathlib import Path
 
 from ..errors import CheckpointError, HwpruneError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, folder_lock
 
 DEFAULT_MODEL = "small-resnet"
 DEFAULT_DATA = "digits"
@@ -60,7 +61,7 @@ def add_parser(sub) -> None:
                    help="epochs per stage (default 15 15 10); DENSE 0 keeps the model's weights as they are")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (data order, init)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (data order, init; default 0)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0: load in the training process)")
     p.add_argument("--exclude", action="append", default=[], metavar="LAYER",
                    help="layer name or glob whose channels are kept (repeatable)")
@@ -86,6 +87,12 @@ _SAVED = ["target", "sparsity", "flops", "params", "latency_ms", "speedup", "mod
 
 
 def _parse_options(items: list[str], flag: str = "--method-option") -> dict:
+    """``KEY=VALUE`` items to a dict; each value is read as plain YAML (a number, a word, true/false).
+
+    Example:
+        >>> _parse_options(["strength=1e-3", "weighting=uniform", "hspg=true"])
+        {'strength': 0.001, 'weighting': 'uniform', 'hspg': True}
+    """
     import yaml
 
     out = {}
@@ -93,26 +100,110 @@ def _parse_options(items: list[str], flag: str = "--method-option") -> dict:
         if "=" not in item:
             raise HwpruneError(f"{flag} {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise HwpruneError(f"{flag} {item!r}: the value is not a plain number, word or true/false") from None
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a word
+                value = float(value)
+            except ValueError:
+                pass
+        out[k.strip().replace("-", "_")] = value
+    return out
+
+
+# Numeric flags and the smallest value each takes (checked before anything is loaded or written).
+_AT_LEAST = {"batch_size": 1, "workers": 0, "latency_batch_size": 1, "latency_repeats": 1, "image_size": 8, "seed": 0}
+
+
+def check_values(args) -> None:
+    """Refuse numeric flags that cannot work, naming the flag, before any data, model or file is touched.
+
+    Example:
+        >>> import argparse
+        >>> check_values(argparse.Namespace(epochs=[2, -1, 1], lr=None, **dict.fromkeys(_AT_LEAST)))
+        Traceback (most recent call last):
+        ...
+        hwprune.errors.HwpruneError: --epochs 2 -1 1: expected three whole numbers >= 0 (DENSE REGULARIZE FINETUNE)
+    """
+    import math
+
+    if args.epochs is not None and any(e < 0 for e in args.epochs):
+        raise HwpruneError(f"--epochs {' '.join(map(str, args.epochs))}: expected three whole numbers >= 0 "
+                           "(DENSE REGULARIZE FINETUNE)")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise HwpruneError(f"--lr {args.lr}: expected a positive learning rate, e.g. 0.05")
+    for key, lo in _AT_LEAST.items():
+        value = getattr(args, key)
+        if value is not None and value < lo:
+            raise HwpruneError(f"--{key.replace('_', '-')} {value}: expected a whole number >= {lo}")
+
+
+def _read_run_json(run_dir: Path) -> dict:
+    """The saved flags of a run folder (``run.json``), or a clear error for a missing or broken file."""
+    import json
+
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise CheckpointError(f"--resume {run_dir}: no run.json there; is it a folder written by hwprune fit?")
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}); the run's flags are lost: start a new run "
+                              "with --out elsewhere (the checkpoint cannot be resumed without them)") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+        raise CheckpointError(f"{path} has no 'args' object: it was not written by hwprune fit; start a new run "
+                              "with --out elsewhere")
+    return saved
+
+
+def _conflicts(args, saved_args: dict) -> list[str]:
+    """The flags given now that differ from a run's saved ones (flags not given do not count)."""
+    out = []
+    for key in _SAVED:
+        typed = getattr(args, key)
+        if key in saved_args and typed not in (None, [], False) and typed != saved_args[key]:
+            out.append(f"--{key.replace('_', '-')} {typed!r} differs from the run's {saved_args[key]!r}")
     return out
 
 
 def _resume_args(args):
     run_dir = Path(args.resume)
-    saved_path = run_dir / "run.json"
-    if not saved_path.is_file():
-        raise CheckpointError(f"--resume {run_dir}: no run.json there; is it a folder written by hwprune fit?")
-    import json
-
-    saved = json.loads(saved_path.read_text())
+    saved = _read_run_json(run_dir)["args"]
+    conflicts = _conflicts(args, saved)
+    if conflicts:
+        raise CheckpointError(f"--resume: {conflicts[0]}; a resumed run keeps its settings (start a new run to change them)")
     for key in _SAVED:
-        typed = getattr(args, key)
-        if key in saved["args"] and typed not in (None, [], False, 0) and typed != saved["args"][key] and key != "seed":
-            raise CheckpointError(f"--resume: --{key.replace('_', '-')} {typed!r} differs from the run's {saved['args'][key]!r}; "
-                                  "a resumed run keeps its settings (start a new run to change them)")
-        setattr(args, key, saved["args"].get(key))
+        setattr(args, key, saved.get(key))
     args.out = str(run_dir)
     return args
+
+
+def _check_writable(out: Path) -> None:
+    """Before any work: ``out`` must be a folder this process can write."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise HwpruneError(f"--out {out}: that is a file, not a folder; choose a folder for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".hwprune-probe-"):
+            pass
+    except OSError as e:
+        raise HwpruneError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
+
+
+def _run_json_is_new(out: Path, args) -> bool:
+    """A folder that already holds a run must be asked for with that run's flags (it then resumes);
+    checked before anything is written. Returns whether run.json is to be written."""
+    if (out / "run.json").exists() and not args.resume:
+        conflicts = _conflicts(args, _read_run_json(out)["args"])
+        if conflicts:
+            raise CheckpointError(f"{out} holds another run ({conflicts[0]}); resume it with hwprune fit --resume {out}, "
+                                  "or choose another --out folder")
+        return False
+    return not args.resume
 
 
 def run(args) -> int:
@@ -134,8 +225,10 @@ def run(args) -> int:
         import torch as _torch
 
         _torch.set_num_threads(torch_threads)
+    check_values(args)
     if args.resume:
         args = _resume_args(args)
+    seed = 0 if args.seed is None else args.seed
     if not args.target:
         raise HwpruneError("--target is required, e.g. --target host-cpu.yaml (hwprune targets lists them)")
     budgets = [(kind.name, getattr(args, kind.arg)) for kind in KINDS.values() if getattr(args, kind.arg, None) is not None]
@@ -164,16 +257,16 @@ def run(args) -> int:
             raise HwpruneError(f"--model {model_name} prunes attention heads and MLP neurons (or, with --granularity "
                                "blocks, weight blocks of its linear layers) with --sparsity, --flops or --params, timed "
                                "here; latency budgets and RPC devices work with the CNN models")
-        job = minilm_job(args.data, args.seed)
+        job = minilm_job(args.data, seed)
         args.method = args.method or job.method
         data_name, train_data, test_data = job.data, job.task, None
         model = job.model
         say(f"data {job.data}: {job.description}")
     else:
-        bundle = load_dataset(data_name, seed=args.seed, image_size=args.image_size)
+        bundle = load_dataset(data_name, seed=seed, image_size=args.image_size)
         say(f"data {bundle.name}: {bundle.description}")
         train_data, test_data = bundle.train, bundle.test
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes, input_size=bundle.input_size)
     say(f"model {model_name}: {sum(p.numel() for p in model.parameters()):,} parameters")
     settings = TrainSettings()
@@ -186,7 +279,7 @@ def run(args) -> int:
     settings.num_workers = args.workers
     args.method = args.method or DEFAULT_METHOD
     config = FitConfig(budget=budget, method=args.method, method_options=_parse_options(args.method_option),
-                       train=settings, seed=args.seed, exclude=tuple(args.exclude),
+                       train=settings, seed=seed, exclude=tuple(args.exclude),
                        latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,
                        granularity=args.granularity or "channels",
                        latency_runtime=args.latency_runtime, profile=args.profile, allocation=args.allocation,
@@ -206,20 +299,24 @@ def run(args) -> int:
         tdist.broadcast_object_list(box, src=0)
         out = Path(box[0])
     command = "hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and "hwprune" in sys.argv[0] else None
-    if not args.resume and dist.is_main:
-        atomic_write_json(out / "run.json", {"args": {k: getattr(args, k) for k in _SAVED}, "command": command})
     # How to rebuild the model from the run folder alone (hwprune export reads it from the plan's meta).
     info = {"model": model_name, "data": data_name, "command": command,
             "model_args": {} if job is not None else {"in_channels": bundle.in_channels, "num_classes": bundle.num_classes,
                                                        "input_size": bundle.input_size}}
-    try:
-        result = fit(model, train_data, test_data=test_data, target=target, config=config, out_dir=out,
-                     progress=say, run_info=info, measure=not args.no_latency, remote=remote)
-    except KeyboardInterrupt:
-        print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)
-        return 130
-    finally:
-        distributed.shutdown()
+    # Held through the fit: a second fit into this folder is refused before it writes anything.
+    _check_writable(out)
+    _run_json_is_new(out, args)  # a refusal here leaves the folder untouched (no lock file either)
+    with folder_lock(out) if dist.is_main else contextlib.nullcontext():
+        if _run_json_is_new(out, args) and dist.is_main:
+            atomic_write_json(out / "run.json", {"args": {k: getattr(args, k) for k in _SAVED}, "command": command})
+        try:
+            result = fit(model, train_data, test_data=test_data, target=target, config=config, out_dir=out,
+                         progress=say, run_info=info, measure=not args.no_latency, remote=remote)
+        except KeyboardInterrupt:
+            print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)
+            return 130
+        finally:
+            distributed.shutdown()
     if result.report is None:  # not rank 0: rank 0 reports
         return 0
     print()

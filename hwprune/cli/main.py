@@ -44,6 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nhwprune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (hwprune env | head -1): not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if os.environ.get("HWPRUNE_DEBUG") or e.strerror is None:
+            raise
+        where = f" {e.filename}:" if e.filename else ""
+        print(f"hwprune: error:{where} {e.strerror}; free space, fix the permissions or choose another folder "
+              "(files already written were left as they were)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

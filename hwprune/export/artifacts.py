@@ -145,9 +145,14 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
         model = build_model(name, **model_args)
     apply_plan(model, plan)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, OSError) as e:
+        saved = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a pickle that asks for code (refused by weights_only), ...
+        raise ExportError(f"{weights}: not a readable hwprune weights file ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:120]}); it was changed after hwprune fit wrote it: run the "
+                          "fit again (another --out)") from None
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except (RuntimeError, KeyError, TypeError, IndexError) as e:
         raise ExportError(f"{weights}: does not hold the weights of this plan's model: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.eval()

@@ -224,10 +224,50 @@ def make_config(name: str, overrides: dict[str, Any] | None = None):
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise HwpruneError(f"method '{name}' has no setting {', '.join(unknown)}; its settings: {', '.join(valid)}")
+    defaults = cfg_cls()
+    for key, value in overrides.items():
+        problem = _type_problem(getattr(defaults, key), value, str(valid[key].type))
+        if problem:
+            raise HwpruneError(f"{name} {key} {value!r}: {problem}")
     try:
         return cfg_cls(**overrides)
     except (TypeError, ValueError) as e:
         raise HwpruneError(f"method '{name}': {e}") from None
+
+
+def _type_problem(default, value, annotation: str = "") -> str | None:
+    """Why ``value`` cannot stand where the setting's default is ``default`` (None when it can): numbers
+    must be finite numbers, switches true/false, names words. A setting whose default is None (chosen
+    by the method) takes None or what its annotation names.
+
+    Example:
+        >>> _type_problem(1e-4, "abc"), _type_problem(1e-4, float("nan")), _type_problem(1e-4, 3)
+        ('expected a number', 'expected a finite number', None)
+        >>> _type_problem(None, "abc", "float | None"), _type_problem(None, None, "float | None")
+        ('expected a number', None)
+    """
+    import math
+
+    if default is None:
+        if value is None:
+            return None
+        if "float" in annotation or "int" in annotation:
+            default = 0.0 if "float" in annotation else 0
+        else:
+            return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "expected true or false"
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "expected a number"
+        if not math.isfinite(value):
+            return "expected a finite number"
+        if isinstance(default, int) and not isinstance(default, bool) and int(value) != value:
+            return "expected a whole number"
+        return None
+    if isinstance(default, str) and not isinstance(value, str):
+        return "expected a word (one of the names the setting takes)"
+    return None
 
 
 def build_regularizer(name: str, ctx: RegContext, overrides: dict[str, Any] | None = None) -> Regularizer:

@@ -357,6 +357,30 @@ def _read_target(data: Any, source: str, path: Path | None) -> Target:
     )
 
 
+class DuplicateKey(Exception):
+    """A mapping in a target file names the same key twice (YAML would silently keep the last)."""
+
+
+def _unique_key_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise DuplicateKey(f"key '{key}' appears twice in one mapping (lines {seen[key] + 1} and "
+                                       f"{key_node.start_mark.line + 1}); keep one")
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return Loader
+
+
+_UniqueKeyLoader = _unique_key_loader()
+
+
 def parse_target(text: str | bytes, source: str = "<string>", path: Path | None = None) -> Target:
     """Parse a target from YAML text (safe loader; no code runs).
 
@@ -375,7 +399,9 @@ def parse_target(text: str | bytes, source: str = "<string>", path: Path | None 
         except UnicodeDecodeError as e:
             raise TargetError(f"{source}: not UTF-8 text (byte {e.start}); save the target as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise TargetError(f"{source}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -403,6 +429,9 @@ def find_target(ref: str | os.PathLike) -> Path:
     p = Path(ref).expanduser()
     if p.is_file():
         return p.resolve()
+    if p.is_dir():
+        raise TargetError(f"target '{ref}' is a folder; give a target YAML file in it, or a shipped target's name "
+                          f"({', '.join(list_targets())})")
     names = [p.name] if p.suffix in (".yaml", ".yml") else [p.name + ".yaml", p.name + ".yml"]
     if len(p.parts) <= 2:  # "jetson.yaml" or "targets/jetson.yaml" typed from another directory
         for d in target_dirs():

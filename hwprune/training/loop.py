@@ -194,7 +194,8 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, step
     if bad:
         raise DivergedError(
             f"the loss became {float(total.detach())} at step {step}; the run stopped and the last good checkpoint "
-            "is kept. Lower the learning rate (--lr) or the regularizer's strength and resume.")
+            "is kept. Start a new run (another --out) with a lower --lr or a weaker --method-option strength=...; "
+            "--resume keeps the run's settings, so it would diverge again.")
     optimizer.zero_grad(set_to_none=True)
     (total * scale if scale != 1.0 else total).backward()
     if after_backward is not None:

@@ -39,6 +39,7 @@ from ..apply.granularity import granularity
 from ..apply.plan import Plan, apply_plan
 from ..regularizers import RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer, make_config
 from ..report import Report, layer_table, plot_history, plot_norms
+from ..io import folder_lock
 from ..report.sections import latency_by_batch, latency_model_check, latency_section, throughput_section
 from ..apply.slicing import reinitialize, slice_model
 from ..target import Target, load_target
@@ -135,7 +136,10 @@ def fit(
     task = train_data if isinstance(train_data, Task) else ClassificationTask(train_data, test_data)
     run = _Run(model, task, target, config, Path(out_dir or _default_dir(config, run_info)), progress,
                run_info or {}, measure, remote)
-    return run.execute()
+    if not run.dist.is_main:  # the ranks of one torchrun job share rank 0's folder (and its lock)
+        return run.execute()
+    with folder_lock(run.run_dir):
+        return run.execute()
 
 
 def check_collapse(reg) -> None:
