@@ -116,6 +116,12 @@ def test_cli_end_to_end_from_another_directory(tmp_path):
     assert report["achieved"]["sparsity"] == 0.5
     assert report["latency"]["on_target_device"] is True
     assert "CPUExecutionProvider" in report["latency"]["runtime"]
+    # "export to ONNX or TVM": the channel run's smaller dense model as a TVM library, checked in a fresh process
+    r = cli("export", "run", "--format", "tvm", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((tmp_path / "run" / "export" / "tvm" / "manifest.json").read_text())
+    assert manifest["format"] == "hwprune-tvm-dense" and "hand schedule" in manifest["scheduling"]
+    assert "checked in a fresh process (TVM" in r.stdout and "within 0.0001" in r.stdout, r.stdout
 
 
 def test_cli_remote_target_is_labelled_as_measured_here(tmp_path):

@@ -368,14 +368,65 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
 @torch.no_grad()
 def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bool = True,
                       measure: bool = False) -> ExportResult:
-    """The model compiled with TVM for the target, every sparse layer on its BSR kernel, as ``model.so``;
-    ``measure``: also time it against onnxruntime here (not for a cross-compiled library)."""
+    """The model compiled with TVM for the target as ``model.so``: a block run's sparse layers on BSR
+    kernels, a channel run's smaller dense model on hwprune's dense TVM path. ``measure``: also time it
+    against onnxruntime here (not for a cross-compiled library)."""
+    if batch_size < 1:
+        raise ExportError(f"--batch-size {batch_size}: expected a positive batch size")
+    if not granularity(run.plan.granularity).sparse:
+        return export_tvm_dense(run, out_dir, batch_size, check)
+    return export_tvm_bsr(run, out_dir, batch_size, check, measure)
+
+
+@torch.no_grad()
+def export_tvm_dense(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bool = True) -> ExportResult:
+    """A channel run's sliced model compiled with the dense TVM path (:func:`~hwprune.runtimes.tvm.dense.build_dense`:
+    hwprune's hand schedule where every layer is supported, else TVM's default pipeline) for the run's
+    target, as ``model.so``, checked in a fresh process when it runs here."""
+    from ..errors import ModelError
+    from ..runtimes.tvm.dense import build_dense
+
+    tvm = require_tvm()
+    xs = run.batch(batch_size)
+    if len(xs) != 1:
+        raise ExportError(f"{run.run_dir}: --format tvm compiles one-input models on the dense path; this model takes "
+                          f"{len(xs)} inputs ({', '.join(run.input_names)}): use --format onnx")
+    try:
+        build = build_dense(run.model, xs[0], run.target, schedule="hand")
+        why_default = None
+    except ModelError as e:  # a layer the hand schedule does not cover: TVM's own lowering instead
+        build, why_default = build_dense(run.model, xs[0], run.target, schedule="default"), str(e)
+    so = build.export(out_dir / "model.so")
+    ref = _save_reference(out_dir / "reference.npz", {**run.reference_inputs(xs), "output": run.model(*xs).numpy()})
+    manifest = {
+        "format": "hwprune-tvm-dense", "version": 1, "file": "model.so", "hwprune": __version__, "tvm": tvm.__version__,
+        "target": {"name": run.target.name, "tvm": dict(run.target.tvm.target)},
+        "inputs": [{"name": n, "shape": list(x.shape), "dtype": str(x.numpy().dtype)} for n, x in zip(run.input_names, xs)],
+        "reference": "reference.npz",
+        "compile_seconds": round(build.build_seconds, 2),
+        "scheduling": build.label + (f" (the hand schedule does not cover this model: {why_default})" if why_default else ""),
+        "how_to_load": "lib = tvm.runtime.load_module('model.so'); vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()); "
+                       "y = vm['main'](tvm.runtime.tensor(x))  # a tensor, or a one-element tuple: y[0]",
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    result = ExportResult("tvm", out_dir, [so, out_dir / "manifest.json", ref], manifest)
+    result.notes.append(f"the sliced dense model (channel run) compiled in {build.build_seconds:.1f} s for "
+                        f"{dict(run.target.tvm.target)} with the {build.label}; batch size {batch_size} (the library is "
+                        "specialised to it)")
+    if not build.runs_here:
+        result.notes.append(f"built for {run.target.device.name}: not loadable on this machine, so not checked here")
+        return result
+    return _checked(result, "tvm", so, ref, f"TVM {tvm.__version__} runtime", f"a batch of {batch_size} from {run.inputs_from}") \
+        if check else result
+
+
+@torch.no_grad()
+def export_tvm_bsr(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bool = True,
+                   measure: bool = False) -> ExportResult:
+    """A block run compiled with TVM for the target, every sparse layer on its BSR kernel, as ``model.so``."""
     from .tvm_bsr import build_sparse_module
 
     tvm = require_tvm()
-
-    if batch_size < 1:
-        raise ExportError(f"--batch-size {batch_size}: expected a positive batch size")
     layers = run.sparse_layers()
     xs = run.batch(batch_size)
     build = build_sparse_module(run.model, xs, layers, run.target.tvm.target)
@@ -511,7 +562,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
 for _format in (
     Format("onnx", False, False, lambda run, out, o: export_onnx_format(run, out, o["check"])),
     Format("npz", False, True, lambda run, out, o: export_npz_format(run, out, o["check"])),
-    Format("tvm", True, True, lambda run, out, o: export_tvm_format(run, out, o["batch_size"], o["check"], o["measure"])),
+    Format("tvm", True, False, lambda run, out, o: export_tvm_format(run, out, o["batch_size"], o["check"], o["measure"])),
 ):
     FORMATS[_format.name] = _format
 assert tuple(FORMATS) == FORMAT_NAMES, "hwprune.export.FORMAT_NAMES lists the registered formats"
