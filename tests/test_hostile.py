@@ -203,11 +203,11 @@ class _RunsCode:
         return (os.system, ("true",))
 
 
-@pytest.mark.parametrize("kind", ["garbage", "truncated", "code"])
-def test_a_bad_weights_file_is_one_line_on_export(tmp_path, capsys, kind):
+def _run_folder(folder: Path):
+    """A finished channel run's folder, written by hand: plan.json and pruned.pt of small-resnet at half width."""
     import numpy as np
 
-    from hwprune.apply.plan import Plan
+    from hwprune.apply.plan import Plan, apply_plan
     from hwprune.graph import discover_groups
     from hwprune.models import build_model
 
@@ -216,7 +216,14 @@ def test_a_bad_weights_file_is_one_line_on_export(tmp_path, capsys, kind):
     plan = Plan.from_groups(groups, {g.name: np.arange(max(1, g.size // 2)) for g in groups}, (1, 1, 8, 8),
                             meta={"model": "small-resnet", "target": "host-cpu",
                                   "model_args": {"in_channels": 1, "num_classes": 10, "input_size": 8}})
-    plan.save(tmp_path / "plan.json")
+    plan.save(folder / "plan.json")
+    torch.save({"state_dict": apply_plan(model, plan).state_dict()}, folder / "pruned.pt")
+    return model
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "code"])
+def test_a_bad_weights_file_is_one_line_on_export(tmp_path, capsys, kind):
+    model = _run_folder(tmp_path)
     weights = tmp_path / "pruned.pt"
     if kind == "garbage":
         weights.write_bytes(b"not a torch file")
@@ -236,3 +243,21 @@ def test_output_into_a_closed_pipe_is_not_a_traceback(command):
     r = subprocess.run(f"{sys.executable} -m hwprune {command} | head -c 1 >/dev/null", shell=True,
                        capture_output=True, text=True, env=cli_env(), timeout=120)
     assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+
+
+def test_an_interrupted_export_never_looks_complete(tmp_path, monkeypatch):
+    """manifest.json is written last, and an earlier export's is removed first."""
+    import hwprune.export.artifacts as artifacts
+
+    _run_folder(tmp_path)
+    artifacts.export_run(tmp_path, "onnx", check=False)
+    manifest = tmp_path / "export" / "onnx" / "manifest.json"
+    assert manifest.is_file()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "_save_reference", killed)
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.export_run(tmp_path, "onnx", check=False)
+    assert not manifest.exists()

@@ -2,8 +2,8 @@
 
 :func:`load_run` rebuilds the pruned model from the run folder alone (``plan.json`` says which model
 and how to build it, ``pruned.pt`` holds the weights); :func:`export_run` writes one format into
-``RUN_DIR/export/<format>/`` (or ``out``) with a ``manifest.json`` and a ``reference.npz`` (inputs and
-the outputs torch computed for them), then loads the artifact in a fresh process with its runtime
+``RUN_DIR/export/<format>/`` (or ``out``) with a ``reference.npz`` (inputs and the outputs torch computed
+for them) and, last, a ``manifest.json`` (a folder without one is an interrupted export), then loads the artifact in a fresh process with its runtime
 alone and compares (:mod:`hwprune.export.check`).
 
 Example:
@@ -290,7 +290,6 @@ def export_npz_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Expo
         "how_to_load": "scipy.sparse.load_npz(file) gives the weight as a (padded_shape) BSR/CSR matrix; crop to shape "
                        "[:O, :K]. A conv's matrix multiplies im2col columns ordered as weight.reshape(C_out, -1).",
     }
-    files.append(atomic_write_json(out_dir / "manifest.json", manifest))
     # Each layer's input and output on real data, for the scipy-only check.
     captured: dict[str, np.ndarray] = {}
     hooks = []
@@ -306,6 +305,7 @@ def export_npz_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Expo
             h.remove()
     ref = _save_reference(out_dir / "reference.npz", captured)
     files.append(ref)
+    files.append(atomic_write_json(out_dir / "manifest.json", manifest))  # last: its presence marks a complete export
     result = ExportResult("npz", out_dir, files, manifest)
     return _checked(result, "npz", out_dir, ref, "scipy", f"each sparse layer's input on {run.inputs_from[:60]}") if check else result
 
@@ -556,6 +556,9 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
     run = load_run(run_dir, target=target, need_blocks=fmt if spec.sparse_only else None)
     out_dir = Path(out) if out else run.run_dir / "export" / fmt
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Every format writes manifest.json last: a folder with one is a complete export. An earlier export's
+    # goes first, so that an export killed half-way never looks complete.
+    (out_dir / "manifest.json").unlink(missing_ok=True)
     return spec.write(run, out_dir, {"check": check, "batch_size": batch_size, "measure": measure})
 
 
