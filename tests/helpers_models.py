@@ -81,3 +81,23 @@ class _SparseNet(nn.Module):
 def sparse_net(in_channels, num_classes, input_size):
     """A small net for block-sparse export tests (3x3 conv, BN, 1x1 conv, two linear layers)."""
     return _SparseNet(in_channels, num_classes, input_size)
+
+
+def channel_run_folder(folder):
+    """A finished channel run's folder written by hand (what hwprune export reads): plan.json and pruned.pt
+    of small-resnet (digits, 8x8) with every prunable group at half width. Returns the dense model."""
+    import numpy as np
+    import torch
+
+    from hwprune.apply.plan import Plan, apply_plan
+    from hwprune.graph import discover_groups
+    from hwprune.models import build_model
+
+    model = build_model("small-resnet", in_channels=1, num_classes=10, input_size=8)
+    groups = [g for g in discover_groups(model, torch.zeros(1, 1, 8, 8)) if g.prunable]
+    plan = Plan.from_groups(groups, {g.name: np.arange(max(1, g.size // 2)) for g in groups}, (1, 1, 8, 8),
+                            meta={"model": "small-resnet", "target": "host-cpu",
+                                  "model_args": {"in_channels": 1, "num_classes": 10, "input_size": 8}})
+    plan.save(folder / "plan.json")
+    torch.save({"state_dict": apply_plan(model, plan).state_dict()}, folder / "pruned.pt")
+    return model

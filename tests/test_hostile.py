@@ -22,6 +22,7 @@ from hwprune.target import load_target, parse_target
 from hwprune.training.checkpoint import Checkpointer
 
 from conftest import cli_env
+from helpers_models import channel_run_folder
 
 HOST = Path(__file__).resolve().parents[1] / "targets" / "host-cpu.yaml"
 FAST = ["--target", "host-cpu", "--sparsity", "0.5", "--quiet", "--no-latency"]
@@ -203,27 +204,9 @@ class _RunsCode:
         return (os.system, ("true",))
 
 
-def _run_folder(folder: Path):
-    """A finished channel run's folder, written by hand: plan.json and pruned.pt of small-resnet at half width."""
-    import numpy as np
-
-    from hwprune.apply.plan import Plan, apply_plan
-    from hwprune.graph import discover_groups
-    from hwprune.models import build_model
-
-    model = build_model("small-resnet", in_channels=1, num_classes=10, input_size=8)
-    groups = [g for g in discover_groups(model, torch.zeros(1, 1, 8, 8)) if g.prunable]
-    plan = Plan.from_groups(groups, {g.name: np.arange(max(1, g.size // 2)) for g in groups}, (1, 1, 8, 8),
-                            meta={"model": "small-resnet", "target": "host-cpu",
-                                  "model_args": {"in_channels": 1, "num_classes": 10, "input_size": 8}})
-    plan.save(folder / "plan.json")
-    torch.save({"state_dict": apply_plan(model, plan).state_dict()}, folder / "pruned.pt")
-    return model
-
-
 @pytest.mark.parametrize("kind", ["garbage", "truncated", "code"])
 def test_a_bad_weights_file_is_one_line_on_export(tmp_path, capsys, kind):
-    model = _run_folder(tmp_path)
+    model = channel_run_folder(tmp_path)
     weights = tmp_path / "pruned.pt"
     if kind == "garbage":
         weights.write_bytes(b"not a torch file")
@@ -249,7 +232,7 @@ def test_an_interrupted_export_never_looks_complete(tmp_path, monkeypatch):
     """manifest.json is written last, and an earlier export's is removed first."""
     import hwprune.export.artifacts as artifacts
 
-    _run_folder(tmp_path)
+    channel_run_folder(tmp_path)
     artifacts.export_run(tmp_path, "onnx", check=False)
     manifest = tmp_path / "export" / "onnx" / "manifest.json"
     assert manifest.is_file()
