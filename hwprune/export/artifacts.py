@@ -227,11 +227,13 @@ def _save_reference(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _checked(result: ExportResult, kind: str, artifact: Path, reference: Path, runtime: str, inputs: str) -> ExportResult:
+def _checked(result: ExportResult, kind: str, artifact: Path, reference: Path, runtime: str, inputs: str,
+             emulated=None) -> ExportResult:
     from .check import check_in_fresh_process
 
-    check = check_in_fresh_process(kind, artifact, reference)
-    check.update(runtime=runtime, inputs=inputs)
+    check = check_in_fresh_process(kind, artifact, reference, emulated=emulated)
+    check.update(runtime=runtime if emulated is None else f"{runtime} (aarch64 wheel), in {emulated.describe()}",
+                 inputs=inputs)
     result.check = check
     if not check.get("ok"):
         raise ExportError(f"{artifact}: the fresh-process check failed: {check.get('error')}")
@@ -261,7 +263,29 @@ def export_onnx_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Exp
     result = ExportResult("onnx", out_dir, [path, out_dir / "manifest.json", ref], manifest)
     if granularity(run.plan.granularity).sparse:
         result.notes.append("note: a block plan's ONNX model keeps dense shapes (zero blocks); onnxruntime gains no speed from them")
-    return _checked(result, "onnx", path, ref, "onnxruntime", run.inputs_from) if check else result
+    if not check:
+        return result
+    _checked(result, "onnx", path, ref, "onnxruntime", run.inputs_from)
+    return _checked_on_device_arch(result, run, path, ref)
+
+
+def _checked_on_device_arch(result: ExportResult, run: LoadedRun, path: Path, ref: Path) -> ExportResult:
+    """For a target of another CPU architecture, the ONNX model once more under that architecture's
+    onnxruntime in emulation (when set up): the same file its device will load, never timed."""
+    from ..runtimes.emulation import emulated_python
+    from .check import check_in_fresh_process
+
+    emulated = emulated_python(run.target.device.arch)
+    if emulated is None:
+        return result
+    check = check_in_fresh_process("onnx", path, ref, emulated=emulated)
+    if not check.get("ok"):
+        raise ExportError(f"{path}: the check in {emulated.describe()} failed: {check.get('error')}")
+    if check["max_abs_diff"] > TOLERANCE:
+        raise ExportError(f"{path}: under {emulated.arch} onnxruntime it differs from torch by {check['max_abs_diff']:.3g}")
+    result.notes.append(f"also checked with {emulated.arch} onnxruntime in {emulated.describe()}: max |artifact - torch| "
+                        f"= {check['max_abs_diff']:.2e}")
+    return result
 
 
 @torch.no_grad()
@@ -413,11 +437,29 @@ def export_tvm_dense(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: 
     result.notes.append(f"the sliced dense model (channel run) compiled in {build.build_seconds:.1f} s for "
                         f"{dict(run.target.tvm.target)} with the {build.label}; batch size {batch_size} (the library is "
                         "specialised to it)")
-    if not build.runs_here:
-        result.notes.append(f"built for {run.target.device.name}: not loadable on this machine, so not checked here")
+    return _checked_for_target(result, run, so, ref, f"TVM {tvm.__version__} runtime",
+                               f"a batch of {batch_size} from {run.inputs_from}", check)
+
+
+def _checked_for_target(result: ExportResult, run: LoadedRun, artifact: Path, ref: Path, runtime: str, inputs: str,
+                        check: bool) -> ExportResult:
+    """The fresh-process check of a TVM library: here when it is built for this machine's CPU, else in an
+    emulated Python of its architecture when one is set up (:mod:`hwprune.runtimes.emulation`), else none."""
+    from ..runtimes.emulation import BUILD_HINT, emulated_python
+    from ..runtimes.tvm.build import runs_here, target_arch
+
+    if not check:
         return result
-    return _checked(result, "tvm", so, ref, f"TVM {tvm.__version__} runtime", f"a batch of {batch_size} from {run.inputs_from}") \
-        if check else result
+    if runs_here(run.target.tvm.target):
+        return _checked(result, "tvm", artifact, ref, runtime, inputs)
+    arch = target_arch(run.target.tvm.target)
+    emulated = emulated_python(arch)
+    if emulated is None:
+        result.notes.append(f"built for {arch} ({run.target.device.name}): not loadable on this machine and no {arch} "
+                            f"emulation is set up, so not checked here ({BUILD_HINT} sets it up)")
+        return result
+    result.notes.append(f"checked under {arch} emulation, not timed: emulated time says nothing about the device")
+    return _checked(result, "tvm", artifact, ref, runtime, inputs, emulated=emulated)
 
 
 @torch.no_grad()
@@ -476,11 +518,8 @@ def export_tvm_bsr(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bo
     if wanted and not planned <= wanted:
         result.notes.append(f"note: the plan's blocks {sorted(planned)} are not the blocks target '{run.target.name}' "
                             f"declares {sorted(wanted)}; the kernels follow the plan")
-    if run.target.tvm.cross_compiler:
-        result.notes.append(f"cross-compiled with {run.target.tvm.cross_compiler}: not loadable on this machine, so not checked here")
-        return result
-    return _checked(result, "tvm", so, ref, f"TVM {tvm.__version__} runtime", f"a batch of {batch_size} from {run.inputs_from}") \
-        if check else result
+    return _checked_for_target(result, run, so, ref, f"TVM {tvm.__version__} runtime",
+                               f"a batch of {batch_size} from {run.inputs_from}", check)
 
 
 def predicted_sparse_time(target, layers, rewritten, batch_size: int) -> tuple[dict | None, str]:

@@ -110,8 +110,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def check_in_fresh_process(kind: str, artifact, reference, timeout: float = 300) -> dict:
-    """Run this file in a new interpreter on ``artifact``; returns its JSON result.
+def check_in_fresh_process(kind: str, artifact, reference, timeout: float = 300, emulated=None) -> dict:
+    """Run this file in a new interpreter on ``artifact``; returns its JSON result. ``emulated``: an
+    :class:`~hwprune.runtimes.emulation.EmulatedPython` to run it in (an artifact for another CPU).
 
     Example:
         >>> check_in_fresh_process("onnx", "model.onnx", "reference.npz")["max_abs_diff"] < 1e-4   # doctest: +SKIP
@@ -126,8 +127,11 @@ def check_in_fresh_process(kind: str, artifact, reference, timeout: float = 300)
 
     env = dict(os.environ, OMP_NUM_THREADS="1", TVM_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)  # nothing of this checkout on the path: an installed runtime only
+    python = [sys.executable]
+    if emulated is not None:  # its own runtimes only (the aarch64 wheels), never this machine's
+        python, env["PYTHONPATH"] = list(emulated.command), str(emulated.site)
     with tempfile.TemporaryDirectory() as cwd:  # `python -c` puts the working directory on sys.path
-        proc = subprocess.run([sys.executable, "-c", code, kind, os.path.abspath(str(artifact)),
+        proc = subprocess.run([*python, "-c", code, kind, os.path.abspath(str(artifact)),
                                os.path.abspath(str(reference))], capture_output=True, text=True, timeout=timeout,
                               env=env, cwd=cwd)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
