@@ -277,8 +277,13 @@ def test_every_regularizer_zeroes_whole_heads_and_neurons(method):
     groups = discover_groups(bert, None)
     index = UnitIndex(bert, groups)
     schedule = SparsitySchedule(0.5, 20, ramp=0.5)
+    from hwprune.budget import project as plan_counts
+
+    # the per-group counts the pipeline plans at the stage's start (what gradual cuts toward)
+    first = plan_counts(groups, index.sq_norms().sqrt().double().numpy(), Budget("sparsity", 0.5))
+    planned = [len(first.keep[g.name]) for g in index.groups]
     reg = build_regularizer(method, RegContext(bert, index, keep_units=index.n_units // 2, total_steps=20,
-                                               schedule=schedule))
+                                               schedule=schedule, planned_keep=planned))
     reg.attach(resumed=False)
     params = list(bert.parameters()) + [p for g in reg.extra_parameters() for p in g["params"]]
     for step in range(20 if reg.trains else 0):
@@ -292,8 +297,8 @@ def test_every_regularizer_zeroes_whole_heads_and_neurons(method):
                     if p.grad is not None:
                         p -= 0.05 * p.grad
         reg.after_step(0.05, step)
-    if method == "wgsef":  # the proximal operator zeroes whole units during training already
-        assert (index.sq_norms() == 0).any(), "wgsef zeroed no unit during training"
+    if method in ("wgsef", "gradual"):  # both zero whole units during training already
+        assert (index.sq_norms() == 0).any(), f"{method} zeroed no unit during training"
     proj = reg.project(groups, Budget("sparsity", 0.5))
     reg.finalize(groups, proj.keep)
     mask_model(bert, groups, proj.keep)
