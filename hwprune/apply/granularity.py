@@ -27,6 +27,9 @@ class Granularity:
     sparse: ClassVar[bool] = False  # the pruned model keeps dense shapes with zero weights (sparse formats)
     budget_kinds: ClassVar[tuple[str, ...] | None] = None  # None: every budget kind
     default_allocation: ClassVar[str | None] = None  # None: the method's
+    # The method a run uses unless --method says otherwise: gradual magnitude pruning, which won on
+    # held-out data and on the test set (docs/benchmarks.md, "Allocation and accuracy against Torch-Pruning")
+    default_method: ClassVar[str] = "gradual"
 
     def groups(self, model: nn.Module, example, target, exclude) -> tuple[list, dict]:
         """The model's prunable groups, and the layers that stay dense (for the report)."""
@@ -92,6 +95,7 @@ class Blocks(Granularity):
     sparse = True
     budget_kinds = ("sparsity",)
     default_allocation = "learned"  # one layer's blocks are ranked against another's, as block runs always were
+    default_method = "wgsef"  # gradual cuts toward a per-group plan of channels; blocks have none
 
     def groups(self, model, example, target, exclude):
         from ..graph.blocks import block_groups

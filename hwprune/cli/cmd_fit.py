@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError, HwpruneError
+from ..apply.granularity import granularity
 from ..io import atomic_write_json, folder_lock
 
 DEFAULT_MODEL = "small-resnet"
 DEFAULT_DATA = "digits"
-DEFAULT_METHOD = "wgsef"
 
 
 def add_parser(sub) -> None:
@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
                    help="what a unit is: whole channels/neurons (default; the model is sliced) or weight blocks of the "
                    "target's block shape (the model is masked; export the BSR kernels with hwprune export --format tvm)")
     p.add_argument("--method", default=None,
-                   help="regularizer (default: wgsef; fluctuation for --model minilm)")
+                   help="pruning method (default: gradual; wgsef with --granularity blocks; fluctuation for "
+                   "--model minilm)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the method, e.g. --method-option weighting=uniform (repeatable)")
     from ..budget.allocation import POLICIES
@@ -277,7 +278,7 @@ def run(args) -> int:
     if args.batch_size is not None:
         settings.batch_size = args.batch_size
     settings.num_workers = args.workers
-    args.method = args.method or DEFAULT_METHOD
+    args.method = args.method or granularity(args.granularity or "channels").default_method
     config = FitConfig(budget=budget, method=args.method, method_options=_parse_options(args.method_option),
                        train=settings, seed=seed, exclude=tuple(args.exclude),
                        latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,

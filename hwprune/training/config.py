@@ -24,7 +24,7 @@ class FitConfig:
     """Everything that decides the result of a run (compared on resume)."""
 
     budget: Budget
-    method: str = "wgsef"
+    method: str | None = None  # None: the granularity's default (gradual for channels, wgsef for blocks)
     method_options: dict[str, Any] = field(default_factory=dict)
     epochs_dense: int = 15
     epochs_regularize: int = 15
@@ -51,6 +51,8 @@ class FitConfig:
 
     def __post_init__(self):
         unit = granularity(self.granularity)  # an unknown name is refused here
+        if self.method is None:
+            self.method = unit.default_method
         if self.allocation is not None or self.allocation_options:
             self.allocation_config()  # unknown names and options are refused before any work
             from ..regularizers.base import REGISTRY
