@@ -155,3 +155,25 @@ def folder_lock(folder: str | os.PathLike, what: str = "hwprune fit") -> Iterato
     finally:
         del _HELD[key]
         f.close()  # closing the file releases the lock
+
+
+def check_writable_folder(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """Before any work: ``folder`` exists or can be made, is a folder, and takes a new file (a probe,
+    removed at once). Raises a one-line error naming ``flag`` otherwise.
+
+    Example:
+        >>> check_writable_folder(tempfile.mkdtemp()).is_dir()
+        True
+    """
+    from .errors import HwpruneError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HwpruneError(f"{flag} {folder}: that is a file, not a folder; choose a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hwprune-probe-"):
+            pass
+    except OSError as e:
+        raise HwpruneError(f"{flag} {folder}: cannot write there ({e.strerror}); choose a writable folder") from None
+    return folder

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -244,3 +243,27 @@ def test_an_interrupted_export_never_looks_complete(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         artifacts.export_run(tmp_path, "onnx", check=False)
     assert not manifest.exists()
+
+
+def test_profile_and_export_refuse_an_unwritable_out_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    _one_line_error(capsys, ["profile", "--target", "host-cpu", "--out", str(blocker / "p.json")],
+                    "that is a file, not a folder")
+    channel_run_folder(tmp_path)
+    _one_line_error(capsys, ["export", str(tmp_path), "--format", "onnx", "--out", str(blocker)],
+                    "that is a file, not a folder")
+    assert not (tmp_path / "export").exists()
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import hwprune.cli.cmd_fit as cmd_fit
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(cmd_fit, "atomic_write_json", full)
+    _one_line_error(capsys, ["fit", *FAST, "--out", str(tmp_path / "r")], "run.json: No space left on device",
+                    "free space")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, HwpruneError
 from ..apply.granularity import granularity
-from ..io import atomic_write_json, folder_lock
+from ..io import atomic_write_json, check_writable_folder, folder_lock
 
 DEFAULT_MODEL = "small-resnet"
 DEFAULT_DATA = "digits"
@@ -181,20 +181,6 @@ def _resume_args(args):
     return args
 
 
-def _check_writable(out: Path) -> None:
-    """Before any work: ``out`` must be a folder this process can write."""
-    import tempfile
-
-    if out.exists() and not out.is_dir():
-        raise HwpruneError(f"--out {out}: that is a file, not a folder; choose a folder for the run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".hwprune-probe-"):
-            pass
-    except OSError as e:
-        raise HwpruneError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder") from None
-
-
 def _run_json_is_new(out: Path, args) -> bool:
     """A folder that already holds a run must be asked for with that run's flags (it then resumes);
     checked before anything is written. Returns whether run.json is to be written."""
@@ -305,7 +291,7 @@ def run(args) -> int:
             "model_args": {} if job is not None else {"in_channels": bundle.in_channels, "num_classes": bundle.num_classes,
                                                        "input_size": bundle.input_size}}
     # Held through the fit: a second fit into this folder is refused before it writes anything.
-    _check_writable(out)
+    check_writable_folder(out)
     _run_json_is_new(out, args)  # a refusal here leaves the folder untouched (no lock file either)
     with folder_lock(out) if dist.is_main else contextlib.nullcontext():
         if _run_json_is_new(out, args) and dist.is_main:

@@ -20,6 +20,7 @@ from ..runtimes import RUNTIMES
 from pathlib import Path
 
 from ..errors import HwpruneError
+from ..io import check_writable_folder
 
 
 def add_parser(sub) -> None:
@@ -142,6 +143,9 @@ def run(args) -> int:
     remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
     runtime = args.runtime or ("tvm" if remote is not None else "onnxruntime")
     out = Path(args.out) if args.out else _default_out(target)
+    if out.is_dir():
+        raise HwpruneError(f"--out {out}: that is a folder; give the profile's file name, e.g. {out / (target.name + '.json')}")
+    check_writable_folder(out.parent)  # before minutes of measuring, not after
     existing = kind.existing(args, out)
     model_name, data_name = args.model or DEFAULT_MODEL, args.data or DEFAULT_DATA
     bundle = load_dataset(data_name, image_size=args.image_size)

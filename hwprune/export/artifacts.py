@@ -28,7 +28,7 @@ from torch import nn
 from .. import __version__
 from . import FORMAT_NAMES
 from ..errors import ExportError, PlanError, TargetError
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_bytes, atomic_write_json, check_writable_folder
 from ..apply.granularity import granularity
 from ..apply.plan import Plan, apply_plan
 from ..runtimes.tvm.build import require_tvm
@@ -593,8 +593,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
     if spec.needs_tvm:
         require_tvm()  # before the model is rebuilt: a one-line error if the extra is missing
     run = load_run(run_dir, target=target, need_blocks=fmt if spec.sparse_only else None)
-    out_dir = Path(out) if out else run.run_dir / "export" / fmt
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable_folder(Path(out) if out else run.run_dir / "export" / fmt)
     # Every format writes manifest.json last: a folder with one is a complete export. An earlier export's
     # goes first, so that an export killed half-way never looks complete.
     (out_dir / "manifest.json").unlink(missing_ok=True)
