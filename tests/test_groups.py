@@ -12,17 +12,7 @@ from hwprune.graph import discover_groups
 from hwprune.apply.slicing import mask_model, slice_model
 from hwprune.target import parse_target
 
-from topologies import TOPOLOGIES, Residual, randomize_bn
-
-
-def random_keep(groups, seed):
-    rng = np.random.default_rng(seed)
-    keep = {}
-    for g in groups:
-        if g.prunable:
-            n = int(rng.integers(g.min_keep, g.size))  # always remove something
-            keep[g.name] = np.sort(rng.choice(g.size, size=n, replace=False))
-    return keep
+from topologies import TOPOLOGIES, Residual, random_keep, randomize_bn
 
 
 @pytest.mark.parametrize("name", sorted(TOPOLOGIES))

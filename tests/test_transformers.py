@@ -18,6 +18,8 @@ from hwprune.errors import BudgetError, ModelError
 from hwprune.graph import discover_groups
 from hwprune.apply.attention import HeadPrunedMultiheadAttention
 from hwprune.apply.reload import load_sliced
+
+from topologies import random_keep
 from hwprune.apply.slicing import mask_model, slice_model
 from hwprune.target import parse_target
 
@@ -27,16 +29,6 @@ TARGET = parse_target(
     "name: t\ndevice: {name: x, arch: x86_64}\n"
     "groups: {linear: {neurons: 8}, attention: {heads: 2}}\nruntime: {}\n"
 )
-
-
-def random_keep(groups, seed):
-    rng = np.random.default_rng(seed)
-    keep = {}
-    for g in groups:
-        if g.prunable:
-            n = int(rng.integers(g.min_keep, g.size))  # always remove something
-            keep[g.name] = np.sort(rng.choice(g.size, size=n, replace=False))
-    return keep
 
 
 def bert_inputs(batch=3, length=12, vocab=100, seed=0):

@@ -133,3 +133,16 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.randn(n, generator=g))
             m.bias.data.copy_(torch.randn(n, generator=g))
     return model
+
+
+def random_keep(groups, seed):
+    """A random kept subset of every prunable group, from min_keep up to one unit fewer than its size."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    keep = {}
+    for g in groups:
+        if g.prunable:
+            n = int(rng.integers(g.min_keep, g.size))  # always remove something
+            keep[g.name] = np.sort(rng.choice(g.size, size=n, replace=False))
+    return keep

@@ -402,6 +402,18 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
     return export_tvm_bsr(run, out_dir, batch_size, check, measure)
 
 
+def _tvm_manifest_head(fmt: str, run: LoadedRun, xs, compile_seconds: float) -> dict:
+    """What every TVM library's manifest.json starts with: format, versions, target, inputs, reference."""
+    tvm = require_tvm()
+    return {
+        "format": fmt, "version": 1, "file": "model.so", "hwprune": __version__, "tvm": tvm.__version__,
+        "target": {"name": run.target.name, "tvm": dict(run.target.tvm.target)},
+        "inputs": [{"name": n, "shape": list(x.shape), "dtype": str(x.numpy().dtype)} for n, x in zip(run.input_names, xs)],
+        "reference": "reference.npz",
+        "compile_seconds": round(compile_seconds, 2),
+    }
+
+
 @torch.no_grad()
 def export_tvm_dense(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bool = True) -> ExportResult:
     """A channel run's sliced model compiled with the dense TVM path (:func:`~hwprune.runtimes.tvm.dense.build_dense`:
@@ -423,11 +435,7 @@ def export_tvm_dense(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: 
     so = build.export(out_dir / "model.so")
     ref = _save_reference(out_dir / "reference.npz", {**run.reference_inputs(xs), "output": run.model(*xs).numpy()})
     manifest = {
-        "format": "hwprune-tvm-dense", "version": 1, "file": "model.so", "hwprune": __version__, "tvm": tvm.__version__,
-        "target": {"name": run.target.name, "tvm": dict(run.target.tvm.target)},
-        "inputs": [{"name": n, "shape": list(x.shape), "dtype": str(x.numpy().dtype)} for n, x in zip(run.input_names, xs)],
-        "reference": "reference.npz",
-        "compile_seconds": round(build.build_seconds, 2),
+        **_tvm_manifest_head("hwprune-tvm-dense", run, xs, build.build_seconds),
         "scheduling": build.label + (f" (the hand schedule does not cover this model: {why_default})" if why_default else ""),
         "how_to_load": "lib = tvm.runtime.load_module('model.so'); vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()); "
                        "y = vm['main'](tvm.runtime.tensor(x))  # a tensor, or a one-element tuple: y[0]",
@@ -475,11 +483,7 @@ def export_tvm_bsr(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bo
     so = build.export(out_dir / "model.so", cross_compiler=run.target.tvm.cross_compiler)
     ref = _save_reference(out_dir / "reference.npz", {**run.reference_inputs(xs), "output": run.model(*xs).numpy()})
     manifest = {
-        "format": "hwprune-tvm-bsr", "version": 1, "file": "model.so", "hwprune": __version__, "tvm": tvm.__version__,
-        "target": {"name": run.target.name, "tvm": dict(run.target.tvm.target)},
-        "inputs": [{"name": n, "shape": list(x.shape), "dtype": str(x.numpy().dtype)} for n, x in zip(run.input_names, xs)],
-        "reference": "reference.npz",
-        "compile_seconds": round(build.compile_s, 2),
+        **_tvm_manifest_head("hwprune-tvm-bsr", run, xs, build.compile_s),
         "layers": [{"layer": l.name, "kernel": l.schedule.strategy, "tile": l.schedule.tile, "chains": l.schedule.chains,
                     "im2col": l.im2col, "matrix": [l.spec.out_features, l.spec.in_features], "block": list(l.spec.block),
                     "stored_blocks": l.spec.nnz, "batch_columns": l.spec.columns} for l in build.layers],
