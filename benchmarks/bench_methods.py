@@ -404,7 +404,13 @@ def fmt(values, pct=False, digits=2):
 def summarize(path: Path) -> int:
     """Per regime and model: the table of every row (mean ± std over the seeds that have it), then, per
     budget, hwprune's rows against Torch-Pruning's best as paired per-seed differences."""
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs, seen = [], set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if key_of(r) not in seen:  # two runs sharing a file both write the dense row of a seed
+                seen.add(key_of(r))
+                recs.append(r)
     for regime, model_name in sorted({(r["regime"], r["model"]) for r in recs}):
         mine = [r for r in recs if r["regime"] == regime and r["model"] == model_name]
         seeds = sorted({r["seed"] for r in mine})
