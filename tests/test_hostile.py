@@ -267,3 +267,17 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cmd_fit, "atomic_write_json", full)
     _one_line_error(capsys, ["fit", *FAST, "--out", str(tmp_path / "r")], "run.json: No space left on device",
                     "free space")
+
+
+@settings(max_examples=30, deadline=None)
+@given(key=st.sampled_from(["name", "device", "groups", "runtime"]),
+       nested=st.booleans())
+def test_any_key_written_twice_is_named(key, nested):
+    """Top-level keys, or a key inside device (local flips where latency is measured): never the last one silently."""
+    base = "name: t\ndevice: {name: cpu, arch: x86_64, local: true}\ngroups: {conv: {channels: 8}}\nruntime: {}\n"
+    if nested:
+        text, dup = base.replace("local: true}", "local: true, local: false}"), "local"
+    else:
+        text, dup = base + f"{key}: x\n", key
+    with pytest.raises(TargetError, match=f"key '{dup}' appears twice"):
+        parse_target(text, "t.yaml")

@@ -37,7 +37,9 @@ def measure_curves(model: nn.Module, groups, scores: np.ndarray, loss_fn: Callab
                    probes: int = PROBES) -> list[np.ndarray]:
     """Loss increase of each prunable group at each of its allowed kept counts (ascending), in the
     order of the prunable groups; ``scores`` as for :func:`hwprune.budget.project`."""
-    if any(getattr(g, "kind", "channels") == "blocks" for g in groups):
+    from ..graph.blocks import BlockGroup
+
+    if any(isinstance(g, BlockGroup) for g in groups):
         raise HwpruneError("--allocation sensitivity works on channels, neurons and heads, not weight blocks; "
                            "use --allocation learned or global with --granularity blocks")
     index = UnitIndex(model, groups)

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import HwpruneError
+from ..graph.blocks import BlockGroup
 from ..graph.groups import CONSUMER, get_tensor
 from .base import Regularizer, register
 from .fold import ChannelMoments, FoldReport, fold_removed_constants
@@ -84,7 +85,7 @@ class Fluctuation(Regularizer):
         self.fold_report: FoldReport | None = None
         # Weight blocks: each block layer reads its own input; a block is scored by the same sum over its
         # (output row, input column) entries and compensated in the layer's own bias.
-        self.blocks = any(g.kind == "blocks" for g in self.index.groups)
+        self.blocks = any(isinstance(g, BlockGroup) for g in self.index.groups)
         # The layers whose inputs are measured, with the unit id of each input feature (None for a block
         # layer: its units are its own blocks, not the features it reads).
         self.readers: dict[str, torch.Tensor | None] = {}
