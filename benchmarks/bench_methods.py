@@ -414,8 +414,9 @@ def summarize(path: Path) -> int:
     for regime, model_name in sorted({(r["regime"], r["model"]) for r in recs}):
         mine = [r for r in recs if r["regime"] == regime and r["model"] == model_name]
         seeds = sorted({r["seed"] for r in mine})
+        scored = ("held-out training" if mine[0].get("eval") == "holdout" else "test")
         print(f"\n### {model_name}, regime {regime}, seeds {','.join(map(str, seeds))}; train {mine[0]['train_subset']}"
-              f" / test {mine[0]['test_subset']} images; epochs (regularize, fine-tune, dense) {mine[0]['epochs']}\n")
+              f" / {scored} {mine[0]['test_subset']} images; epochs (regularize, fine-tune, dense) {mine[0]['epochs']}\n")
         print("| budget | row | seeds | top-1 (%) | FLOPs kept | params | ORT latency vs dense | acc. right after pruning (%) | wall s |")
         print("|" + "---|" * 9)
         groups: dict[tuple, list] = {}
