@@ -57,6 +57,8 @@ def test_every_training_method_is_covered():
     *[(m, o, "[regularize 2/2]") for m, o in TRAINING],
     ("wgsef", {}, "[dense 1/1]"),  # killed after the dense stage's only epoch was saved
     ("wgsef", {}, "[project]"),  # between the projection's checkpoint and the fine-tune
+    ("gradual", {}, "[finetune 1/1]"),  # in the fine-tune (its teacher and its hold come back on resume)
+    ("gradual", {}, "[export]"),  # after the fine-tuned weights are saved, before the report
 ])
 def test_a_run_interrupted_in_any_stage_resumes_to_the_same_result(digits, tmp_path, method, options, stop_at):
     _fit(method, options, tmp_path / "ref", digits)
