@@ -66,7 +66,7 @@ from hwprune.training.loop import (TrainSettings, cosine_lr, epoch_loader, eval_
 HERE = Path(__file__).resolve().parent
 TP = ["tp-magnitude", "tp-magnitude-local", "tp-bn-scale", "tp-group-norm"]
 # In the order they run: what decides the comparison first, every other method after.
-ROWS = ["magnitude@global+kd", "magnitude@uniform+kd", "magnitude@global", "tp-magnitude", "tp-magnitude-local",
+ROWS = ["gradual@global+kd", "gradual+kd", "magnitude@global+kd", "magnitude@uniform+kd", "magnitude@global", "tp-magnitude", "tp-magnitude-local",
         "wgsef@global+kd", "magnitude@sensitivity+kd", "magnitude@learned+kd", "tp-bn-scale", "tp-group-norm",
         "uniform", "wgsef@learned+kd", "group-lasso@global+kd", "slimming@global+kd", "polarization@global+kd",
         "autoprune@global+kd", "ista-bn@global+kd", "deephoyer@global+kd"]
@@ -320,13 +320,13 @@ def main(argv=None) -> int:
     ap.add_argument("--summarize", type=Path, default=None, metavar="JSONL", help="print the tables of a results file")
     ap.add_argument("--quick", action="store_true",
                     help="a first look (5 minutes on one core of the 2-core machine): seed 0, 25%% of the FLOPs, dense 10 epochs, "
-                         "hwprune's best row against Torch-Pruning's two magnitude pruners")
+                         "hwprune's default and one-shot rows against Torch-Pruning's two magnitude pruners")
     args = ap.parse_args(argv)
     if args.summarize:
         return summarize(args.summarize)
     if args.quick:
         args.seeds, args.budgets, args.dense_epochs = "0", "flops:0.25", 10
-        args.rows = "magnitude@global+kd,magnitude@global,tp-magnitude,tp-magnitude-local"
+        args.rows = "gradual@global+kd,magnitude@global+kd,tp-magnitude,tp-magnitude-local"
         args.results = args.results or HERE / "results" / "methods-quick.jsonl"
     torch.set_num_threads(args.threads)
     rows = [Row(r) for r in args.rows.split(",") if r]
