@@ -290,9 +290,10 @@ def run(args) -> int:
     info = {"model": model_name, "data": data_name, "command": command,
             "model_args": {} if job is not None else {"in_channels": bundle.in_channels, "num_classes": bundle.num_classes,
                                                        "input_size": bundle.input_size}}
-    # Held through the fit: a second fit into this folder is refused before it writes anything.
     check_writable_folder(out)
     _run_json_is_new(out, args)  # a refusal here leaves the folder untouched (no lock file either)
+    # Held through the fit: a second fit into this folder is refused before it writes anything; run.json is
+    # checked again under the lock (another fit may have written it in between).
     with folder_lock(out) if dist.is_main else contextlib.nullcontext():
         if _run_json_is_new(out, args) and dist.is_main:
             atomic_write_json(out / "run.json", {"args": {k: getattr(args, k) for k in _SAVED}, "command": command})

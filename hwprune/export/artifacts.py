@@ -227,18 +227,25 @@ def _save_reference(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _checked(result: ExportResult, kind: str, artifact: Path, reference: Path, runtime: str, inputs: str,
-             emulated=None) -> ExportResult:
+def _fresh_check(kind: str, artifact: Path, reference: Path, runtime: str, inputs: str, emulated=None) -> dict:
+    """The artifact loaded in a fresh process (an emulated one for another CPU), compared with torch; an
+    ExportError when it fails to load or differs by more than :data:`TOLERANCE`."""
     from .check import check_in_fresh_process
 
     check = check_in_fresh_process(kind, artifact, reference, emulated=emulated)
-    check.update(runtime=runtime if emulated is None else f"{runtime} (aarch64 wheel), in {emulated.describe()}",
+    check.update(runtime=runtime if emulated is None else f"{runtime} ({emulated.arch} wheel), in {emulated.describe()}",
                  inputs=inputs)
-    result.check = check
     if not check.get("ok"):
-        raise ExportError(f"{artifact}: the fresh-process check failed: {check.get('error')}")
+        raise ExportError(f"{artifact}: the fresh-process check ({check['runtime']}) failed: {check.get('error')}")
     if check["max_abs_diff"] > TOLERANCE:
-        raise ExportError(f"{artifact}: differs from torch by {check['max_abs_diff']:.3g} (more than {TOLERANCE:g}) on {inputs}")
+        raise ExportError(f"{artifact}: differs from torch by {check['max_abs_diff']:.3g} (more than {TOLERANCE:g}) on "
+                          f"{inputs} ({check['runtime']})")
+    return check
+
+
+def _checked(result: ExportResult, kind: str, artifact: Path, reference: Path, runtime: str, inputs: str,
+             emulated=None) -> ExportResult:
+    result.check = _fresh_check(kind, artifact, reference, runtime, inputs, emulated)
     return result
 
 
@@ -273,16 +280,11 @@ def _checked_on_device_arch(result: ExportResult, run: LoadedRun, path: Path, re
     """For a target of another CPU architecture, the ONNX model once more under that architecture's
     onnxruntime in emulation (when set up): the same file its device will load, never timed."""
     from ..runtimes.emulation import emulated_python
-    from .check import check_in_fresh_process
 
     emulated = emulated_python(run.target.device.arch)
     if emulated is None:
         return result
-    check = check_in_fresh_process("onnx", path, ref, emulated=emulated)
-    if not check.get("ok"):
-        raise ExportError(f"{path}: the check in {emulated.describe()} failed: {check.get('error')}")
-    if check["max_abs_diff"] > TOLERANCE:
-        raise ExportError(f"{path}: under {emulated.arch} onnxruntime it differs from torch by {check['max_abs_diff']:.3g}")
+    check = _fresh_check("onnx", path, ref, "onnxruntime", run.inputs_from, emulated)
     result.notes.append(f"also checked with {emulated.arch} onnxruntime in {emulated.describe()}: max |artifact - torch| "
                         f"= {check['max_abs_diff']:.2e}")
     return result

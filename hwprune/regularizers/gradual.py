@@ -64,6 +64,7 @@ class Gradual(Magnitude):
         self.planned = [int(k) for k in ctx.planned_keep]
         self.end_step = max(1, round(config.end * ctx.total_steps))
         self.keep = torch.ones(ctx.index.n_units, dtype=torch.bool)  # the units not cut so far
+        self._factors: torch.Tensor | None = None  # a cache: keep as mask_'s 0/1 factors (None: nothing cut)
 
     def no_weight_decay(self) -> list[torch.Tensor]:
         return []  # no penalty to fight: weight decay stays as in plain training
@@ -76,20 +77,23 @@ class Gradual(Magnitude):
             count = n - round(fraction * (n - planned))
             order = torch.argsort(-scores[a : a + n], stable=True)  # cut units score 0: they stay cut
             keep[a + order[:count]] = True
+        self._set_keep(keep)
+
+    def _set_keep(self, keep: torch.Tensor) -> None:
         self.keep = keep
+        self._factors = None if bool(keep.all()) else keep.to(torch.float32)
 
     @torch.no_grad()
     def after_step(self, lr: float, step: int) -> None:
         done = step + 1
-        if done % self.config.every == 0 or done == self.end_step:
-            if done <= self.end_step:
-                self._select(cut_fraction(done, self.end_step))
-        if not bool(self.keep.all()):
-            self.index.mask_(self.keep)  # hold the cut units at zero (SGD would move them again)
+        if done <= self.end_step and (done % self.config.every == 0 or done == self.end_step):
+            self._select(cut_fraction(done, self.end_step))
+        if self._factors is not None:  # hold the cut units at zero (SGD would move them again)
+            self.index.mask_(self._factors)  # already float: no conversion per step
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "keep": self.keep.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.keep = state["keep"].clone().to(torch.bool)
+        self._set_keep(state["keep"].clone().to(torch.bool))

@@ -43,11 +43,11 @@ def latency_by_batch(latencies: list) -> dict[str, Any]:
 
 
 def latency_model_check(predicted: dict[str, float], budget_ms: float, model_info: dict, measured: dict | None,
-                        same_session: Callable[[float, float], float] | None = None,
+                        same_session: Callable[[float, float], tuple[float, float, float]] | None = None,
                         narrowest_ms: float | None = None) -> dict[str, Any]:
     """``report["latency_model"]``: what the latency model predicted at planning against what was measured.
 
-    ``same_session(dense_ms, narrowest_ms)``, when given, re-predicts the pruned model with the model
+    ``same_session(dense_ms, narrowest_ms) -> (ms, scale, overhead_ms)``, when given, re-predicts the pruned model with the model
     anchored on the dense and narrowest models timed in the same session as the pruned one (a shared
     machine drifts between planning and export); its error is the one ``within_10pct`` judges.
 

@@ -163,11 +163,11 @@ def check_collapse(reg) -> None:
 
 def _check_task_support(task, config: FitConfig, remote, distributed_run: bool) -> None:
     """What works for the classification task only, refused up front for other tasks (distillation)."""
+    from ..runtimes import RUNTIMES
+
     missing = []
     if config.budget.spec.cost == "latency":
         missing.append("latency budgets")
-    from ..runtimes import RUNTIMES
-
     if remote is not None or not RUNTIMES[config.latency_runtime or "onnxruntime"].task_inputs:
         missing.append("TVM / RPC latency")
     if distributed_run:
