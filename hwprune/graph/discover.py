@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .groups import NORMALIZED, PRODUCER, Group, Member
-from . import hf, ops
+from . import hf, leaves, ops
 from .ops import Ctx, Unsupported, Value
 from .trace import module_of, resolve_excludes, trace
 
@@ -86,6 +86,7 @@ def _walk(gm: fx.GraphModule, excluded: set[str]) -> Ctx:
     ctx = Ctx()
     values: dict[fx.Node, object] = {}
     modules = dict(gm.named_modules())
+    untraced = gm.meta.get("untraced", {})
     for node in gm.graph.nodes:
         out_shape = _out_shape(node)
         if node.op in ("placeholder", "get_attr"):
@@ -101,7 +102,7 @@ def _walk(gm: fx.GraphModule, excluded: set[str]) -> Ctx:
         kwargs = fx.node.map_arg(node.kwargs, lambda n: values.get(n))
         where = module_of(node)
         try:
-            values[node] = _apply(ctx, node, modules, excluded, args, kwargs, out_shape)
+            values[node] = _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced)
         except Unsupported as e:
             layer = where or "(top level)"
             fix = f"exclude the layer to keep its channels (--exclude {where})" if where else \
@@ -121,7 +122,36 @@ def _flatten(x):
         yield x
 
 
-def _apply(ctx, node, modules, excluded, args, kwargs, out_shape):
+def _check_library_layer(ctx, name, module, x, out) -> None:
+    """A subclass of a known layer with its own ``forward``: block the side whose slicing it breaks."""
+    if not isinstance(x, Value):
+        return
+    outputs_ok, inputs_ok = leaves.check_subclass(module, x.shape)
+    what = f"layer '{name}' ({type(module).__name__}) has its own forward, and"
+    if not inputs_ok and x.tracked:
+        ctx.block(x.ids, f"{what} removing its input channels changes what it computes")
+    if not outputs_ok and isinstance(out, Value) and out.tracked:
+        ctx.block(out.ids, f"{what} removing its output channels changes the others")
+
+
+def _unknown_leaf(ctx, name, module, args, out_shape, untraced):
+    """A module hwprune has no handler for (usually one fx could not trace): probe it, or refuse it."""
+    cls = type(module).__name__
+    why = untraced.get(cls)
+    traced = f"fx cannot trace its forward ({why}), so it is a black box" if why else "it is not a known layer"
+    x = args[0] if args else None
+    if not any(True for _ in module.parameters()) and isinstance(x, Value) and len(args) == 1:
+        if not x.tracked:
+            return Value(tuple(out_shape), None, None) if isinstance(out_shape, tuple) and out_shape \
+                and isinstance(out_shape[0], int) else None
+        if leaves.probe_channelwise(module, x.shape, axis=x.axis):
+            ctx.note(name, f"{cls}: {traced}; probed on random inputs, it treats channels one by one")
+            return ops.passthrough(x, out_shape)
+        raise Unsupported(f"{traced}, and probing it on random inputs shows it mixes or reorders channels")
+    raise Unsupported(f"hwprune does not know how channels flow through {cls}: {traced}")
+
+
+def _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced=None):
     if node.op == "call_function" and node.target is operator.getitem:
         return _getitem(ctx, args[0], args[1], out_shape)
     if node.op == "call_module":
@@ -137,8 +167,11 @@ def _apply(ctx, node, modules, excluded, args, kwargs, out_shape):
             return None
         handler = ops.module_handler(module)
         if handler is None:
-            raise Unsupported(f"hwprune does not know how channels flow through {type(module).__name__}")
-        return handler(ctx, name, module, list(args), dict(kwargs), out_shape)
+            return _unknown_leaf(ctx, name, module, args, out_shape, untraced)
+        out = handler(ctx, name, module, list(args), dict(kwargs), out_shape)
+        if leaves.overrides_forward(module):
+            _check_library_layer(ctx, name, module, args[0] if args else None, out)
+        return out
     if node.op == "call_function":
         handler = ops.FUNCTION_HANDLERS.get(node.target)
     else:

@@ -54,6 +54,11 @@ class Ctx:
         self.layer_kind: dict[str, str] = {}
         self.normalized: set[str] = set()  # layers whose output goes straight into a BatchNorm
         self.tags: list[tuple[np.ndarray, "UnitTag"]] = []  # units that are not plain channels (heads)
+        self.notes: dict[str, str] = {}  # layer -> what hwprune inferred or could not follow there
+
+    def note(self, layer: str, text: str) -> None:
+        """Remember something the user should be able to read about ``layer`` (first note wins)."""
+        self.notes.setdefault(layer, text)
 
     def new(self, count: int) -> np.ndarray:
         ids = np.arange(self.n, self.n + count, dtype=np.int64)
@@ -147,6 +152,11 @@ def for_methods(*names: str):
         return fn
 
     return deco
+
+
+def known_layer_types() -> tuple[type, ...]:
+    """Every layer type with a handler: instances (subclasses included) are traced as leaves."""
+    return tuple(t for types, _ in MODULE_HANDLERS for t in types)
 
 
 def module_handler(module: nn.Module) -> Handler | None:

@@ -1,7 +1,18 @@
 """Tracing a model into an fx graph with shapes, with errors that name the module and the op.
 
-Built-in torch.nn layers and the user's excluded modules are leaves; everything else is traced
-through, so a custom block made of convs and adds is understood without help.
+Leaves (modules fx records as one call instead of tracing into):
+
+* built-in torch.nn layers and the user's excluded modules;
+* instances of the layer types hwprune knows (:data:`hwprune.graph.ops.MODULE_HANDLERS`), subclasses
+  included: model libraries write their convs as ``nn.Conv2d`` subclasses with their own ``forward``
+  (same padding, weight standardisation), and tracing into them would leave ``F.conv2d`` on a
+  parameter. Whether such a layer keeps the standard channel semantics is checked numerically
+  (:mod:`hwprune.graph.leaves`);
+* modules whose ``forward`` fx cannot trace (a jit-scripted activation, a custom autograd function,
+  padding computed from the input size): tracing is retried with every module of that class as a leaf,
+  and the walk probes what it does to channels.
+
+Everything else is traced through, so a custom block made of convs and adds is understood without help.
 """
 
 from __future__ import annotations
@@ -18,16 +29,19 @@ from ..errors import ModelError
 class _Tracer(fx.Tracer):
     """fx tracer that treats excluded modules as leaves and remembers where tracing failed."""
 
-    def __init__(self, leaves: set[str]):
+    def __init__(self, leaves: set[str], leaf_types: tuple[type, ...] = ()):
         super().__init__()
         self.leaves = leaves
+        self.leaf_types = leaf_types
         self.path: list[tuple[str, str]] = []
         self.failed_at: tuple[str, str] | None = None
+        self.failed_module: nn.Module | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from ..training.distributed import SyncedBatchNorm  # a BatchNorm to group discovery, whatever its forward
+        from .ops import known_layer_types
 
-        return qualname in self.leaves or isinstance(m, SyncedBatchNorm) or super().is_leaf_module(m, qualname)
+        return (qualname in self.leaves or isinstance(m, known_layer_types()) or isinstance(m, self.leaf_types)
+                or super().is_leaf_module(m, qualname))
 
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
@@ -37,6 +51,7 @@ class _Tracer(fx.Tracer):
         except Exception:
             if self.failed_at is None:  # the innermost module is where tracing broke
                 self.failed_at = self.path[-1]
+                self.failed_module = m
             raise
         finally:
             self.path.pop()
@@ -69,28 +84,46 @@ def resolve_excludes(model: nn.Module, patterns) -> set[str]:
     return {n for n in matched if not any(n.startswith(o + ".") for o in matched if o != n)}
 
 
+# A model whose classes fail one by one is retried this many times at most (one class per retry).
+MAX_LEAF_RETRIES = 16
+
+
 def trace(model: nn.Module, example_inputs: tuple, exclude: set[str] = frozenset()) -> fx.GraphModule:
     """Symbolically trace ``model`` and propagate shapes from ``example_inputs`` (model untouched).
+
+    A submodule whose ``forward`` cannot be traced becomes a leaf (with every module of its class) and
+    the trace is retried; the failure is kept in ``gm.meta["untraced"]`` ({class name: reason}) so that
+    the walk can say why it treats that layer as a black box.
 
     Example:
         >>> gm = trace(nn.Sequential(nn.Conv2d(1, 4, 3)), (torch.zeros(1, 1, 8, 8),))
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'output']
     """
-    tracer = _Tracer(set(exclude))
-    try:
-        graph = tracer.trace(model)
-    except ModelError:
-        raise
-    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
-        where = tracer.failed_at or ("(top level)", type(model).__name__)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(
-            f"cannot trace layer '{where[0]}' ({where[1]}): {reason}. hwprune follows channels through "
-            f"torch.fx; data-dependent control flow is not traceable. Exclude the layer to keep it "
-            f"unpruned (--exclude {where[0]})"
-        ) from None
+    leaf_types: tuple[type, ...] = ()
+    untraced: dict[str, str] = {}
+    for _ in range(MAX_LEAF_RETRIES + 1):
+        tracer = _Tracer(set(exclude), leaf_types)
+        try:
+            graph = tracer.trace(model)
+            break
+        except ModelError:
+            raise
+        except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+            where = tracer.failed_at or ("(top level)", type(model).__name__)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            failed = tracer.failed_module
+            if failed is None or failed is model or type(failed) in leaf_types or len(leaf_types) >= MAX_LEAF_RETRIES:
+                raise ModelError(
+                    f"cannot trace layer '{where[0]}' ({where[1]}): {reason}. hwprune follows channels through "
+                    f"torch.fx; data-dependent control flow is not traceable. Exclude the layer to keep it "
+                    f"unpruned (--exclude {where[0]})"
+                ) from None
+            leaf_types += (type(failed),)
+            untraced[type(failed).__name__] = reason
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["untraced"] = untraced
+    gm.meta["untraced_types"] = leaf_types
     _propagate_shapes(gm, model, example_inputs)
     return gm
 
