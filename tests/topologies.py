@@ -112,6 +112,35 @@ class Shared(nn.Module):
         return self.fc((a * torch.sigmoid(b)).mean((2, 3)))
 
 
+def channel_shuffle(x, groups: int):
+    """ShuffleNet's shuffle: the channel axis viewed as (groups, C / groups), transposed, flattened."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    return torch.transpose(x, 1, 2).contiguous().view(b, -1, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """A ShuffleNet v2 unit (stride 1) between a stem and a head: split the stream in two, transform
+    one half, concatenate, shuffle. The shuffle interleaves the halves, so it couples channel k of the
+    untouched half with channel k of the branch's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.branch = nn.Sequential(
+            nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12), nn.ReLU(),
+            nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.BatchNorm2d(12),
+            nn.Conv2d(12, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        )
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat((a, self.branch(b)), dim=1), 2)
+        return self.head(x)
+
+
 TOPOLOGIES = {
     "residual": (Residual, (2, 3, 8, 8)),
     "concat": (Concat, (2, 3, 8, 8)),
@@ -119,6 +148,7 @@ TOPOLOGIES = {
     "grouped": (Grouped, (2, 3, 8, 8)),
     "squeeze-excite": (SqueezeExcite, (2, 3, 8, 8)),
     "shared-and-split": (Shared, (2, 3, 8, 8)),
+    "channel-shuffle": (ShuffleUnit, (2, 3, 8, 8)),
 }
 
 

@@ -56,6 +56,10 @@ def _resize_embedding(m: nn.Embedding, old: dict) -> None:
     m.embedding_dim = m.weight.shape[1]
 
 
+def _tensors_only(m: nn.Module, old: dict) -> None:
+    """Resizer of a layer whose sizes live only in its tensors."""
+
+
 def kept_indices(groups: list[Group], keep: dict[str, np.ndarray]) -> dict[tuple[str, str, int], np.ndarray]:
     """For every touched ``(module, param, dim)``, the indices that survive along that dim."""
     masks: dict[tuple[str, str, int], np.ndarray] = {}
@@ -96,7 +100,18 @@ def slice_model(model: nn.Module, groups: list[Group], keep: dict[str, np.ndarra
         per_module.setdefault(module, []).append((param, dim, idx))
     for module_name, cuts in per_module.items():
         module = model.get_submodule(module_name) if module_name else model
+        sizes = [c for c in cuts if isinstance(getattr(module, c[0]), (list, tuple))]
+        for param, dim, idx in sizes:  # a list of split sizes (graph.groups.SIZES): piece dim keeps len(idx)
+            old_sizes = getattr(module, param)
+            setattr(module, param, type(old_sizes)(len(idx) if j == dim else n for j, n in enumerate(old_sizes)))
+        cuts = [c for c in cuts if not any(c is t for t in sizes)]
+        if not cuts:
+            continue
         fix = find_resizer(module)
+        if fix is None and not type(module).__module__.startswith("torch.nn"):
+            # A layer of the user's own, found through F.conv2d / F.linear / F.batch_norm on its
+            # parameters (graph.ops "functional layers"): its tensors are all there is to resize.
+            fix = _tensors_only
         if fix is None:
             raise ModelError(
                 f"layer '{module_name}' ({type(module).__name__}): hwprune cannot resize this layer type; "

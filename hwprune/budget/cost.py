@@ -20,7 +20,7 @@ import torch
 from scipy.sparse import csr_matrix
 from torch import nn
 
-from ..graph.groups import Group
+from ..graph.groups import SIZES, Group
 
 
 @dataclass
@@ -89,6 +89,8 @@ def width_variables(groups: list[Group]):
     rows, cols = [], []
     for g in groups:
         for m in g.members:
+            if m.role == SIZES:  # a list of split sizes, not a tensor dimension
+                continue
             key = (m.module, m.param, m.dim)
             v = var_index.setdefault(key, len(var_index))
             full[v] = len(m.unit_of)

@@ -82,16 +82,21 @@ def _getitem(ctx: Ctx, x, index, out_shape):
     return Value(tuple(out_shape), axis, x.ids)
 
 
-def _walk(gm: fx.GraphModule, excluded: set[str]) -> Ctx:
+def _walk(gm: fx.GraphModule, excluded: set[str], model: nn.Module | None = None) -> Ctx:
     ctx = Ctx()
     values: dict[fx.Node, object] = {}
     modules = dict(gm.named_modules())
+    # The GraphModule holds only the leaves; ops inside a traced-through module need the original.
+    originals = dict(model.named_modules()) if model is not None else modules
     untraced = gm.meta.get("untraced", {})
     for node in gm.graph.nodes:
         out_shape = _out_shape(node)
-        if node.op in ("placeholder", "get_attr"):
-            # Model inputs and constants: their channels are not ours to prune.
+        if node.op == "placeholder":
+            # Model inputs: their channels are not ours to prune.
             values[node] = Value(out_shape, None, None) if isinstance(out_shape, tuple) else None
+            continue
+        if node.op == "get_attr":  # a parameter read in a forward: functional layers declare it
+            values[node] = ops.Param(out_shape, None, None, name=str(node.target)) if isinstance(out_shape, tuple) else None
             continue
         if node.op == "output":
             for v in _flatten(fx.node.map_arg(node.args, lambda n: values.get(n))):
@@ -101,6 +106,7 @@ def _walk(gm: fx.GraphModule, excluded: set[str]) -> Ctx:
         args = fx.node.map_arg(node.args, lambda n: values.get(n))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: values.get(n))
         where = module_of(node)
+        ctx.where, ctx.owner = where, originals.get(where)
         try:
             values[node] = _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced)
         except Unsupported as e:
@@ -109,6 +115,17 @@ def _walk(gm: fx.GraphModule, excluded: set[str]) -> Ctx:
                 "move it into a submodule and exclude that submodule"
             raise ModelError(f"layer '{layer}': op '{_op_name(node)}' is not supported: {e}; {fix}") from None
     return ctx
+
+
+def _unsplit(ctx, node, args, kwargs):
+    """A channel axis split in two meets an op that does not merge it back: keep those channels."""
+    def strip(v):
+        if isinstance(v, ops.SplitValue):
+            ctx.block(v.grid.ravel(), f"'{_op_name(node)}' uses a channel axis split in two without merging it back")
+            return Value(v.shape, None, None)
+        return v
+
+    return [strip(a) for a in args], {k: strip(v) for k, v in kwargs.items()}
 
 
 def _flatten(x):
@@ -152,6 +169,8 @@ def _unknown_leaf(ctx, name, module, args, out_shape, untraced):
 
 
 def _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced=None):
+    if node.op == "call_module" and any(isinstance(v, ops.SplitValue) for v in _flatten((args, kwargs))):
+        args, kwargs = _unsplit(ctx, node, args, kwargs)
     if node.op == "call_function" and node.target is operator.getitem:
         return _getitem(ctx, args[0], args[1], out_shape)
     if node.op == "call_module":
@@ -176,6 +195,8 @@ def _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced=None)
         handler = ops.FUNCTION_HANDLERS.get(node.target)
     else:
         handler = ops.METHOD_HANDLERS.get(node.target)
+    if handler not in ops.split_value_ops() and any(isinstance(v, ops.SplitValue) for v in _flatten((args, kwargs))):
+        args, kwargs = _unsplit(ctx, node, args, kwargs)
     if handler is None:
         if out_shape is None:  # shape queries and other non-tensor results carry no channels
             return None
@@ -206,7 +227,7 @@ def discover_groups(model: nn.Module, example_inputs, *, exclude=(), target=None
         ctx = hf.discover_by_pattern(model, excluded)
     else:
         gm = trace(model, tuple(example_inputs), excluded)
-        ctx = _walk(gm, excluded)
+        ctx = _walk(gm, excluded, model)
     groups = _build_groups(ctx)
     if target is not None:
         for g in groups:

@@ -22,6 +22,9 @@ PRODUCER = "producer"  # trainable entries that make the unit's output: regulari
 NORMALIZED = "normalized"
 CONSUMER = "consumer"  # input slices of the layers that read the unit: masked and sliced, not regularized
 BUFFER = "buffer"  # running statistics: sliced only
+# A list attribute of split sizes (MixNet's `splits`): index i is the i-th piece, its "units" are the
+# piece's channels; slicing writes the kept count of each piece back. Not a tensor.
+SIZES = "sizes"
 
 
 @dataclass(eq=False)
@@ -174,6 +177,8 @@ class UnitIndex(UnitNumbering):
             PRODUCER: {}, NORMALIZED: {}, CONSUMER: {}, BUFFER: {}}
         for g, off in zip(self.groups, self.offsets):
             for m in g.members:
+                if m.role == SIZES:
+                    continue
                 key = (m.module, m.param, m.dim)
                 table = self._entries[m.role]
                 t = get_tensor(model, m.module, m.param)

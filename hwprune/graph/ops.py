@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from .groups import BUFFER, CONSUMER, PRODUCER
+from .groups import BUFFER, CONSUMER, PRODUCER, SIZES
 
 
 @dataclass
@@ -42,6 +42,38 @@ class Value:
         return self.ids is not None
 
 
+@dataclass
+class SplitValue(Value):
+    """A tensor whose channel axis was split into two axes (``view(B, g, C // g, H, W)``, the first half
+    of a channel shuffle). ``grid[i, j]`` is the id of the channel at index i of tensor dim
+    ``axes[0]`` and index j of dim ``axes[1]``. Only reshapes, transposes and copies may follow it:
+    any other op blocks its channels (see :func:`split_value_ops`).
+    """
+
+    axes: tuple[int, int] = (0, 0)
+    grid: np.ndarray | None = None
+
+    def merged(self, out_shape) -> Value:
+        """Merge the two axes back into one (the second half of a shuffle): ids in memory order."""
+        lo, hi = sorted(self.axes)
+        order = self.grid if self.axes[0] < self.axes[1] else self.grid.T
+        return Value(tuple(out_shape), lo, order.ravel())
+
+
+@dataclass
+class Param(Value):
+    """A parameter or buffer read with ``get_attr`` (``self.weight`` inside a layer's own forward):
+    ``name`` is its qualified name, so that functional ops on it (``F.conv2d(x, self.weight)``) can
+    declare it as a member of the layer that owns it."""
+
+    name: str = ""
+
+    @property
+    def owner_and_param(self) -> tuple[str, str]:
+        module, _, param = self.name.rpartition(".")
+        return module, param
+
+
 class Ctx:
     """Collects ids, unions, blocked ids and members while the graph is walked."""
 
@@ -55,6 +87,8 @@ class Ctx:
         self.normalized: set[str] = set()  # layers whose output goes straight into a BatchNorm
         self.tags: list[tuple[np.ndarray, "UnitTag"]] = []  # units that are not plain channels (heads)
         self.notes: dict[str, str] = {}  # layer -> what hwprune inferred or could not follow there
+        self.where: str = ""  # the module the op being walked was traced inside
+        self.owner: nn.Module | None = None
 
     def note(self, layer: str, text: str) -> None:
         """Remember something the user should be able to read about ``layer`` (first note wins)."""
@@ -184,6 +218,10 @@ def passthrough(x: Value, out_shape) -> Value:
     """Same channels, same axis (spatial size may change)."""
     if not isinstance(x, Value):
         raise Unsupported("expected a tensor input")
+    if isinstance(x, SplitValue):
+        if tuple(out_shape or ()) != tuple(x.shape):
+            raise Unsupported("the channel axis is split in two here, and this op changes the shape")
+        return x
     if not x.tracked or out_shape is None:
         return Value(tuple(out_shape or ()), None, None)
     shift = len(out_shape) - len(x.shape)
@@ -238,12 +276,28 @@ def _reduce(x: Value, dims, keepdim: bool, out_shape, ctx, name) -> Value:
     return Value(tuple(out_shape), axis, x.ids)
 
 
-def _reshape(x: Value, out_shape) -> Value:
-    """Follow the channel axis through a reshape: kept in place, or merged with trailing dims."""
+def _reshape(x: Value, out_shape, ctx: Ctx | None = None, sizes=None, name: str = "reshape") -> Value:
+    """Follow the channel axis through a reshape: kept in place, merged with trailing dims, split in
+    two (the first half of a channel shuffle: :func:`_split_channels`) or merged back from a split."""
+    if isinstance(x, SplitValue):
+        lo, hi = sorted(x.axes)
+        out, ins = tuple(out_shape), x.shape
+        if hi == lo + 1 and out == ins[:lo] + (ins[lo] * ins[hi],) + ins[hi + 1 :]:
+            return x.merged(out)
+        raise Unsupported(f"reshape {ins} -> {out} of a channel axis split in two is not a merge back")
     if not x.tracked:
         return Value(tuple(out_shape), None, None)
     ins, a = x.shape, x.axis
     out = tuple(out_shape)
+    if ctx is not None and sizes is not None and len(sizes) > a and len(sizes) == len(out) and \
+            isinstance(sizes[a], int) and sizes[a] == out[a] and out[a] > 1 and out[a] % len(x.ids) == 0 \
+            and out[:a] == ins[:a]:
+        # view(B, 64, -1): a channel count written as a constant breaks once channels are removed
+        ctx.block(x.ids, f"'{name}' writes the channel count as a constant ({sizes[a]}); compute it from "
+                         "the tensor (x.size(1), or -1) to let hwprune prune these channels")
+    if (ctx is not None and len(out) == len(ins) + 1 and out[:a] == ins[:a] and out[a + 2 :] == ins[a + 1 :]
+            and out[a] * out[a + 1] == ins[a] and out[a] > 1 and out[a + 1] > 1):
+        return _split_channels(ctx, x, out, sizes, name)
     if out[:a] == ins[:a] and len(out) > a:
         if out[a] == ins[a] and math.prod(out[a + 1 :]) == math.prod(ins[a + 1 :]):
             return Value(out, a, x.ids)
@@ -256,6 +310,34 @@ def _reshape(x: Value, out_shape) -> Value:
     if tail_in == tail_out:
         return Value(out, len(out) - len(ins) + a, x.ids)
     raise Unsupported(f"reshape {ins} -> {out} splits or reorders the channel axis")
+
+
+def _split_channels(ctx: Ctx, x: Value, out, sizes, name: str) -> Value:
+    """``view(B, g, C // g, ...)``: the channel axis becomes a (g, C/g) grid.
+
+    After pruning the same code runs on fewer channels, so the size written as a constant stays and the
+    computed one shrinks. A constant group count g (a shuffle) keeps g rows: every row must lose the
+    same positions, so the channels of a column live or die together. A constant C/g (heads of size
+    C/g) keeps whole rows: the channels of a row live or die together. Which one is constant is read
+    from the call (an int literal against a size computed from the tensor).
+    """
+    a = x.axis
+    grid = x.ids.reshape(out[a], out[a + 1])
+    dims = list(sizes) if sizes is not None else []
+    fixed = [len(dims) > a + k and isinstance(dims[a + k], int) and dims[a + k] != -1 for k in (0, 1)]
+    if fixed == [True, False]:
+        ctx.union(np.broadcast_to(grid[:1], grid.shape), grid)  # columns
+    elif fixed == [False, True]:
+        ctx.union(np.broadcast_to(grid[:, :1], grid.shape), grid)  # rows
+    else:
+        ctx.block(x.ids, f"'{name}' splits the channel axis into {out[a]} x {out[a + 1]} with "
+                         "both sizes fixed (or both computed): hwprune cannot tell which one pruning may change")
+    return SplitValue(tuple(out), None, None, axes=(a, a + 1), grid=grid)
+
+
+def split_value_ops() -> tuple:
+    """The handlers that understand a :class:`SplitValue` (everything else blocks its channels)."""
+    return (_reshape_op, _reshape_fn, _transpose, _permute, _unary)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -446,12 +528,17 @@ def _cat(ctx, name, m, args, kwargs, out_shape):
 @for_functions(torch.flatten)
 @for_methods("flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as")
 def _reshape_op(ctx, name, m, args, kwargs, out_shape):
-    return _reshape(args[0], out_shape)
+    sizes = args[1:] if len(args) > 2 or (len(args) == 2 and not isinstance(args[1], (list, tuple))) else \
+        (list(args[1]) if len(args) == 2 else None)
+    if not name.endswith(("view", "reshape")):
+        sizes = None
+    return _reshape(args[0], out_shape, ctx, sizes, name)
 
 
 @for_functions(torch.reshape, torch.squeeze, torch.unsqueeze)
 def _reshape_fn(ctx, name, m, args, kwargs, out_shape):
-    return _reshape(args[0], out_shape)
+    sizes = call_arg(args, kwargs, 1, "shape") if name.endswith("reshape") else None
+    return _reshape(args[0], out_shape, ctx, list(sizes) if isinstance(sizes, (list, tuple)) else None, name)
 
 
 @for_functions(torch.mean, torch.sum, torch.amax, torch.amin)
@@ -476,10 +563,13 @@ def _softmax(ctx, name, m, args, kwargs, out_shape):
 @for_methods("transpose")
 def _transpose(ctx, name, m, args, kwargs, out_shape):
     x = args[0]
-    if not x.tracked:
-        return Value(tuple(out_shape), None, None)
     nd = len(x.shape)
     d0, d1 = _norm_dim(call_arg(args, kwargs, 1, "dim0"), nd), _norm_dim(call_arg(args, kwargs, 2, "dim1"), nd)
+    if isinstance(x, SplitValue):
+        swap = {d0: d1, d1: d0}
+        return SplitValue(tuple(out_shape), None, None, axes=tuple(swap.get(p, p) for p in x.axes), grid=x.grid)
+    if not x.tracked:
+        return Value(tuple(out_shape), None, None)
     axis = d1 if x.axis == d0 else d0 if x.axis == d1 else x.axis
     return Value(tuple(out_shape), axis, x.ids)
 
@@ -489,9 +579,11 @@ def _transpose(ctx, name, m, args, kwargs, out_shape):
 def _permute(ctx, name, m, args, kwargs, out_shape):
     x = args[0]
     dims = list(args[1:]) if len(args) > 2 or isinstance(args[1], int) else list(args[1])
+    dims = [_norm_dim(d, len(x.shape)) for d in dims]
+    if isinstance(x, SplitValue):
+        return SplitValue(tuple(out_shape), None, None, axes=tuple(dims.index(p) for p in x.axes), grid=x.grid)
     if not x.tracked:
         return Value(tuple(out_shape), None, None)
-    dims = [_norm_dim(d, len(x.shape)) for d in dims]
     return Value(tuple(out_shape), dims.index(x.axis), x.ids)
 
 
@@ -514,6 +606,109 @@ def _split(ctx, name, m, args, kwargs, out_shape):
         # chunk(n) cuts at C/n: prune the pieces identically so that every cut stays in place
         for p in pieces[1:]:
             ctx.union(pieces[0].ids, p.ids)
-    else:
-        ctx.block(x.ids, f"'{name}' cuts the channels at fixed sizes")
+        return tuple(pieces)
+    sections = call_arg(args, kwargs, 1, "split_size_or_sections", call_arg(args, kwargs, 1, "split_size"))
+    attr = _sizes_attribute(ctx.owner, [len(p.ids) for p in pieces]) if isinstance(sections, (list, tuple)) else None
+    if attr is None:
+        ctx.block(x.ids, f"'{name}' cuts the channels at fixed sizes that are not an attribute of layer "
+                         f"'{ctx.where}' (hwprune updates a list attribute such as MixNet's `splits`)")
+        return tuple(pieces)
+    # Split sizes read from a list attribute (geffnet's MixedConv2d: torch.split(x, self.splits, 1)):
+    # each piece is pruned on its own and slicing rewrites the attribute with the kept counts.
+    for i, p in enumerate(pieces):
+        ctx.member(ctx.where, attr, i, p.ids, SIZES)
     return tuple(pieces)
+
+
+def _sizes_attribute(owner: nn.Module | None, sizes: list[int]) -> str | None:
+    """The one list/tuple attribute of ``owner`` equal to ``sizes`` (None if none or several)."""
+    if owner is None:
+        return None
+    hits = [k for k, v in vars(owner).items()
+            if not k.startswith("_") and isinstance(v, (list, tuple)) and list(v) == sizes]
+    return hits[0] if len(hits) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Functional layers on a module's own parameters: ``F.conv2d(x, self.weight, self.bias, ...)``.
+
+
+def _param(v, what: str) -> tuple[str, str] | None:
+    """The (module, param) a functional op's weight comes from; None if absent. A weight computed in
+    the forward (standardised, reparametrised) cannot be sliced through its parameter: refuse it."""
+    if v is None:
+        return None
+    if isinstance(v, Param):
+        return v.owner_and_param
+    raise Unsupported(f"its {what} is computed in the forward, not read from a parameter")
+
+
+@for_functions(F.conv1d, F.conv2d, F.conv3d)
+def _f_conv(ctx, name, m, args, kwargs, out_shape):
+    x, w = args[0], call_arg(args, kwargs, 1, "weight")
+    weight, bias = _param(w, "weight"), _param(call_arg(args, kwargs, 2, "bias"), "bias")
+    groups = call_arg(args, kwargs, 6, "groups", 1)
+    if not isinstance(groups, int):
+        raise Unsupported("its group count is computed in the forward")
+    if x.tracked and x.axis != 1:
+        raise Unsupported("expected input channels on axis 1")
+    layer = weight[0]
+    ctx.layer_kind[layer] = "conv"
+    out = ctx.new(w.shape[0])
+    if groups == 1:
+        if x.tracked:
+            ctx.member(layer, weight[1], 1, x.ids, CONSUMER)
+    else:  # the group count is a constant in the forward: keep the grouped conv whole
+        ctx.block(out, f"grouped '{name}' in layer '{layer}': its group count is written in the forward")
+        ctx.block(x.ids, f"grouped '{name}' in layer '{layer}': its group count is written in the forward")
+    ctx.member(layer, weight[1], 0, out, PRODUCER)
+    if bias is not None:
+        ctx.member(bias[0], bias[1], 0, out, PRODUCER)
+    ctx.note(layer, f"found through {name} on its parameters")
+    return Value(tuple(out_shape), 1, out, producer=layer)
+
+
+@for_functions(F.linear)
+def _f_linear(ctx, name, m, args, kwargs, out_shape):
+    x, w = args[0], call_arg(args, kwargs, 1, "weight")
+    weight, bias = _param(w, "weight"), _param(call_arg(args, kwargs, 2, "bias"), "bias")
+    if x.tracked and x.axis != len(x.shape) - 1:
+        raise Unsupported("expected features on the last axis")
+    layer = weight[0]
+    ctx.layer_kind[layer] = "linear"
+    out = ctx.new(w.shape[0])
+    if x.tracked:
+        ctx.member(layer, weight[1], 1, x.ids, CONSUMER)
+    ctx.member(layer, weight[1], 0, out, PRODUCER)
+    if bias is not None:
+        ctx.member(bias[0], bias[1], 0, out, PRODUCER)
+    ctx.note(layer, f"found through {name} on its parameters")
+    return Value(tuple(out_shape), len(out_shape) - 1, out, producer=layer)
+
+
+@for_functions(F.batch_norm, F.instance_norm)
+def _f_batch_norm(ctx, name, m, args, kwargs, out_shape):
+    x = args[0]
+    if not x.tracked:
+        return passthrough(x, out_shape)
+    if x.axis != 1:
+        raise Unsupported("expected channels on axis 1")
+    # F.batch_norm and F.instance_norm: (input, running_mean, running_var, weight, bias, ...)
+    for what, i, role in (("running_mean", 1, BUFFER), ("running_var", 2, BUFFER), ("weight", 3, PRODUCER),
+                          ("bias", 4, PRODUCER)):
+        p = _param(call_arg(args, kwargs, i, what), what)
+        if p is not None:
+            ctx.member(p[0], p[1], 0, x.ids, role)
+            if role == PRODUCER and x.producer and name.endswith("batch_norm"):
+                ctx.normalized.add(x.producer)
+    return passthrough(x, out_shape)
+
+
+@for_functions(F.layer_norm, F.group_norm)
+def _f_norm_over_channels(ctx, name, m, args, kwargs, out_shape):
+    x = args[0]
+    shape = call_arg(args, kwargs, 1, "normalized_shape" if name.endswith("layer_norm") else "num_groups")
+    over_channels = (x.tracked and x.axis >= len(x.shape) - len(shape)) if name.endswith("layer_norm") else x.tracked
+    if over_channels:
+        ctx.block(x.ids, f"'{name}' normalizes over the channels")
+    return passthrough(x, out_shape)
