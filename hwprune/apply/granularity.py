@@ -32,8 +32,9 @@ class Granularity:
     default_method: ClassVar[str] = "gradual"
 
     def groups(self, model: nn.Module, example, target, exclude) -> tuple[list, dict]:
-        """The model's prunable groups, and the layers that stay dense (for the report)."""
-        return discover_groups(model, example, exclude=exclude, target=target), {}
+        """The model's prunable groups, and the conv/linear layers that keep their width, with why."""
+        groups = discover_groups(model, example, exclude=exclude, target=target)
+        return groups, dict(groups.unpruned)
 
     def index(self, model: nn.Module, groups):
         return UnitIndex(model, groups)

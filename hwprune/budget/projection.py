@@ -177,12 +177,24 @@ def reachable(groups: list[Group], budget: Budget, cost: CostModel | None = None
     return cost(mins) / full, 1.0
 
 
+def no_prunable_groups_message(groups) -> str:
+    """Why nothing can be pruned, layer by layer (never a bare "no prunable groups")."""
+    from ..graph.diagnose import explain
+
+    unpruned = getattr(groups, "unpruned", None)
+    if not unpruned:
+        return ("the model has no prunable groups: it has no conv or linear layer whose output channels "
+                "hwprune can remove (all are coupled to the model's inputs or outputs)")
+    return ("the model has no prunable groups. Every conv/linear layer keeps its output channels, because:\n"
+            + explain(unpruned) + "\nRemove the cause named for a layer (or stop excluding it) to prune it")
+
+
 def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = None) -> None:
     """Reject a budget the model cannot meet, before any training, with the reachable range."""
     prunable = [g for g in groups if g.prunable]
     measure = budget.spec.measure
     if not prunable and not (measure == "units" and budget.value == 0):
-        raise BudgetError("the model has no prunable groups (all channels are coupled to inputs, outputs or excluded layers)")
+        raise BudgetError(no_prunable_groups_message(groups))
     if measure == "relative":
         raise BudgetError("a speedup budget is turned into milliseconds (Budget.as_latency) before it is checked")
     lo, hi = reachable(groups, budget, cost)

@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import ModelError
 from .groups import NORMALIZED, PRODUCER, Group, Member
 from . import hf, leaves, ops
+from .diagnose import GroupList, unpruned_layers
 from .ops import Ctx, Unsupported, Value
 from .trace import module_of, resolve_excludes, trace
 
@@ -198,6 +199,10 @@ def _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced=None)
     if handler not in ops.split_value_ops() and any(isinstance(v, ops.SplitValue) for v in _flatten((args, kwargs))):
         args, kwargs = _unsplit(ctx, node, args, kwargs)
     if handler is None:
+        for v in _flatten((args, kwargs)):
+            if isinstance(v, ops.Param):  # a layer's weight read by an op we do not follow
+                ctx.note(v.owner_and_param[0], f"its parameter '{v.name}' is used by '{_op_name(node)}', "
+                         "which hwprune does not follow; write the layer with standard torch.nn layers")
         if out_shape is None:  # shape queries and other non-tensor results carry no channels
             return None
         if any(isinstance(v, Value) and v.tracked for v in _flatten((args, kwargs))):
@@ -206,12 +211,14 @@ def _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced=None)
     return handler(ctx, _op_name(node), None, list(args), dict(kwargs), out_shape)
 
 
-def discover_groups(model: nn.Module, example_inputs, *, exclude=(), target=None) -> list[Group]:
+def discover_groups(model: nn.Module, example_inputs, *, exclude=(), target=None) -> GroupList:
     """Find the coupled groups of ``model``: the units that must be pruned together.
 
     ``example_inputs``: a tensor or a tuple of tensors of the model's input shape. ``exclude``: layer
     names or globs whose input and output channels stay; a name that matches nothing is an error.
     ``target``: a :class:`~hwprune.target.Target`, which sets each group's channel multiple.
+    The result is a list with one more attribute, ``unpruned``: every conv/linear layer that keeps its
+    output width, mapped to why (:mod:`hwprune.graph.diagnose`).
     Hugging Face ``PreTrainedModel``s are not traced: their blocks are matched by pattern
     (:mod:`hwprune.graph.hf`) and ``example_inputs`` is not used (it may be None).
 
@@ -228,10 +235,11 @@ def discover_groups(model: nn.Module, example_inputs, *, exclude=(), target=None
     else:
         gm = trace(model, tuple(example_inputs), excluded)
         ctx = _walk(gm, excluded, model)
-    groups = _build_groups(ctx)
+    groups = GroupList(_build_groups(ctx))
     if target is not None:
         for g in groups:
             g.multiple = target.group_multiple(g.layer_kinds)
+    groups.unpruned = unpruned_layers(model, groups, ctx.notes, excluded)
     return groups
 
 

@@ -712,3 +712,32 @@ def _f_norm_over_channels(ctx, name, m, args, kwargs, out_shape):
     if over_channels:
         ctx.block(x.ids, f"'{name}' normalizes over the channels")
     return passthrough(x, out_shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Channels to space and back.
+
+
+def _pixel_shuffle_ids(ctx, x: Value, r: int, out_shape, inverse: bool) -> Value:
+    if not x.tracked:
+        return Value(tuple(out_shape), None, None)
+    if x.axis != len(x.shape) - 3:
+        raise Unsupported("expected channels before the two spatial axes")
+    if inverse:  # pixel_unshuffle: output channel c*r*r + k comes from input channel c
+        return Value(tuple(out_shape), x.axis, np.repeat(x.ids, r * r))
+    # pixel_shuffle: input channels c*r*r .. c*r*r + r*r - 1 become output channel c; they go together
+    grid = x.ids.reshape(-1, r * r)
+    ctx.union(np.broadcast_to(grid[:, :1], grid.shape), grid)
+    return Value(tuple(out_shape), x.axis, grid[:, 0].copy())
+
+
+@for_functions(F.pixel_shuffle, F.pixel_unshuffle)
+def _f_pixel_shuffle(ctx, name, m, args, kwargs, out_shape):
+    r = call_arg(args, kwargs, 1, "upscale_factor", call_arg(args, kwargs, 1, "downscale_factor"))
+    return _pixel_shuffle_ids(ctx, args[0], int(r), out_shape, inverse=name.endswith("unshuffle"))
+
+
+@for_modules(nn.PixelShuffle, nn.PixelUnshuffle)
+def _pixel_shuffle_module(ctx, name, m, args, kwargs, out_shape):
+    inverse = isinstance(m, nn.PixelUnshuffle)
+    return _pixel_shuffle_ids(ctx, args[0], m.downscale_factor if inverse else m.upscale_factor, out_shape, inverse)

@@ -169,6 +169,9 @@ class Report:
                              f"{row['block'][0]}x{row['block'][1]} | {row['blocks']} | {row['kept']} | {row['density']:.1%} |")
             for layer, why in (g("blocks.dense_layers") or {}).items():
                 lines.append(f"| {layer} | dense | | | | | {why} |")
+        if g("full_width_layers"):
+            lines += ["", "## Layers that keep their output width", "", "| layer | why |", "|---|---|"]
+            lines += [f"| {layer} | {why} |" for layer, why in g("full_width_layers").items()]
         lm = g("latency_model")
         if lm:
             cal = (lm.get("model") or {}).get("calibration") or {}

@@ -682,6 +682,8 @@ class _Run:
             "throughput": throughput_section(self.state.history, self.dist.world, self.config.train.num_workers),
             "env": _env(),
         }
+        if blocks is None and self.dense_layers:
+            data["full_width_layers"] = self.dense_layers  # conv/linear layers whose outputs stay, with why
         if blocks is not None:
             data["blocks"] = blocks
             data["params"]["counted"] = data["flops"]["counted"] = "weights in kept blocks (a block plan keeps dense shapes)"
