@@ -131,13 +131,17 @@ def test_bert_onnx_matches_torch(tmp_path):
 
 
 def test_unknown_transformer_attention_is_an_error_naming_the_layer():
-    from transformers import GPT2Config, GPT2Model
+    # Llama's attention keeps no head count attribute (and may group its key/value heads): no adapter
+    # matches it, and its gated MLP matches none either (GPT-2, ViT, DistilBERT: tests/test_zoo_transformers.py)
+    from transformers import LlamaConfig, LlamaModel
 
-    gpt = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
-    with pytest.raises(ModelError, match=r"layer 'h\.0\.attn' \(GPT2Attention\).*--exclude h\.0\.attn"):
-        discover_groups(gpt, None)
+    llama = LlamaModel(LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                                   intermediate_size=32, vocab_size=50))
+    with pytest.raises(ModelError, match=r"layer 'layers\.0\.self_attn' \(LlamaAttention\)"
+                                         r".*--exclude layers\.0\.self_attn"):
+        discover_groups(llama, None)
     with pytest.raises(ModelError, match="no block matches"):
-        discover_groups(gpt, None, exclude=["h.0.attn"])
+        discover_groups(llama, None, exclude=["layers.0.self_attn"])
 
 
 def test_excluded_bert_layer_keeps_its_width():
