@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..graph.groups import Group, UnitIndex
+from ..graph.ops import FUNCTIONAL_LAYER_TYPES
 from .resizers import AFTER_SLICE, find_resizer, resizer
 
 @resizer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -108,7 +109,7 @@ def slice_model(model: nn.Module, groups: list[Group], keep: dict[str, np.ndarra
         if not cuts:
             continue
         fix = find_resizer(module)
-        if fix is None and not type(module).__module__.startswith("torch.nn"):
+        if fix is None and type(module) in FUNCTIONAL_LAYER_TYPES:
             # A layer of the user's own, found through F.conv2d / F.linear / F.batch_norm on its
             # parameters (graph.ops "functional layers"): its tensors are all there is to resize.
             fix = _tensors_only

@@ -152,10 +152,40 @@ class Problem:
         return keep
 
     def cost(self, counts) -> float:
+        if hasattr(self.cost_fn, "cost_of_counts"):
+            return float(self.cost_fn.cost_of_counts(self._var_counts(counts)[:, None])[0])
         return float(self.cost_fn(self.keep_vector(counts)))
 
-    def costs_varying(self, counts, g: int, candidates) -> np.ndarray:
-        """The cost with group ``g`` at each of ``candidates`` and every other group as in ``counts``."""
+    def _var_counts(self, counts) -> np.ndarray:
+        """The cost model's per-variable kept counts when group g keeps its best ``counts[g]`` units."""
+        c = np.array(self.cost_fn.fixed, dtype=np.float64)
+        for g, k in enumerate(counts):
+            rows, cum = self._group_counts(g)
+            c[rows] += cum[:, int(k)]
+        return c
+
+    def _group_counts(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cost variables group ``g`` touches, and their counts when it keeps its best 0..size units
+        (columns): what :meth:`costs_varying` adds instead of multiplying the whole keep matrix."""
+        cache = self.__dict__.setdefault("_cum", {})
+        if g not in cache:
+            cols = int(self.offsets[g]) + self.orders[g]
+            sub = self.cost_fn.A[:, cols].tocsr()
+            rows = np.unique(sub.nonzero()[0])
+            dense = sub[rows].toarray()
+            cache[g] = (rows, np.concatenate([np.zeros((len(rows), 1)), np.cumsum(dense, axis=1)], axis=1))
+        return cache[g]
+
+    def costs_varying(self, counts, g: int, candidates, var_counts=None) -> np.ndarray:
+        """The cost with group ``g`` at each of ``candidates`` and every other group as in ``counts``
+        (``var_counts``: :meth:`_var_counts` of ``counts`` when the caller keeps it up to date)."""
+        if hasattr(self.cost_fn, "cost_of_counts"):  # bilinear in per-variable counts: update group g's only
+            rows, cum = self._group_counts(g)
+            var_counts = self._var_counts(counts) if var_counts is None else var_counts
+            cand = np.asarray(candidates, dtype=np.int64)
+            c = np.repeat(var_counts[:, None], len(cand), axis=1)
+            c[rows, :] += cum[:, cand] - cum[:, [int(counts[g])]]
+            return np.asarray(self.cost_fn.cost_of_counts(c), dtype=np.float64)
         base = self.keep_vector(counts)
         a, order = int(self.offsets[g]), self.orders[g]
         keeps = np.repeat(base[:, None], len(candidates), axis=1)
@@ -383,15 +413,21 @@ def solve_lagrangian(problem: Problem, values: list[np.ndarray]) -> tuple[list[i
 def _bisect(problem: Problem, values: list[np.ndarray], start) -> list[int]:
     scale = problem.dense_cost or 1.0
 
+    fast = hasattr(problem.cost_fn, "cost_of_counts")
+
     def best_response(lam, counts):
         counts = list(counts)
+        vc = problem._var_counts(counts) if fast else None  # kept up to date as groups move
         for _ in range(30):  # coordinate ascent; a bilinear cost is linear in one group's width
             changed = False
             for g in range(problem.n_groups):
-                costs = problem.costs_varying(counts, g, problem.allowed[g])
+                costs = problem.costs_varying(counts, g, problem.allowed[g], vc)
                 obj = values[g] - lam * costs / scale
                 j = len(obj) - 1 - int(np.argmax(obj[::-1]))  # ties keep more: no unit goes for nothing
                 if int(problem.allowed[g][j]) != counts[g]:
+                    if fast:
+                        rows, cum = problem._group_counts(g)
+                        vc[rows] += cum[:, int(problem.allowed[g][j])] - cum[:, counts[g]]
                     counts[g], changed = int(problem.allowed[g][j]), True
             if not changed:
                 break
@@ -439,7 +475,9 @@ def improve(problem: Problem, values: list[np.ndarray], counts, status: str, rea
                         pair = list(single)
                         pair[h] = int(problem.allowed[h][idx[h] - dg])
                         moves.append(pair)
-        gains = [(_value(values, problem, m) - current, m) for m in moves]
+        # a move's gain is the sum of its groups' value changes (the value is separable by group)
+        gains = [(sum(float(values[g][int(np.searchsorted(problem.allowed[g], m[g]))] - values[g][idx[g]])
+                      for g in range(problem.n_groups) if m[g] != counts[g]), m) for m in moves]
         gains = [(v, m) for v, m in gains if v > 1e-12]
         gains.sort(key=lambda vm: -vm[0])
         for v, m in gains:

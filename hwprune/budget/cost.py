@@ -62,7 +62,11 @@ class CostModel:
 
     def batch(self, keeps: np.ndarray) -> np.ndarray:
         """The cost of every column of ``keeps`` (units x candidates) at once."""
-        c = self.fixed[:, None] + self.A @ np.asarray(keeps, dtype=np.float64)
+        return self.cost_of_counts(self.fixed[:, None] + self.A @ np.asarray(keeps, dtype=np.float64))
+
+    def cost_of_counts(self, c: np.ndarray) -> np.ndarray:
+        """The cost of every column of ``c``: kept counts per variable (n_vars x candidates). The
+        allocation solver varies one group at a time and updates only that group's variables."""
         f1 = np.where((self.v1 >= 0)[:, None], c[np.maximum(self.v1, 0)], 1.0)
         f2 = np.where((self.v2 >= 0)[:, None], c[np.maximum(self.v2, 0)], 1.0)
         return self.constant + (self.coeff[:, None] * f1 * f2).sum(axis=0)

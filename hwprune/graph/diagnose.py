@@ -58,12 +58,19 @@ def unpruned_layers(model: nn.Module, groups: list, notes: dict[str, str] | None
     does not follow); ``excluded`` the user's excluded layers (their insides are not listed).
     """
     notes = notes or {}
-    state: dict[str, tuple[bool, str | None]] = {}  # layer -> (in a prunable group, blocked reason)
+    state: dict[str, tuple[bool, str | None]] = {}  # layer -> (in a prunable group, why not)
     for g in groups:
+        if g.prunable:
+            why = None
+        elif g.blocked:
+            why = _reason(g.blocked)
+        else:  # not blocked, yet nothing to remove: the hardware multiple covers the whole group
+            why = (f"its {g.size} {g.kind} fit in one hardware multiple ({g.multiple} for "
+                   f"{'/'.join(sorted(g.layer_kinds)) or 'this layer'} in the target): nothing can be removed")
         for m in g.members:
             if m.role in (PRODUCER, NORMALIZED):  # the layer's own outputs
-                ok, why = state.get(m.module, (False, None))
-                state[m.module] = (ok or g.prunable, why or g.blocked)
+                ok, first = state.get(m.module, (False, None))
+                state[m.module] = (ok or g.prunable, first or why)
     out = {}
     for name, layer in _weight_layers(model).items():
         if any(name == e or name.startswith(e + ".") for e in excluded):
@@ -72,7 +79,7 @@ def unpruned_layers(model: nn.Module, groups: list, notes: dict[str, str] | None
         if ok:
             continue
         if why is not None:
-            out[name] = _reason(why)
+            out[name] = why
         elif name in notes:
             out[name] = notes[name]
         else:

@@ -90,6 +90,7 @@ def _walk(gm: fx.GraphModule, excluded: set[str], model: nn.Module | None = None
     # The GraphModule holds only the leaves; ops inside a traced-through module need the original.
     originals = dict(model.named_modules()) if model is not None else modules
     untraced = gm.meta.get("untraced", {})
+    ctx.modules = originals
     for node in gm.graph.nodes:
         out_shape = _out_shape(node)
         if node.op == "placeholder":

@@ -89,6 +89,15 @@ class Ctx:
         self.notes: dict[str, str] = {}  # layer -> what hwprune inferred or could not follow there
         self.where: str = ""  # the module the op being walked was traced inside
         self.owner: nn.Module | None = None
+        self.modules: dict[str, nn.Module] = {}  # the model's modules by name
+
+    def functional_layer(self, layer: str, op: str) -> None:
+        """``layer``'s parameters are used by a functional op (F.conv2d on self.weight): its sizes live
+        in its tensors only, so slicing may resize it by cutting them (:data:`FUNCTIONAL_LAYER_TYPES`)."""
+        module = self.modules.get(layer)
+        if module is not None and not type(module).__module__.startswith("torch.nn"):
+            FUNCTIONAL_LAYER_TYPES.add(type(module))
+        self.note(layer, f"found through {op} on its parameters")
 
     def note(self, layer: str, text: str) -> None:
         """Remember something the user should be able to read about ``layer`` (first note wins)."""
@@ -151,6 +160,10 @@ class Unsupported(Exception):
 
 # ---------------------------------------------------------------------------------------------------
 # Registries.
+
+# Layer classes of the user's own whose parameters discovery found through functional ops: slicing
+# resizes them by cutting their tensors (they have no size attributes that hwprune knows of).
+FUNCTIONAL_LAYER_TYPES: set[type] = set()
 
 Handler = Callable[..., Any]
 MODULE_HANDLERS: list[tuple[tuple[type, ...], Handler]] = []
@@ -664,7 +677,7 @@ def _f_conv(ctx, name, m, args, kwargs, out_shape):
     ctx.member(layer, weight[1], 0, out, PRODUCER)
     if bias is not None:
         ctx.member(bias[0], bias[1], 0, out, PRODUCER)
-    ctx.note(layer, f"found through {name} on its parameters")
+    ctx.functional_layer(layer, name)
     return Value(tuple(out_shape), 1, out, producer=layer)
 
 
@@ -682,7 +695,7 @@ def _f_linear(ctx, name, m, args, kwargs, out_shape):
     ctx.member(layer, weight[1], 0, out, PRODUCER)
     if bias is not None:
         ctx.member(bias[0], bias[1], 0, out, PRODUCER)
-    ctx.note(layer, f"found through {name} on its parameters")
+    ctx.functional_layer(layer, name)
     return Value(tuple(out_shape), len(out_shape) - 1, out, producer=layer)
 
 
@@ -699,6 +712,7 @@ def _f_batch_norm(ctx, name, m, args, kwargs, out_shape):
         p = _param(call_arg(args, kwargs, i, what), what)
         if p is not None:
             ctx.member(p[0], p[1], 0, x.ids, role)
+            ctx.functional_layer(p[0], name)
             if role == PRODUCER and x.producer and name.endswith("batch_norm"):
                 ctx.normalized.add(x.producer)
     return passthrough(x, out_shape)

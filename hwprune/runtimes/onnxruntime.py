@@ -176,11 +176,42 @@ def export_onnx(model: nn.Module, example_input, path: str | os.PathLike, *, dyn
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, args, buf, dynamo=False, opset_version=OPSET,
-            input_names=names, output_names=[output_name], dynamic_axes=dynamic_axes,
-        )
+        try:
+            torch.onnx.export(
+                model, args, buf, dynamo=False, opset_version=OPSET,
+                input_names=names, output_names=[output_name], dynamic_axes=dynamic_axes,
+            )
+        except RuntimeError as e:
+            raise _export_error(model, e) from None
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# What model libraries offer for export, keyed by the package their layers come from.
+_EXPORT_FIXES = {
+    "geffnet": "call geffnet.config.set_exportable(True) before geffnet.create_model",
+    "efficientnet_pytorch": "call model.set_swish(memory_efficient=False) on the EfficientNet",
+    "efficientnet_lite_pytorch": "call model.set_swish(memory_efficient=False) on the EfficientNet",
+    "timm": "create the model with timm.layers.set_layer_config(exportable=True)",
+}
+
+
+def _export_error(model: nn.Module, e: RuntimeError):
+    """A clear error for the usual ONNX failure with library models: a Python (custom autograd) op."""
+    from ..errors import ExportError
+
+    text = str(e)
+    first = text.splitlines()[0] if text else type(e).__name__
+    if "Couldn't export Python operator" not in text:
+        return ExportError(f"ONNX export failed: {first}")
+    op = first.rsplit(" ", 1)[-1]
+    packages = {type(m).__module__.split(".")[0] for m in model.modules()}
+    fixes = [fix for pkg, fix in _EXPORT_FIXES.items() if pkg in packages]
+    return ExportError(
+        f"ONNX export failed: the model runs the Python operator {op} (a custom autograd function, "
+        f"which ONNX cannot represent). Use the library's export-friendly layers"
+        + (f": {'; '.join(fixes)}" if fixes else " (most libraries have an 'exportable' or 'memory_efficient=False' switch)")
+        + ". Pruning is not affected: only the export needs it"
+    )
 
 
 def ort_session(path: str | os.PathLike, providers=("CPUExecutionProvider",), threads: int = 1):
