@@ -334,3 +334,21 @@ def test_distilbert_fit_end_to_end(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).last_hidden_state,
                                    result.model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_gpt2_flops_budget_counts_its_conv1d_layers():
+    """GPT-2's linears are transformers' Conv1D (weight (in, out)). The dense MACs per sequence are, by
+    hand, per layer and token: c_attn 32*96 + c_proj 32*32 + c_fc 32*24 + mlp.c_proj 24*32, plus the tied
+    lm_head 32*64 (an nn.Linear); a 50% FLOPs budget measured on the sliced model lands within 1%."""
+    from hwprune.budget.cost import count_flops, flops_model
+
+    model = gpt2()
+    ids, mask = token_inputs(batch=2)
+    tokens = ids.shape[1]
+    per_token = LAYERS * (HIDDEN * 3 * HIDDEN + HIDDEN * HIDDEN + HIDDEN * FFN + FFN * HIDDEN) + HIDDEN * VOCAB
+    groups = discover_groups(model, None)
+    fm = flops_model(model, (ids,), groups)
+    assert fm(np.ones(fm.A.shape[1])) == per_token * tokens == count_flops(model, (ids,))
+    proj = project(groups, np.random.default_rng(0).random(fm.A.shape[1]), Budget("flops", 0.5), fm)
+    sliced = slice_model(copy.deepcopy(model), groups, proj.keep)
+    assert abs(count_flops(sliced, (ids,)) / (per_token * tokens) - 0.5) <= 0.01 * 0.5 or proj.reason

@@ -117,8 +117,11 @@ def layer_calls(model: nn.Module, example_inputs) -> list[tuple[str, nn.Module, 
     """(name, module, input shape, output shape) of every conv / linear call in one forward pass."""
     calls = []
     hooks = []
+    from ..graph.hf import HFConv1D
+
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                          nn.Linear, HFConv1D)):
             hooks.append(m.register_forward_hook(
                 lambda mod, inp, out, name=name: calls.append((name, mod, tuple(inp[0].shape), tuple(out.shape)))))
     was = [(m, m.training) for m in model.modules()]
@@ -161,6 +164,11 @@ def flops_model(model: nn.Module, example_inputs, groups: list[Group]) -> CostMo
             tokens = int(np.prod(outs[:-1])) / batch
             a, b = var(name, 0), var(name, 1)
             base = tokens * (m.out_features if a < 0 else 1) * (m.in_features if b < 0 else 1)
+        elif not isinstance(m, nn.modules.conv._ConvNd):  # transformers' Conv1D: a linear with weight (in, out)
+            tokens = int(np.prod(outs[:-1])) / batch
+            n_in, n_out = m.weight.shape
+            a, b = var(name, 1), var(name, 0)
+            base = tokens * (n_out if a < 0 else 1) * (n_in if b < 0 else 1)
         else:
             spatial = float(np.prod(outs[2:]))
             k = float(np.prod(m.kernel_size))
