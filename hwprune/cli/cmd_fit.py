@@ -35,8 +35,9 @@ def add_parser(sub) -> None:
     b.add_argument("--params", type=float, help="fraction of the parameters to keep, e.g. 0.5")
     b.add_argument("--latency-ms", type=float, help="predicted latency to reach, in ms (needs the target's profile: hwprune profile)")
     b.add_argument("--speedup", type=float, help="be S times faster than the dense model's measured latency (e.g. 3)")
-    p.add_argument("--model", default=None, help=f"built-in model, minilm (all-MiniLM-L6-v2, distilled on text), or "
-                   f"package.module:function (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"built-in model, minilm (all-MiniLM-L6-v2, distilled on text), "
+                   f"package.module:function, or path/to/file.py:function (a function returning an nn.Module; the path "
+                   f"relative to the current directory or absolute) (default: {DEFAULT_MODEL})")
     p.add_argument("--data", default=None, help=f"built-in dataset or imagefolder:PATH (default: {DEFAULT_DATA})")
     p.add_argument("--granularity", choices=["channels", "blocks"], default=None,
                    help="what a unit is: whole channels/neurons (default; the model is sliced) or weight blocks of the "
@@ -213,6 +214,10 @@ def run(args) -> int:
 
         _torch.set_num_threads(torch_threads)
     check_values(args)
+    from ..models import model_tag, resolve_file_reference
+
+    if args.model:  # file.py:function -> its absolute path: resume and export rebuild it from any directory
+        args.model = resolve_file_reference(args.model)
     if args.resume:
         args = _resume_args(args)
     seed = 0 if args.seed is None else args.seed
@@ -278,7 +283,7 @@ def run(args) -> int:
         config.finetune_lr_scale = 1.0
     if args.epochs:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = args.epochs
-    out = Path(args.out) if args.out else fit_module._default_dir(config, {"model": model_name, "data": data_name, "target": target.name})
+    out = Path(args.out) if args.out else fit_module._default_dir(config, {"model": model_tag(model_name), "data": data_name, "target": target.name})
     if dist.enabled:  # every rank must use rank 0's folder (the default one has a time stamp)
         import torch.distributed as tdist
 

@@ -1,4 +1,4 @@
-"""Built-in models, by name, and user models given as ``package.module:function``.
+"""Built-in models, by name, and user models given as ``package.module:function`` or ``path/to/file.py:function``.
 
     >>> from hwprune.models import build_model, list_models
     >>> list_models()
@@ -12,9 +12,13 @@ channels), which is what the uniform-width baseline uses to rebuild a model thin
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import inspect
 import re
+import sys
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -53,9 +57,11 @@ def _canonical(name: str) -> str:
 def build_model(name: str, *, in_channels: int, num_classes: int, input_size: int, width: float = 1.0) -> nn.Module:
     """Build a fresh, randomly initialised model for inputs of shape ``(N, in_channels, input_size, input_size)``.
 
-    ``name`` is a built-in (see :func:`list_models`; case and ``_``/``-`` are ignored) or a
-    ``package.module:function`` reference. **The reference form imports that module and calls the
-    function: it runs the user's code.** The function is called with those of ``in_channels``,
+    ``name`` is a built-in (see :func:`list_models`; case and ``_``/``-`` are ignored), a
+    ``package.module:function`` reference, or a ``path/to/file.py:function`` reference (the path
+    absolute or relative to the current directory; the file's folder is put on ``sys.path`` while it
+    runs, so it can import its neighbours). **The reference forms import that module or run that file
+    and call the function: they run the user's code.** The function is called with those of ``in_channels``,
     ``num_classes``, ``input_size`` (and ``width`` when it is not 1.0) that it accepts as keyword
     arguments (all of them if it takes ``**kwargs``), or with none if it takes no parameters; it must
     return an ``nn.Module``.
@@ -63,12 +69,17 @@ def build_model(name: str, *, in_channels: int, num_classes: int, input_size: in
         >>> m = build_model("resnet20", in_channels=3, num_classes=10, input_size=32)
         >>> thin = build_model("resnet20", in_channels=3, num_classes=10, input_size=32, width=0.5)
         >>> m2 = build_model("mypkg.nets:make_net", in_channels=1, num_classes=10, input_size=28)  # doctest: +SKIP
+        >>> m3 = build_model("examples/efficientnet_lite1.py:lite1_fashion", in_channels=1, num_classes=10,
+        ...                  input_size=28)  # doctest: +SKIP
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelError(
-            f"model name {name!r} is not usable; expected one of {', '.join(list_models())} "
-            f"or a 'package.module:function' reference."
+            f"model name {name!r} is not usable; expected one of {', '.join(list_models())}, "
+            f"a 'package.module:function' or a 'path/to/file.py:function' reference."
         )
+    if is_file_reference(name):
+        return _build_from_file(name, in_channels=in_channels, num_classes=num_classes,
+                                input_size=input_size, width=width)
     if ":" in name:
         return _build_from_reference(name, in_channels=in_channels, num_classes=num_classes,
                                      input_size=input_size, width=width)
@@ -76,7 +87,8 @@ def build_model(name: str, *, in_channels: int, num_classes: int, input_size: in
     if builder is None:
         raise ModelError(
             f"unknown model {name!r}; the built-in models are: {', '.join(list_models())}. "
-            f"For your own model pass 'package.module:function' (a function that returns an nn.Module)."
+            f"For your own model pass 'package.module:function' or 'path/to/file.py:function' (a function "
+            f"that returns an nn.Module)."
         )
     return builder(in_channels=in_channels, num_classes=num_classes, input_size=input_size, width=width)
 
@@ -98,16 +110,100 @@ def _build_from_reference(ref: str, **kwargs) -> nn.Module:
             f"model reference {ref!r}: importing module {module_name!r} failed with "
             f"{type(e).__name__}: {e}. Fix the error in that module."
         ) from e
+    return _call_model_function(ref, module, f"module {module_name!r}", attr, kwargs)
+
+
+def is_file_reference(name: str) -> bool:
+    """Whether ``name`` is the ``path/to/file.py:function`` form.
+
+        >>> is_file_reference("nets/lite.py:make"), is_file_reference("mypkg.nets:make"), is_file_reference("resnet20")
+        (True, False, False)
+    """
+    path, sep, _ = name.strip().rpartition(":")
+    return bool(sep) and path.strip().endswith(".py")
+
+
+def resolve_file_reference(ref: str) -> str:
+    """A ``file.py:function`` reference with its path made absolute (from the current directory), so that
+    a run folder can rebuild the model from anywhere; any other name as it is.
+
+        >>> import os
+        >>> resolve_file_reference("resnet20")
+        'resnet20'
+        >>> resolve_file_reference("nets/lite.py:make") == os.path.abspath("nets/lite.py") + ":make"
+        True
+    """
+    if not is_file_reference(ref):
+        return ref
+    path, _, attr = ref.strip().rpartition(":")
+    return f"{Path(path.strip()).expanduser().absolute()}:{attr.strip()}"
+
+
+def model_tag(name: str) -> str:
+    """A short name for run folders: ``nets/lite.py:make`` -> ``lite-make``; other names unchanged.
+
+        >>> model_tag("/home/me/nets/lite.py:make"), model_tag("resnet20")
+        ('lite-make', 'resnet20')
+    """
+    if not is_file_reference(name):
+        return name
+    path, _, attr = name.strip().rpartition(":")
+    return f"{Path(path.strip()).stem}-{attr.strip()}"
+
+
+def _build_from_file(ref: str, **kwargs) -> nn.Module:
+    """``path/to/file.py:function``: run the file as a module (its folder on ``sys.path`` meanwhile) and
+    call the function."""
+    path_text, _, attr = (part.strip() for part in ref.strip().rpartition(":"))
+    if not _DOTTED.match(attr):
+        raise ModelError(f"model reference {ref!r} is malformed; expected 'path/to/file.py:function' (a Python "
+                         f"name after the last ':'), e.g. 'models/net.py:make_net'.")
+    path = Path(path_text).expanduser()
+    where = path if path.is_absolute() else Path.cwd() / path
+    if not where.is_file():
+        raise ModelError(f"model reference {ref!r}: file {str(path)!r} does not exist"
+                         + ("" if path.is_absolute() else f" (looked for {where}; a relative path is read from the "
+                            "current directory)") + ".")
+    where = where.resolve()
+    stem = re.sub(r"\W", "_", where.stem)
+    name = f"hwprune_user_model_{stem}_{hashlib.sha1(str(where).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, where)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"model reference {ref!r}: {where} cannot be loaded as a Python file.")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(where.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    sys.modules[name] = module  # dataclasses, pickling and typing look the module up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise ModelError(
+            f"model reference {ref!r}: running file {str(path)!r} failed with {type(e).__name__}: {e}. "
+            f"Fix the error in that file."
+        ) from e
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+    return _call_model_function(ref, module, f"file {str(path)!r}", attr, kwargs)
+
+
+def _call_model_function(ref: str, module, where: str, attr: str, kwargs: dict) -> nn.Module:
+    """Look ``attr`` up in ``module`` (``where`` names it in errors), call it with the keywords it
+    accepts, and check that it returned an ``nn.Module``."""
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-            hint = f" Callables there: {', '.join(public[:12])}." if public else ""
-            raise ModelError(f"model reference {ref!r}: module {module_name!r} has no attribute {attr!r}.{hint}")
+            public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                            and getattr(v, "__module__", module.__name__) == module.__name__)
+            hint = f" Callables defined there: {', '.join(public[:12])}." if public else ""
+            raise ModelError(f"model reference {ref!r}: {where} has no attribute {attr!r}.{hint}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise ModelError(
-            f"model reference {ref!r}: {attr!r} is a {type(obj).__name__}, not a function; "
+            f"model reference {ref!r}: {attr!r} in {where} is a {type(obj).__name__}, not a function; "
             f"it must be a function (or class) that returns an nn.Module."
         )
     call_kwargs = _accepted_kwargs(ref, obj, kwargs)
@@ -118,8 +214,8 @@ def _build_from_reference(ref: str, **kwargs) -> nn.Module:
         raise
     if not isinstance(model, nn.Module):
         raise ModelError(
-            f"model reference {ref!r} returned a {type(model).__name__}, expected a torch.nn.Module. "
-            f"Return the model itself (not a state dict or a tuple)."
+            f"model reference {ref!r}: function {attr!r} in {where} returned a {type(model).__name__}, expected a "
+            f"torch.nn.Module. Return the model itself (not a state dict or a tuple)."
         )
     return model
 
