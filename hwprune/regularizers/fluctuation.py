@@ -23,9 +23,19 @@ contribution ``W_block · x̄`` goes into that layer's own bias.
 
 Choices where the paper is silent or differs (docs/methods.md): the statistics come from ``samples``
 training inputs run through the model in evaluation mode before pruning (the paper: 1,024 sequences
-of WikiText-2); scores are not standardized per layer, because hwprune's projection already compares
-heads with heads and neurons with neurons, and the relative score already puts layers on one scale;
-every rank of a torchrun job measures the same samples, so all ranks choose the same plan.
+of WikiText-2); scores are not standardized per layer by default, because hwprune's projection already
+compares heads with heads and neurons with neurons, and the relative score already puts layers on one
+scale; ``standardize=true`` applies the paper's standardization, ``(score − mean) / std`` over each
+group's units (the sample standard deviation, as the paper's ``torch.std``; a group whose scores are
+all equal gets zeros), before the groups are compared; every rank of a torchrun job measures the same
+samples, so all ranks choose the same plan.
+
+Compensation on CNNs: a reading conv without a bias is compensated in the running mean of the
+BatchNorm right after it. Finding that BatchNorm traces the model with every conv, linear and
+BatchNorm layer as a leaf, subclasses included (efficientnet-pytorch's ``Conv2dStaticSamePadding`` is
+an ``nn.Conv2d`` with its own ``forward``; fx would otherwise trace into it and find no BatchNorm after
+it). Exact for 1x1 convs and linear layers; a k x k conv adds ``Σ_{u,v} W[o, c, u, v] · x̄_c``, exact
+wherever the kernel lies inside the input (at a zero-padded border it sees fewer taps).
 
 Measured on all-MiniLM-L6-v2 at 50% of heads and neurons (docs/benchmarks.md): held-out cosine right
 after pruning and compensation 0.772, against magnitude's 0.412.
@@ -41,13 +51,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ..errors import HwpruneError
 from ..graph.blocks import BlockGroup
 from ..graph.groups import CONSUMER, get_tensor
 from .base import Regularizer, register
-from .fold import ChannelMoments, FoldReport, fold_removed_constants
+from .fold import ChannelMoments, FoldReport, bn_after, fold_removed_constants
 
 
 @dataclass
@@ -58,10 +69,84 @@ class FluctuationConfig:
     samples: int = 512
     compensate: bool = True
     relative: bool = True  # share of each output's variance; false: the paper's Var(x_i)·‖W[:, i]‖²
+    standardize: bool = False  # the paper's per-layer standardization: (score - mean) / std within each group
 
     def __post_init__(self):
         if not (isinstance(self.samples, int) and self.samples >= 1):
             raise HwpruneError(f"fluctuation samples={self.samples!r}: expected a whole number of training inputs >= 1")
+
+
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+class _LayerLeafTracer(fx.Tracer):
+    """fx's tracer with every conv, linear and BatchNorm as a leaf, subclasses with their own ``forward``
+    included (fx's default traces into any module defined outside torch.nn), and the modules of
+    ``leaf_types`` (ones that failed to trace). Remembers the innermost module whose trace failed."""
+
+    def __init__(self, leaf_types: tuple[type, ...] = ()):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.failed: nn.Module | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LAYERS + self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            self.failed = self.failed or m  # the innermost failure is seen first
+            raise
+
+
+def bn_after_layers(model: nn.Module, retries: int = 16) -> dict[str, str]:
+    """``{layer: bn}`` for every conv/linear whose output goes only into a BatchNorm (the compensation's
+    target for a layer without a bias), library subclasses of those layers included. A module whose
+    ``forward`` cannot be traced becomes a leaf (with its class) and the trace is retried; ``{}`` if the
+    model still cannot be traced (its readers are then listed as unfolded).
+
+    Example:
+        >>> class SamePad(nn.Conv2d):                       # a library's conv with its own forward
+        ...     def forward(self, x):
+        ...         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+        >>> class Branchy(nn.Module):                       # data-dependent control flow: fx cannot trace it
+        ...     def forward(self, x):
+        ...         return x if x.shape[-1] > 2 else -x
+        >>> net = nn.Sequential(Branchy(), SamePad(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        >>> bn_after_layers(net)
+        {'1': '2'}
+    """
+    leaf_types: tuple[type, ...] = ()
+    for _ in range(retries + 1):
+        tracer = _LayerLeafTracer(leaf_types)
+        try:
+            return bn_after(model, tracer.trace(model))
+        except Exception:
+            failed = tracer.failed
+            if failed is None or failed is model or type(failed) in leaf_types:
+                return {}
+            leaf_types += (type(failed),)
+    return {}
+
+
+def standardize_per_group(scores: np.ndarray, index) -> np.ndarray:
+    """FLAP's standardization: ``(s − mean) / std`` over each group's units (sample std); zeros for a
+    group whose scores are all equal (or that has one unit).
+
+    Example:
+        >>> class Two:                                   # two groups: units 0-2 and 3-4
+        ...     groups, offsets = [type("G", (), {"size": 3})(), type("G", (), {"size": 2})()], [0, 3]
+        >>> standardize_per_group(np.array([1.0, 2.0, 3.0, 5.0, 5.0]), Two()).tolist()
+        [-1.0, 0.0, 1.0, 0.0, 0.0]
+    """
+    out = np.zeros_like(scores, dtype=np.float64)
+    for g, off in zip(index.groups, index.offsets):
+        s = np.asarray(scores[int(off): int(off) + g.size], dtype=np.float64)
+        std = float(s.std(ddof=1)) if s.size > 1 else 0.0
+        if std > 0 and np.isfinite(std):
+            out[int(off): int(off) + g.size] = (s - s.mean()) / std
+    return out
 
 
 def _reads_columns(layer: nn.Module) -> bool:
@@ -138,13 +223,26 @@ class Fluctuation(Regularizer):
         if self.stats is None:  # before calibration (or used outside fit): the unit norms, never all zeros
             return super().scores()
         if self.blocks:  # a block's score: the sum of its entries' terms
-            return torch.cat([g.block_sq_norms(self._effective_weight(g.name)) for g in self.index.groups]).numpy()
-        n = self.index.n_units
-        acc = torch.zeros(n + 1, dtype=torch.float64)
-        for module, gid in self.readers.items():  # Var(x_i) · Σ_o W[o, i]² (/ Var(y_o)), over a conv's taps too
-            eff = self._effective_weight(module)
-            acc.index_add_(0, gid, eff.pow(2).reshape(eff.shape[0], len(gid), -1).sum(dim=(0, 2)))
-        return acc[:n].numpy()
+            scores = torch.cat([g.block_sq_norms(self._effective_weight(g.name)) for g in self.index.groups]).numpy()
+        else:
+            n = self.index.n_units
+            acc = torch.zeros(n + 1, dtype=torch.float64)
+            for module, gid in self.readers.items():  # Var(x_i) · Σ_o W[o, i]² (/ Var(y_o)), over a conv's taps too
+                eff = self._effective_weight(module)
+                acc.index_add_(0, gid, eff.pow(2).reshape(eff.shape[0], len(gid), -1).sum(dim=(0, 2)))
+            scores = acc[:n].numpy()
+        return standardize_per_group(scores, self.index) if self.config.standardize else scores
+
+    def project(self, groups, budget, cost=None, allocation=None, **kwargs):
+        """As every method's; standardized scores sum to zero in every group, so only allocations that
+        compare scores as they are (``learned``) or not at all (``uniform``) can use them."""
+        if self.config.standardize:
+            policy = getattr(allocation, "policy", allocation) or self.default_allocation
+            if policy not in ("learned", "uniform"):
+                raise HwpruneError(f"--method fluctuation standardize=true with --allocation {policy}: standardized "
+                                   "scores sum to zero in every group, which that allocation cannot weigh; use "
+                                   "--allocation learned (the paper's global ranking) or uniform")
+        return super().project(groups, budget, cost, allocation=allocation, **kwargs)
 
     def stats_out_var(self, module: str) -> torch.Tensor:
         """Variance of each output of a reading layer, floored at 1e-6 of the mean (dead outputs)."""
@@ -159,7 +257,8 @@ class Fluctuation(Regularizer):
             self.fold_report = self._compensate_blocks(keep)
         elif self.config.compensate and self.stats is not None:
             removed = ~self.index.keep_from_plan(keep)
-            self.fold_report = fold_removed_constants(self.ctx.model, self.index, removed, None, stats=self.stats)
+            self.fold_report = fold_removed_constants(self.ctx.model, self.index, removed, None,
+                                                      bn_of=bn_after_layers(self.ctx.model), stats=self.stats)
 
     @torch.no_grad()
     def _compensate_blocks(self, keep) -> FoldReport:
