@@ -9,7 +9,9 @@ Two regimes (docs/benchmarks.md, "Methods against Torch-Pruning"):
 * ``equal-epochs`` (b): dense D epochs, then R + F for every method; ``uniform`` trains from scratch
   for D + R + F. The thin model from scratch is the bar.
 
-Rows: ``METHOD@ALLOCATION`` (hwprune, ``+kd`` to fine-tune with the dense model as teacher),
+Rows: ``METHOD@ALLOCATION`` (hwprune, ``+kd`` to fine-tune with the dense model as teacher, ``+rewind``
+to fine-tune at the full learning rate, ``+lowlr`` to regularize at the fine-tune's, ``+early`` in the
+equal-epochs regime to prune after a fifth of the total epochs and train the pruned model for the rest),
 ``uniform`` (from scratch), ``tp-magnitude``, ``tp-magnitude-local``, ``tp-bn-scale``,
 ``tp-group-norm`` (Torch-Pruning 1.6.1: global ranking, or per-layer for ``-local``; its own sparse
 learning for bn-scale / group-norm, then pruning to the FLOPs, then fine-tuning). Budgets:
@@ -108,6 +110,12 @@ class Row:
         return FitConfig.finetune_lr_scale if "lowlr" in self.flags else None
 
     @property
+    def early(self) -> bool:
+        """``+early`` (equal-epochs regime): prune early and train the pruned model for the rest (You et al.
+        2020, "Drawing early-bird tickets"): the dense model trains a fifth of the total epochs, not D."""
+        return "early" in self.flags
+
+    @property
     def finetune_lr_scale(self) -> float | None:
         """``+rewind``: fine-tune at the full training learning rate (learning-rate rewinding, Renda et
         al. 2020) instead of FitConfig's default scale."""
@@ -169,8 +177,15 @@ def epochs_of(args):
     return r, f, d
 
 
+def early_epochs(args) -> int:
+    """Dense epochs of an ``+early`` row: a fifth of the regime's total (3 of 15)."""
+    return max(1, round(0.2 * sum(args.epochs)))
+
+
 def run_ours(row: Row, dense, train, test, budget, args, seed, out_dir):
     r, f, d = epochs_of(args)
+    if row.early:  # the same total: D + R + F = early + R + (the rest)
+        f = sum(args.epochs) - early_epochs(args) - r
     method, options = VARIANTS.get(row.method, (row.method, {}))
     from_scratch = method == "uniform"
     cfg = FitConfig(budget=budget, method=method, method_options=options, epochs_dense=0, epochs_regularize=r,
@@ -374,7 +389,13 @@ def main(argv=None) -> int:
                             pruned = tp_finetune(row.name, pruned, train, args, seed)
                         else:
                             budget = Budget("flops", value) if kind == "flops" else Budget("speedup", value)
-                            pruned, shock, policy, status = run_ours(row, dense, train, probe, budget, args, seed,
+                            start = dense
+                            if row.early:
+                                if args.regime != "equal-epochs":
+                                    sys.exit(f"row {row.name}: +early belongs to the equal-epochs regime")
+                                start = dense_model(model_name, train, test, early_epochs(args), seed,
+                                                    args.train_subset, args.cache)[0]
+                            pruned, shock, policy, status = run_ours(row, start, train, probe, budget, args, seed,
                                                                       Path(tmp) / "run")
                             extra = {"allocation": policy, "status": status}
                         secs = time.perf_counter() - t0
