@@ -68,7 +68,7 @@ from hwprune.training.loop import (TrainSettings, cosine_lr, epoch_loader, eval_
 HERE = Path(__file__).resolve().parent
 TP = ["tp-magnitude", "tp-magnitude-local", "tp-bn-scale", "tp-group-norm"]
 # In the order they run: what decides the comparison first, every other method after.
-ROWS = ["gradual@global+kd", "gradual+kd", "magnitude@global+kd", "magnitude@uniform+kd", "magnitude@global", "tp-magnitude", "tp-magnitude-local",
+ROWS = ["gradual@global+kd", "gradual+kd", "gradual@global+early+rewind", "magnitude@global+early+rewind", "magnitude@global+kd", "magnitude@uniform+kd", "magnitude@global", "tp-magnitude", "tp-magnitude-local",
         "wgsef@global+kd", "magnitude@sensitivity+kd", "magnitude@learned+kd", "tp-bn-scale", "tp-group-norm",
         "uniform", "wgsef@learned+kd", "group-lasso@global+kd", "slimming@global+kd", "polarization@global+kd",
         "autoprune@global+kd", "ista-bn@global+kd", "deephoyer@global+kd"]
@@ -462,7 +462,27 @@ def summarize(path: Path) -> int:
                 diffs = [acc[row][s] - acc[tp_best][s] for s in common]
                 print(f"| {budget} | {tp_best} {fmt(list(acc[tp_best].values()), True)} | {row} "
                       f"{fmt(list(acc[row].values()), True)} | {fmt(diffs, True)} (n={len(common)}) |")
+        if regime == "equal-epochs":
+            _against_uniform(groups)
     return 0
+
+
+def _against_uniform(groups: dict) -> None:
+    """Regime (b)'s bar: every pruning row against the thin model trained from scratch, paired per seed."""
+    print("\nRegime (b) against its bar, the thin model trained from scratch (per seed, then mean ± std):\n")
+    print("| budget | row | uniform from scratch | the row | row − uniform (pts, paired) |")
+    print("|---|---|---|---|---|")
+    for budget in sorted({b for b, _ in groups if b != "dense"}):
+        acc = {row: {r["seed"]: r["acc"] for r in rs} for (b, row), rs in groups.items() if b == budget}
+        if "uniform" not in acc:
+            continue
+        for row in [r for r in acc if r != "uniform" and r not in TP]:
+            common = sorted(set(acc[row]) & set(acc["uniform"]))
+            if not common:
+                continue
+            diffs = [acc[row][s] - acc["uniform"][s] for s in common]
+            print(f"| {budget} | {row} | {fmt([acc['uniform'][s] for s in common], True)} | "
+                  f"{fmt([acc[row][s] for s in common], True)} | {fmt(diffs, True)} (n={len(common)}) |")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ def test_negative_counts_are_refused_before_any_work(tmp_path_factory, capsys, f
     (["--latency-repeats", "0"], "--latency-repeats 0: expected a whole number >= 1"),
     (["--lr", "-1"], "--lr -1.0: expected a positive learning rate"),
     (["--lr", "nan"], "--lr nan: expected a positive learning rate"),
+    (["--finetune-lr-scale", "0"], "--finetune-lr-scale 0.0: expected a fraction of --lr"),
+    (["--finetune-lr-scale", "inf"], "--finetune-lr-scale inf: expected a fraction of --lr"),
 ])
 def test_the_issues_bad_numbers_are_one_line(tmp_path, capsys, argv, needle):
     _one_line_error(capsys, ["fit", *FAST, *argv, "--out", str(tmp_path / "r")], needle)
@@ -281,3 +283,16 @@ def test_any_key_written_twice_is_named(key, nested):
         text, dup = base + f"{key}: x\n", key
     with pytest.raises(TargetError, match=f"key '{dup}' appears twice"):
         parse_target(text, "t.yaml")
+
+
+def test_finetune_lr_scale_reaches_the_run_and_its_saved_flags(tmp_path, capsys):
+    """--finetune-lr-scale sets the fine-tune's peak learning rate; the run's config and run.json keep it
+    (a resume uses it again)."""
+    import json
+
+    from hwprune.cli.main import main
+
+    out = tmp_path / "run"
+    assert main(["fit", *FAST, "--epochs", "0", "0", "1", "--finetune-lr-scale", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["args"]["finetune_lr_scale"] == 1.0
+    assert json.loads((out / "report.json").read_text())["run"]["config"]["finetune_lr_scale"] == 1.0

@@ -62,6 +62,10 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, nargs=3, metavar=("DENSE", "REGULARIZE", "FINETUNE"),
                    help="epochs per stage (default 15 15 10); DENSE 0 keeps the model's weights as they are")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
+    p.add_argument("--finetune-lr-scale", type=float, default=None, metavar="F",
+                   help="the fine-tune's peak learning rate as a fraction of --lr (default 0.4: a short fine-tune of a "
+                        "trained model); 1 when the model is pruned early and the fine-tune is most of the training "
+                        "(e.g. --epochs 3 3 9 from scratch: docs/benchmarks.md, 'equal total epochs')")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64)")
     p.add_argument("--seed", type=int, default=None, help="random seed (data order, init; default 0)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0: load in the training process)")
@@ -84,7 +88,7 @@ def add_parser(sub) -> None:
 
 
 _SAVED = ["target", "sparsity", "flops", "params", "latency_ms", "speedup", "model", "data", "granularity", "method",
-          "method_option", "allocation", "allocation_option", "distill", "epochs", "lr", "batch_size", "seed", "exclude", "image_size", "latency_batch_size",
+          "method_option", "allocation", "allocation_option", "distill", "epochs", "lr", "finetune_lr_scale", "batch_size", "seed", "exclude", "image_size", "latency_batch_size",
           "latency_repeats", "no_latency", "profile", "latency_runtime", "rpc", "tracker", "key"]
 
 
@@ -136,6 +140,9 @@ def check_values(args) -> None:
                            "(DENSE REGULARIZE FINETUNE)")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise HwpruneError(f"--lr {args.lr}: expected a positive learning rate, e.g. 0.05")
+    scale = getattr(args, "finetune_lr_scale", None)
+    if scale is not None and not (math.isfinite(scale) and 0 < scale <= 10):
+        raise HwpruneError(f"--finetune-lr-scale {scale}: expected a fraction of --lr in (0, 10], e.g. 0.4 or 1")
     for key, lo in _AT_LEAST.items():
         value = getattr(args, key)
         if value is not None and value < lo:
@@ -283,6 +290,8 @@ def run(args) -> int:
         config.finetune_lr_scale = 1.0
     if args.epochs:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = args.epochs
+    if getattr(args, "finetune_lr_scale", None) is not None:
+        config.finetune_lr_scale = args.finetune_lr_scale
     out = Path(args.out) if args.out else fit_module._default_dir(config, {"model": model_tag(model_name), "data": data_name, "target": target.name})
     if dist.enabled:  # every rank must use rank 0's folder (the default one has a time stamp)
         import torch.distributed as tdist
