@@ -449,14 +449,17 @@ def summarize(path: Path) -> int:
                   f"{fmt([r.get('flops') for r in rs], digits=3)} | {fmt([r.get('params') for r in rs], digits=0)} | "
                   f"{fmt([r.get('ratio') for r in rs], digits=3)} | {fmt([r.get('shock') for r in rs], True, 1)} | "
                   f"{fmt([r.get('secs') for r in rs], digits=0)} |")
-        print("\n| budget | Torch-Pruning's best | hwprune row | hwprune − TP best (pts, paired over seeds) |")
-        print("|---|---|---|---|")
+        header = ["\n| budget | Torch-Pruning's best | hwprune row | hwprune − TP best (pts, paired over seeds) |",
+                  "|---|---|---|---|"]
         for budget in sorted({b for b, _ in groups if b != "dense"}):
             acc = {row: {r["seed"]: r["acc"] for r in rs} for (b, row), rs in groups.items() if b == budget}
             tps = [t for t in TP if t in acc]
             if not tps:
                 continue
             tp_best = max(tps, key=lambda t: statistics.mean(acc[t].values()))
+            if header:  # printed once, and only when some budget has Torch-Pruning rows
+                print("\n".join(header))
+                header = []
             for row in [r for r in acc if r not in TP]:
                 common = sorted(set(acc[row]) & set(acc[tp_best]))
                 diffs = [acc[row][s] - acc[tp_best][s] for s in common]
