@@ -336,3 +336,23 @@ def test_no_prunable_groups_names_each_layer_and_its_cause():
         check_budget(groups, Budget("sparsity", 0.5))
     msg = str(e.value)
     assert "- 0: excluded layer '2'" in msg and "- 4: its output is the model output" in msg
+
+
+# --- latency profiles of library convs ---------------------------------------------------------------
+
+@pytest.mark.parametrize("side, stride", [(9, 2), (8, 2), (8, 1)])
+def test_profile_shape_of_a_conv_that_pads_in_its_forward(side, stride):
+    """The latency profile times a plain conv per layer shape. A same-padding conv's `padding` attribute
+    is 0 (it pads in its forward), so the shape must come from what it computes: a plain conv with the
+    recorded kernel, stride, padding and input size gives the library conv's output size. (By hand:
+    9 -> 5 at stride 2 pads 1 each side; 8 -> 4 pads 0 + 1, profiled as a 9x9 input without padding.)"""
+    from hwprune.latency.shapes import layer_uses
+
+    model = nn.Sequential(DynamicSameConv(3, 8, 3, stride=stride), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, side, side)
+    groups = discover_groups(model, x)
+    use = next(u for u in layer_uses(model, x, groups)[0] if u.name == "0")
+    expected = {(9, 2): ([1, 1], [9, 9]), (8, 2): ([0, 0], [9, 9]), (8, 1): ([1, 1], [8, 8])}[(side, stride)]
+    assert (use.shape["padding"], use.shape["input_hw"]) == expected
+    plain = nn.Conv2d(3, 8, 3, stride=stride, padding=tuple(use.shape["padding"]))
+    assert plain(torch.zeros(1, 3, *use.shape["input_hw"])).shape == model[0](x).shape

@@ -26,6 +26,7 @@ from torch import nn
 from ..budget.cost import layer_calls, width_variables
 from ..errors import ProfileError
 from ..graph.groups import Group
+from ..graph.leaves import overrides_forward
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,26 @@ def _achievable(v: int, A, fixed: np.ndarray, groups: list[Group]) -> tuple[int,
     return tuple(sorted(sums))
 
 
+def _effective_padding(m: nn.Conv2d, ins, outs) -> dict:
+    """The zero padding a conv subclass applied inside its ``forward`` (efficientnet-pytorch's
+    ``Conv2dStaticSamePadding``, geffnet's ``Conv2dSame``), read off its input and output sizes: the same
+    padding on both sides when the total is even, else the input grown by the total and no padding
+    (TF's "same" pads one more at the end). Either way the profiled conv computes the same output size.
+
+    Example:
+        >>> conv = nn.Conv2d(4, 4, 3, stride=2)                    # pads (0, 1) inside its forward: 8 -> 4
+        >>> _effective_padding(conv, (1, 4, 8, 8), (1, 4, 4, 4))
+        {'padding': [0, 0], 'input_hw': [9, 9]}
+    """
+    pads, hw = [], []
+    for i in range(2):
+        k, st, d = m.kernel_size[i], m.stride[i], m.dilation[i]
+        total = max((int(outs[2 + i]) - 1) * st + d * (k - 1) + 1 - int(ins[2 + i]), 0)
+        pads.append(total // 2 if total % 2 == 0 else 0)
+        hw.append(int(ins[2 + i]) + (0 if total % 2 == 0 else total))
+    return {"padding": pads, "input_hw": hw}
+
+
 def layer_uses(model: nn.Module, example, groups: list[Group]):
     """Every conv / linear call of ``model`` on ``example`` as a :class:`LayerUse`; also ``(A, fixed)``.
 
@@ -92,7 +113,9 @@ def layer_uses(model: nn.Module, example, groups: list[Group]):
         elif isinstance(m, nn.Conv2d):
             shape = {"kernel": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
                      "dilation": list(m.dilation), "input_hw": [int(ins[2]), int(ins[3])]}
-            if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            if overrides_forward(m):  # a library conv that pads inside its own forward (same padding)
+                shape.update(_effective_padding(m, ins, outs))
+            elif isinstance(m.padding, str) or m.padding_mode != "zeros":
                 raise ProfileError(f"layer '{name}': padding {m.padding!r} / mode {m.padding_mode!r} is not profiled "
                                    "(only numeric zero padding)")
             if m.groups == 1:
