@@ -152,9 +152,20 @@ class Problem:
         return keep
 
     def cost(self, counts) -> float:
-        if hasattr(self.cost_fn, "cost_of_counts"):
-            return float(self.cost_fn.cost_of_counts(self._var_counts(counts)[:, None])[0])
+        if hasattr(self.cost_fn, "partial_cost"):
+            return self._full_cost(self._var_counts(counts))
         return float(self.cost_fn(self.keep_vector(counts)))
+
+    def _full_cost(self, var_counts: np.ndarray) -> float:
+        """The cost at ``var_counts``, remembered: coordinate ascent asks it for the same widths once per
+        group it visits (a latency model predicts every layer for it)."""
+        cache = self.__dict__.setdefault("_full", {})
+        key = var_counts.tobytes()
+        if key not in cache:
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = float(self.cost_fn.cost_of_counts(var_counts[:, None])[0])
+        return cache[key]
 
     def _var_counts(self, counts) -> np.ndarray:
         """The cost model's per-variable kept counts when group g keeps its best ``counts[g]`` units."""
@@ -179,13 +190,15 @@ class Problem:
     def costs_varying(self, counts, g: int, candidates, var_counts=None) -> np.ndarray:
         """The cost with group ``g`` at each of ``candidates`` and every other group as in ``counts``
         (``var_counts``: :meth:`_var_counts` of ``counts`` when the caller keeps it up to date)."""
-        if hasattr(self.cost_fn, "cost_of_counts"):  # bilinear in per-variable counts: update group g's only
+        if hasattr(self.cost_fn, "partial_cost"):  # a sum of terms over per-variable counts: redo group g's only
             rows, cum = self._group_counts(g)
             var_counts = self._var_counts(counts) if var_counts is None else var_counts
             cand = np.asarray(candidates, dtype=np.int64)
             c = np.repeat(var_counts[:, None], len(cand), axis=1)
             c[rows, :] += cum[:, cand] - cum[:, [int(counts[g])]]
-            return np.asarray(self.cost_fn.cost_of_counts(c), dtype=np.float64)
+            base = var_counts[:, None]
+            rest = self._full_cost(var_counts) - self.cost_fn.partial_cost(base, rows)[0]
+            return rest + np.asarray(self.cost_fn.partial_cost(c, rows), dtype=np.float64)
         base = self.keep_vector(counts)
         a, order = int(self.offsets[g]), self.orders[g]
         keeps = np.repeat(base[:, None], len(candidates), axis=1)
@@ -413,7 +426,7 @@ def solve_lagrangian(problem: Problem, values: list[np.ndarray]) -> tuple[list[i
 def _bisect(problem: Problem, values: list[np.ndarray], start) -> list[int]:
     scale = problem.dense_cost or 1.0
 
-    fast = hasattr(problem.cost_fn, "cost_of_counts")
+    fast = hasattr(problem.cost_fn, "partial_cost")
 
     def best_response(lam, counts):
         counts = list(counts)

@@ -67,9 +67,16 @@ class CostModel:
     def cost_of_counts(self, c: np.ndarray) -> np.ndarray:
         """The cost of every column of ``c``: kept counts per variable (n_vars x candidates). The
         allocation solver varies one group at a time and updates only that group's variables."""
-        f1 = np.where((self.v1 >= 0)[:, None], c[np.maximum(self.v1, 0)], 1.0)
-        f2 = np.where((self.v2 >= 0)[:, None], c[np.maximum(self.v2, 0)], 1.0)
-        return self.constant + (self.coeff[:, None] * f1 * f2).sum(axis=0)
+        return self.constant + self.partial_cost(c, None)
+
+    def partial_cost(self, c: np.ndarray, rows) -> np.ndarray:
+        """The sum of the terms that read any variable in ``rows`` (every term for None), per column."""
+        terms = np.arange(len(self.coeff)) if rows is None else \
+            np.flatnonzero(np.isin(self.v1, rows) | np.isin(self.v2, rows))
+        v1, v2 = self.v1[terms], self.v2[terms]
+        f1 = np.where((v1 >= 0)[:, None], c[np.maximum(v1, 0)], 1.0)
+        f2 = np.where((v2 >= 0)[:, None], c[np.maximum(v2, 0)], 1.0)
+        return (self.coeff[terms][:, None] * f1 * f2).sum(axis=0)
 
     def unit_savings(self, keep: np.ndarray) -> np.ndarray:
         """First-order cost saved by removing each unit alone, given the current ``keep``."""

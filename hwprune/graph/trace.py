@@ -88,25 +88,18 @@ def resolve_excludes(model: nn.Module, patterns) -> set[str]:
 MAX_LEAF_RETRIES = 16
 
 
-def trace(model: nn.Module, example_inputs: tuple, exclude: set[str] = frozenset()) -> fx.GraphModule:
-    """Symbolically trace ``model`` and propagate shapes from ``example_inputs`` (model untouched).
+def _symbolic_trace(model: nn.Module, exclude: set[str] = frozenset()):
+    """fx-trace ``model`` with hwprune's leaves, retrying with each failing module's class as a leaf.
 
-    A submodule whose ``forward`` cannot be traced becomes a leaf (with every module of its class) and
-    the trace is retried; the failure is kept in ``gm.meta["untraced"]`` ({class name: reason}) so that
-    the walk can say why it treats that layer as a black box.
-
-    Example:
-        >>> gm = trace(nn.Sequential(nn.Conv2d(1, 4, 3)), (torch.zeros(1, 1, 8, 8),))
-        >>> [n.op for n in gm.graph.nodes]
-        ['placeholder', 'call_module', 'output']
+    Returns ``(graph, root, untraced)``; raises :class:`ModelError` naming the layer when the model
+    itself (or a class already made a leaf) cannot be traced.
     """
     leaf_types: tuple[type, ...] = ()
     untraced: dict[str, str] = {}
     for _ in range(MAX_LEAF_RETRIES + 1):
         tracer = _Tracer(set(exclude), leaf_types)
         try:
-            graph = tracer.trace(model)
-            break
+            return tracer.trace(model), tracer.root, untraced
         except ModelError:
             raise
         except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
@@ -121,9 +114,39 @@ def trace(model: nn.Module, example_inputs: tuple, exclude: set[str] = frozenset
                 ) from None
             leaf_types += (type(failed),)
             untraced[type(failed).__name__] = reason
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def trace_graph(model: nn.Module) -> fx.Graph | None:
+    """The model's fx graph with the same leaves as :func:`trace` (known layer types, their library
+    subclasses, modules fx cannot trace), without shapes; None if it cannot be traced. For analyses
+    that read the graph's structure (which BatchNorm follows which conv).
+
+    Example:
+        >>> [n.op for n in trace_graph(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))).nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    try:
+        return _symbolic_trace(model)[0]
+    except ModelError:
+        return None
+
+
+def trace(model: nn.Module, example_inputs: tuple, exclude: set[str] = frozenset()) -> fx.GraphModule:
+    """Symbolically trace ``model`` and propagate shapes from ``example_inputs`` (model untouched).
+
+    A submodule whose ``forward`` cannot be traced becomes a leaf (with every module of its class) and
+    the trace is retried; the failure is kept in ``gm.meta["untraced"]`` ({class name: reason}) so that
+    the walk can say why it treats that layer as a black box.
+
+    Example:
+        >>> gm = trace(nn.Sequential(nn.Conv2d(1, 4, 3)), (torch.zeros(1, 1, 8, 8),))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'output']
+    """
+    graph, root, untraced = _symbolic_trace(model, exclude)
+    gm = fx.GraphModule(root, graph, type(model).__name__)
     gm.meta["untraced"] = untraced
-    gm.meta["untraced_types"] = leaf_types
     _propagate_shapes(gm, model, example_inputs)
     return gm
 

@@ -124,6 +124,22 @@ class LatencyModel:
     def _widths(self, u: LayerUse, c: np.ndarray) -> tuple[float, ...]:
         return tuple(float(c[v]) if v >= 0 else float(w) for v, w in zip(u.vars, u.full))
 
+    def cost_of_counts(self, c: np.ndarray) -> np.ndarray:
+        """The predicted latency of every column of ``c`` (per-variable kept counts x candidates)."""
+        return self.overhead_ms + self.partial_cost(c, None)
+
+    def partial_cost(self, c: np.ndarray, rows) -> np.ndarray:
+        """The scaled latency of the layers that read any variable in ``rows`` (every layer for None), per
+        column of ``c``: the allocation solver varies one group and re-predicts only its layers."""
+        touched = set(int(r) for r in rows) if rows is not None else None
+        out = np.zeros(c.shape[1])
+        for u, t, sm in zip(self.uses, self.tables, self.smooth):
+            if touched is not None and not touched.intersection(u.vars):
+                continue
+            for j in range(c.shape[1]):
+                out[j] += t.predict(*self._widths(u, c[:, j]), table=sm)
+        return self.scale * out
+
     def layer_ms(self, keep: np.ndarray) -> list[float]:
         """Predicted ms of every conv / linear call, in model order."""
         c = self.counts(keep)

@@ -31,10 +31,9 @@ all equal gets zeros), before the groups are compared; every rank of a torchrun 
 samples, so all ranks choose the same plan.
 
 Compensation on CNNs: a reading conv without a bias is compensated in the running mean of the
-BatchNorm right after it. Finding that BatchNorm traces the model with every conv, linear and
-BatchNorm layer as a leaf, subclasses included (efficientnet-pytorch's ``Conv2dStaticSamePadding`` is
-an ``nn.Conv2d`` with its own ``forward``; fx would otherwise trace into it and find no BatchNorm after
-it). Exact for 1x1 convs and linear layers; a k x k conv adds ``Σ_{u,v} W[o, c, u, v] · x̄_c``, exact
+BatchNorm right after it, found on the graph with group discovery's leaves (``fold.bn_after``: library
+subclasses such as efficientnet-pytorch's ``Conv2dStaticSamePadding`` are convs there; fx would
+otherwise trace into them and find no BatchNorm after them). Exact for 1x1 convs and linear layers; a k x k conv adds ``Σ_{u,v} W[o, c, u, v] · x̄_c``, exact
 wherever the kernel lies inside the input (at a zero-padded border it sees fewer taps).
 
 Measured on all-MiniLM-L6-v2 at 50% of heads and neurons (docs/benchmarks.md): held-out cosine right
@@ -51,7 +50,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.fx as fx
 from torch import nn
 
 from ..errors import HwpruneError
@@ -74,60 +72,6 @@ class FluctuationConfig:
     def __post_init__(self):
         if not (isinstance(self.samples, int) and self.samples >= 1):
             raise HwpruneError(f"fluctuation samples={self.samples!r}: expected a whole number of training inputs >= 1")
-
-
-_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
-
-
-class _LayerLeafTracer(fx.Tracer):
-    """fx's tracer with every conv, linear and BatchNorm as a leaf, subclasses with their own ``forward``
-    included (fx's default traces into any module defined outside torch.nn), and the modules of
-    ``leaf_types`` (ones that failed to trace). Remembers the innermost module whose trace failed."""
-
-    def __init__(self, leaf_types: tuple[type, ...] = ()):
-        super().__init__()
-        self.leaf_types = leaf_types
-        self.failed: nn.Module | None = None
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LAYERS + self.leaf_types) or super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            self.failed = self.failed or m  # the innermost failure is seen first
-            raise
-
-
-def bn_after_layers(model: nn.Module, retries: int = 16) -> dict[str, str]:
-    """``{layer: bn}`` for every conv/linear whose output goes only into a BatchNorm (the compensation's
-    target for a layer without a bias), library subclasses of those layers included. A module whose
-    ``forward`` cannot be traced becomes a leaf (with its class) and the trace is retried; ``{}`` if the
-    model still cannot be traced (its readers are then listed as unfolded).
-
-    Example:
-        >>> class SamePad(nn.Conv2d):                       # a library's conv with its own forward
-        ...     def forward(self, x):
-        ...         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
-        >>> class Branchy(nn.Module):                       # data-dependent control flow: fx cannot trace it
-        ...     def forward(self, x):
-        ...         return x if x.shape[-1] > 2 else -x
-        >>> net = nn.Sequential(Branchy(), SamePad(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
-        >>> bn_after_layers(net)
-        {'1': '2'}
-    """
-    leaf_types: tuple[type, ...] = ()
-    for _ in range(retries + 1):
-        tracer = _LayerLeafTracer(leaf_types)
-        try:
-            return bn_after(model, tracer.trace(model))
-        except Exception:
-            failed = tracer.failed
-            if failed is None or failed is model or type(failed) in leaf_types:
-                return {}
-            leaf_types += (type(failed),)
-    return {}
 
 
 def standardize_per_group(scores: np.ndarray, index) -> np.ndarray:
@@ -258,7 +202,7 @@ class Fluctuation(Regularizer):
         elif self.config.compensate and self.stats is not None:
             removed = ~self.index.keep_from_plan(keep)
             self.fold_report = fold_removed_constants(self.ctx.model, self.index, removed, None,
-                                                      bn_of=bn_after_layers(self.ctx.model), stats=self.stats)
+                                                      bn_of=bn_after(self.ctx.model), stats=self.stats)
 
     @torch.no_grad()
     def _compensate_blocks(self, keep) -> FoldReport:

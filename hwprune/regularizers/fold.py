@@ -48,11 +48,12 @@ _ADDS = {torch.add, operator.add, operator.iadd, "add", "add_"}
 
 
 def trace_graph(model: nn.Module) -> fx.Graph | None:
-    """The model's fx graph (torch.nn layers as leaves), or None if it cannot be traced."""
-    try:
-        return fx.Tracer().trace(model)
-    except Exception:  # untraceable user code: the caller falls back to 'no unit qualifies'
-        return None
+    """The model's fx graph with hwprune's leaves (library conv subclasses and untraceable activations
+    included: :func:`hwprune.graph.trace.trace_graph`), or None if it cannot be traced; the caller then
+    falls back to 'no unit qualifies'."""
+    from ..graph.trace import trace_graph as _trace_graph
+
+    return _trace_graph(model)
 
 
 def _is_homogeneous(node: fx.Node, model: nn.Module) -> bool:
@@ -122,7 +123,19 @@ def homogeneous_units(model: nn.Module, index: UnitIndex, graph: fx.Graph | None
 
 
 def bn_after(model: nn.Module, graph: fx.Graph | None = None) -> dict[str, str]:
-    """``{layer: bn}`` for every conv/linear whose output goes only into a BatchNorm (fold target)."""
+    """``{layer: bn}`` for every conv/linear whose output goes only into a BatchNorm (fold target),
+    library subclasses of those layers included; ``{}`` if the model cannot be traced.
+
+    Example:
+        >>> class SamePad(nn.Conv2d):                       # a library's conv with its own forward
+        ...     def forward(self, x):
+        ...         return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+        >>> class Branchy(nn.Module):                       # data-dependent control flow: fx cannot trace it
+        ...     def forward(self, x):
+        ...         return x if x.shape[-1] > 2 else -x
+        >>> bn_after(nn.Sequential(Branchy(), SamePad(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU()))
+        {'1': '2'}
+    """
     graph = graph if graph is not None else trace_graph(model)
     out: dict[str, str] = {}
     if graph is None:
