@@ -215,3 +215,42 @@ def test_cli_targets_and_env(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "onnxruntime" in out
+
+
+@torch.no_grad()
+def _population_bn_mean(model, data, first_bn):
+    """The mean of the first BatchNorm's input over the training set, by hand: a hook collects its inputs."""
+    seen = []
+    h = first_bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].mean(dim=(0, 2, 3)) * inp[0].shape[0]))
+    was = model.training
+    model.eval()
+    n = 0
+    for i in range(0, len(data), 256):
+        xs = torch.stack([data[j][0] for j in range(i, min(i + 256, len(data)))])
+        model(xs)
+        n += len(xs)
+    h.remove()
+    model.train(was)
+    return torch.stack(seen).sum(0) / n
+
+
+@pytest.mark.parametrize("momentum", [0.01, 0.1])
+def test_slow_batchnorm_averages_are_re_estimated_after_the_fine_tune(digits, tmp_path, momentum):
+    """With a library's BatchNorm momentum of 0.01 the running mean after a one-epoch fine-tune lags the
+    model; the fit re-estimates it, so it is the mean of the BN's input over the training data (computed
+    here with a hook, up to the last batch's weight). PyTorch's 0.1 is left as trained (it is further off)."""
+    torch.manual_seed(0)
+    net = tiny_resnet(1, 10, 8)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    cfg = FitConfig(budget=Budget("sparsity", 0.5), epochs_dense=1, epochs_regularize=1, epochs_finetune=3,
+                    finetune_lr_scale=1.0)
+    result = hwprune.fit(net, digits.train, test_data=digits.test, target="host-cpu", config=cfg,
+                         out_dir=tmp_path / "run", progress=None, measure=False)
+    bn = next(m for m in result.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    expected = _population_bn_mean(result.model, digits.train, bn)
+    # measured: re-estimated 0.7% off (the last, smaller batch weighs as much as the others); left as
+    # trained at 0.1: 1.9%; at 0.01 without the re-estimate: 3.7%
+    err = float((bn.running_mean - expected).abs().max() / expected.abs().max())
+    assert (err < 0.012) == (momentum < 0.1), err
