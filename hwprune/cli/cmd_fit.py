@@ -71,7 +71,8 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0: load in the training process)")
     p.add_argument("--exclude", action="append", default=[], metavar="LAYER",
                    help="layer name or glob whose channels are kept (repeatable)")
-    p.add_argument("--image-size", type=int, default=None, help="image size for imagefolder data (default 32)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize every image to this side (default: the dataset's own, 32 for imagefolder)")
     p.add_argument("--out", default=None, help="run folder (default runs/<time>-<model>-<data>-<target>-<budget>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run with its settings")
     p.add_argument("--latency-batch-size", type=int, default=None, help="batch size for latency (default: the target's)")

@@ -30,9 +30,11 @@ def add_parser(sub) -> None:
         "Example: hwprune profile --target host-cpu",
     )
     p.add_argument("--target", required=True, help="target YAML: a path or a shipped target's name")
-    p.add_argument("--model", default=None, help="built-in model or package.module:function (default: small-resnet)")
+    p.add_argument("--model", default=None, help="built-in model, package.module:function or path/to/file.py:function "
+                                                  "(default: small-resnet)")
     p.add_argument("--data", default=None, help="dataset that sets the input shape (default: digits)")
-    p.add_argument("--image-size", type=int, default=None, help="image size for imagefolder data")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize every image to this side (default: the dataset's own, 32 for imagefolder)")
     p.add_argument("--runtime", choices=sorted(RUNTIMES), default=None,
                    help="onnxruntime (default on this machine) or tvm (the hand-scheduled kernels; required over RPC)")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="profile on the device behind this TVM RPC server")
