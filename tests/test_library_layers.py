@@ -356,3 +356,27 @@ def test_profile_shape_of_a_conv_that_pads_in_its_forward(side, stride):
     assert (use.shape["padding"], use.shape["input_hw"]) == expected
     plain = nn.Conv2d(3, 8, 3, stride=stride, padding=tuple(use.shape["padding"]))
     assert plain(torch.zeros(1, 3, *use.shape["input_hw"])).shape == model[0](x).shape
+
+
+def test_indexing_a_split_channel_axis_keeps_those_channels():
+    """view(B, 2, C/2, H, W)[:, 0] picks half the channels through a split axis: hwprune does not follow
+    it, so the channels are kept (blocked, with the op named), never silently lost."""
+    class Half(nn.Module):
+        def forward(self, x):
+            b, c, h, w = x.size()
+            return x.view(b, 2, c // 2, h, w)[:, 0]
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Half(), nn.Conv2d(4, 2, 1))
+    groups = discover_groups(model, torch.randn(1, 3, 4, 4))
+    stem = _group_of(groups, "0")
+    assert not stem.prunable and "getitem" in stem.blocked
+
+
+def test_a_model_output_with_its_channel_axis_split_keeps_its_channels():
+    class Grouped(nn.Module):
+        def forward(self, x):
+            b, c, h, w = x.size()
+            return x.view(b, 2, c // 2, h, w)
+
+    groups = discover_groups(nn.Sequential(nn.Conv2d(3, 8, 1), Grouped()), torch.randn(1, 3, 4, 4))
+    assert _group_of(groups, "0").blocked == "model output"

@@ -102,7 +102,9 @@ def _walk(gm: fx.GraphModule, excluded: set[str], model: nn.Module | None = None
             continue
         if node.op == "output":
             for v in _flatten(fx.node.map_arg(node.args, lambda n: values.get(n))):
-                if isinstance(v, Value):
+                if isinstance(v, ops.SplitValue):
+                    ctx.block(v.grid.ravel(), "model output")
+                elif isinstance(v, Value):
                     ctx.block(v.ids, "model output")
             continue
         args = fx.node.map_arg(node.args, lambda n: values.get(n))
@@ -171,9 +173,10 @@ def _unknown_leaf(ctx, name, module, args, out_shape, untraced):
 
 
 def _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced=None):
-    if node.op == "call_module" and any(isinstance(v, ops.SplitValue) for v in _flatten((args, kwargs))):
-        args, kwargs = _unsplit(ctx, node, args, kwargs)
-    if node.op == "call_function" and node.target is operator.getitem:
+    is_getitem = node.op == "call_function" and node.target is operator.getitem
+    if (node.op == "call_module" or is_getitem) and any(isinstance(v, ops.SplitValue) for v in _flatten((args, kwargs))):
+        args, kwargs = _unsplit(ctx, node, args, kwargs)  # indexing a split axis: not followed, kept
+    if is_getitem:
         return _getitem(ctx, args[0], args[1], out_shape)
     if node.op == "call_module":
         name = str(node.target)
