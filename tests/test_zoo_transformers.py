@@ -23,6 +23,7 @@ from hwprune.graph import discover_groups
 
 from test_transformers import TARGET, bert_inputs  # neurons in multiples of 8, heads in multiples of 2
 from topologies import random_keep
+from transformer_models import assert_saves_and_reloads
 
 HIDDEN, HEADS, LAYERS, FFN, VOCAB = 32, 4, 2, 24, 64
 HEAD_DIM = HIDDEN // HEADS
@@ -308,7 +309,6 @@ def test_distilbert_fit_end_to_end(tmp_path):
     import os
 
     import hwprune
-    from hwprune.apply.hf import from_pretrained
     from hwprune.tasks.distill import SentenceDistillTask
     from hwprune.text.corpus import python_doc_sentences, split_sentences
     from hwprune.text.minilm import model_path
@@ -328,12 +328,7 @@ def test_distilbert_fit_end_to_end(tmp_path):
     assert len(heads) == LAYERS and sum(len(g.keep) for g in heads) == LAYERS * HEADS // 2  # host-cpu: heads x1
     assert [a.attention.n_heads for a in result.model.transformer.layer] == [len(g.keep) for g in heads]
     assert r["onnx"]["max_abs_diff"] < 1e-4
-    result.model.save_pretrained(tmp_path / "hf")
-    again = from_pretrained(tmp_path / "hf")
-    ids, mask = task.example
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).last_hidden_state,
-                                   result.model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert_saves_and_reloads(result.model, tmp_path / "hf", *task.example)
 
 
 def test_gpt2_flops_budget_counts_its_conv1d_layers():

@@ -56,3 +56,15 @@ def tiny_bert(vocab_size=100, hidden=32, heads=4, layers=2, ffn=64, seed=0):
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      intermediate_size=ffn, max_position_embeddings=160)
     return BertModel(cfg).eval()
+
+
+def assert_saves_and_reloads(model, directory, ids, mask):
+    """``save_pretrained`` then :func:`hwprune.apply.hf.from_pretrained`: the reloaded sliced model computes
+    what ``model`` computes."""
+    from hwprune.apply.hf import from_pretrained
+
+    model.save_pretrained(directory)
+    again = from_pretrained(directory)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                   model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state)

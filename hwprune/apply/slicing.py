@@ -101,11 +101,14 @@ def slice_model(model: nn.Module, groups: list[Group], keep: dict[str, np.ndarra
         per_module.setdefault(module, []).append((param, dim, idx))
     for module_name, cuts in per_module.items():
         module = model.get_submodule(module_name) if module_name else model
-        sizes = [c for c in cuts if isinstance(getattr(module, c[0]), (list, tuple))]
-        for param, dim, idx in sizes:  # a list of split sizes (graph.groups.SIZES): piece dim keeps len(idx)
+        tensors = []
+        for param, dim, idx in cuts:
             old_sizes = getattr(module, param)
-            setattr(module, param, type(old_sizes)(len(idx) if j == dim else n for j, n in enumerate(old_sizes)))
-        cuts = [c for c in cuts if not any(c is t for t in sizes)]
+            if isinstance(old_sizes, (list, tuple)):  # split sizes (graph.groups.SIZES): piece `dim` keeps len(idx)
+                setattr(module, param, type(old_sizes)(len(idx) if j == dim else n for j, n in enumerate(old_sizes)))
+            else:
+                tensors.append((param, dim, idx))
+        cuts = tensors
         if not cuts:
             continue
         fix = find_resizer(module)

@@ -137,6 +137,9 @@ class Problem:
     # large part of the network: latency budgets weight groups by their FLOPs instead.
     share_fn: object = None
     dense_cost: float = field(init=False)
+    # what the incremental path of costs_varying remembers (group -> count tables; widths -> cost)
+    _cum: dict = field(init=False, repr=False, default_factory=dict)
+    _full: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         self.dense_cost = self.cost(np.array(self.sizes))
@@ -159,13 +162,12 @@ class Problem:
     def _full_cost(self, var_counts: np.ndarray) -> float:
         """The cost at ``var_counts``, remembered: coordinate ascent asks it for the same widths once per
         group it visits (a latency model predicts every layer for it)."""
-        cache = self.__dict__.setdefault("_full", {})
         key = var_counts.tobytes()
-        if key not in cache:
-            if len(cache) > 4096:
-                cache.clear()
-            cache[key] = float(self.cost_fn.cost_of_counts(var_counts[:, None])[0])
-        return cache[key]
+        if key not in self._full:
+            if len(self._full) > 4096:
+                self._full.clear()
+            self._full[key] = float(self.cost_fn.cost_of_counts(var_counts[:, None])[0])
+        return self._full[key]
 
     def _var_counts(self, counts) -> np.ndarray:
         """The cost model's per-variable kept counts when group g keeps its best ``counts[g]`` units."""
@@ -178,14 +180,13 @@ class Problem:
     def _group_counts(self, g: int) -> tuple[np.ndarray, np.ndarray]:
         """The cost variables group ``g`` touches, and their counts when it keeps its best 0..size units
         (columns): what :meth:`costs_varying` adds instead of multiplying the whole keep matrix."""
-        cache = self.__dict__.setdefault("_cum", {})
-        if g not in cache:
+        if g not in self._cum:
             cols = int(self.offsets[g]) + self.orders[g]
             sub = self.cost_fn.A[:, cols].tocsr()
             rows = np.unique(sub.nonzero()[0])
             dense = sub[rows].toarray()
-            cache[g] = (rows, np.concatenate([np.zeros((len(rows), 1)), np.cumsum(dense, axis=1)], axis=1))
-        return cache[g]
+            self._cum[g] = (rows, np.concatenate([np.zeros((len(rows), 1)), np.cumsum(dense, axis=1)], axis=1))
+        return self._cum[g]
 
     def costs_varying(self, counts, g: int, candidates, var_counts=None) -> np.ndarray:
         """The cost with group ``g`` at each of ``candidates`` and every other group as in ``counts``

@@ -65,7 +65,7 @@ def add_parser(sub) -> None:
     p.add_argument("--finetune-lr-scale", type=float, default=None, metavar="F",
                    help="the fine-tune's peak learning rate as a fraction of --lr (default 0.4: a short fine-tune of a "
                         "trained model); 1 when the model is pruned early and the fine-tune is most of the training "
-                        "(e.g. --epochs 3 3 9 from scratch: docs/benchmarks.md, 'equal total epochs')")
+                        "(e.g. --epochs 3 3 9 --distill 0 from scratch: docs/benchmarks.md, 'equal total epochs')")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64)")
     p.add_argument("--seed", type=int, default=None, help="random seed (data order, init; default 0)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0: load in the training process)")

@@ -83,14 +83,13 @@ def _getitem(ctx: Ctx, x, index, out_shape):
     return Value(tuple(out_shape), axis, x.ids)
 
 
-def _walk(gm: fx.GraphModule, excluded: set[str], model: nn.Module | None = None) -> Ctx:
+def _walk(gm: fx.GraphModule, excluded: set[str], model: nn.Module) -> Ctx:
     ctx = Ctx()
     values: dict[fx.Node, object] = {}
     modules = dict(gm.named_modules())
     # The GraphModule holds only the leaves; ops inside a traced-through module need the original.
-    originals = dict(model.named_modules()) if model is not None else modules
+    ctx.modules = dict(model.named_modules())
     untraced = gm.meta.get("untraced", {})
-    ctx.modules = originals
     for node in gm.graph.nodes:
         out_shape = _out_shape(node)
         if node.op == "placeholder":
@@ -110,7 +109,7 @@ def _walk(gm: fx.GraphModule, excluded: set[str], model: nn.Module | None = None
         args = fx.node.map_arg(node.args, lambda n: values.get(n))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: values.get(n))
         where = module_of(node)
-        ctx.where, ctx.owner = where, originals.get(where)
+        ctx.where = where
         try:
             values[node] = _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced)
         except Unsupported as e:
@@ -172,7 +171,7 @@ def _unknown_leaf(ctx, name, module, args, out_shape, untraced):
     raise Unsupported(f"hwprune does not know how channels flow through {cls}: {traced}")
 
 
-def _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced=None):
+def _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced):
     is_getitem = node.op == "call_function" and node.target is operator.getitem
     if (node.op == "call_module" or is_getitem) and any(isinstance(v, ops.SplitValue) for v in _flatten((args, kwargs))):
         args, kwargs = _unsplit(ctx, node, args, kwargs)  # indexing a split axis: not followed, kept

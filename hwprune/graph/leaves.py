@@ -65,11 +65,9 @@ def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return y if isinstance(y, torch.Tensor) else None
 
 
-def _halves(n: int, rng: np.random.Generator, unit: int = 1) -> np.ndarray:
-    """Indices of a random half of ``n // unit`` blocks of ``unit`` entries (at least one block kept)."""
-    blocks = n // unit
-    kept = np.sort(rng.choice(blocks, size=max(1, blocks // 2), replace=False))
-    return (kept[:, None] * unit + np.arange(unit)).ravel()
+def _halves(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of a random half of ``range(n)`` (at least one kept)."""
+    return np.sort(rng.choice(n, size=max(1, n // 2), replace=False))
 
 
 def _sliced(module: nn.Module, cuts: dict[str, tuple[int, np.ndarray]]) -> nn.Module:
@@ -82,7 +80,11 @@ def _sliced(module: nn.Module, cuts: dict[str, tuple[int, np.ndarray]]) -> nn.Mo
         t = getattr(m, param, None)
         if t is None:
             continue
-        setattr(m, param, nn.Parameter(t.index_select(dim, torch.as_tensor(idx)).clone()))
+        new = t.index_select(dim, torch.as_tensor(idx)).clone()
+        if isinstance(t, nn.Parameter):
+            setattr(m, param, nn.Parameter(new))
+        else:  # running statistics stay buffers
+            m.register_buffer(param, new)
     fix = find_resizer(m)
     if fix is not None:
         fix(m, {})
@@ -119,9 +121,6 @@ def check_subclass(module: nn.Module, in_shape: tuple[int, ...], seed: int = 0) 
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         keep = _halves(in_shape[1], rng)
         cut = _sliced(m, {p: (0, keep) for p in ("weight", "bias", "running_mean", "running_var")})
-        for buf in ("running_mean", "running_var"):  # buffers are not parameters: cut them by hand
-            if getattr(m, buf, None) is not None:
-                setattr(cut, buf, getattr(m, buf)[torch.as_tensor(keep)].clone())
         y = _run(cut, x[:, keep])
         ok = y is not None and _close(y, full[:, keep])
         return ok, ok

@@ -55,9 +55,8 @@ class SplitValue(Value):
 
     def merged(self, out_shape) -> Value:
         """Merge the two axes back into one (the second half of a shuffle): ids in memory order."""
-        lo, hi = sorted(self.axes)
         order = self.grid if self.axes[0] < self.axes[1] else self.grid.T
-        return Value(tuple(out_shape), lo, order.ravel())
+        return Value(tuple(out_shape), min(self.axes), order.ravel())
 
 
 @dataclass
@@ -88,8 +87,12 @@ class Ctx:
         self.tags: list[tuple[np.ndarray, "UnitTag"]] = []  # units that are not plain channels (heads)
         self.notes: dict[str, str] = {}  # layer -> what hwprune inferred or could not follow there
         self.where: str = ""  # the module the op being walked was traced inside
-        self.owner: nn.Module | None = None
         self.modules: dict[str, nn.Module] = {}  # the model's modules by name
+
+    @property
+    def owner(self) -> nn.Module | None:
+        """The module the op being walked was traced inside."""
+        return self.modules.get(self.where)
 
     def functional_layer(self, layer: str, op: str) -> None:
         """``layer``'s parameters are used by a functional op (F.conv2d on self.weight): its sizes live
@@ -541,10 +544,10 @@ def _cat(ctx, name, m, args, kwargs, out_shape):
 @for_functions(torch.flatten)
 @for_methods("flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as")
 def _reshape_op(ctx, name, m, args, kwargs, out_shape):
-    sizes = args[1:] if len(args) > 2 or (len(args) == 2 and not isinstance(args[1], (list, tuple))) else \
-        (list(args[1]) if len(args) == 2 else None)
-    if not name.endswith(("view", "reshape")):
-        sizes = None
+    sizes = None
+    if name.endswith(("view", "reshape")):  # x.view(b, g, -1) or x.view((b, g, -1)): what the code wrote
+        rest = args[1:]
+        sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
     return _reshape(args[0], out_shape, ctx, sizes, name)
 
 

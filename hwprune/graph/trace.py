@@ -8,9 +8,10 @@ Leaves (modules fx records as one call instead of tracing into):
   (same padding, weight standardisation), and tracing into them would leave ``F.conv2d`` on a
   parameter. Whether such a layer keeps the standard channel semantics is checked numerically
   (:mod:`hwprune.graph.leaves`);
-* modules whose ``forward`` fx cannot trace (a jit-scripted activation, a custom autograd function,
-  padding computed from the input size): tracing is retried with every module of that class as a leaf,
-  and the walk probes what it does to channels.
+* modules whose ``forward`` fx cannot trace (a jit-scripted activation such as geffnet's
+  ``HardSwishMe``, data-dependent Python): tracing is retried with every module of that class as a
+  leaf, and the walk probes what it does to channels. (A custom autograd function is traced: fx
+  records the ops of its ``forward``.)
 
 Everything else is traced through, so a custom block made of convs and adds is understood without help.
 """
@@ -96,7 +97,7 @@ def _symbolic_trace(model: nn.Module, exclude: set[str] = frozenset()):
     """
     leaf_types: tuple[type, ...] = ()
     untraced: dict[str, str] = {}
-    for _ in range(MAX_LEAF_RETRIES + 1):
+    while True:  # each pass either returns, raises, or makes one more class a leaf (at most MAX_LEAF_RETRIES)
         tracer = _Tracer(set(exclude), leaf_types)
         try:
             return tracer.trace(model), tracer.root, untraced
@@ -114,7 +115,6 @@ def _symbolic_trace(model: nn.Module, exclude: set[str] = frozenset()):
                 ) from None
             leaf_types += (type(failed),)
             untraced[type(failed).__name__] = reason
-    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def trace_graph(model: nn.Module) -> fx.Graph | None:

@@ -33,8 +33,9 @@ samples, so all ranks choose the same plan.
 Compensation on CNNs: a reading conv without a bias is compensated in the running mean of the
 BatchNorm right after it, found on the graph with group discovery's leaves (``fold.bn_after``: library
 subclasses such as efficientnet-pytorch's ``Conv2dStaticSamePadding`` are convs there; fx would
-otherwise trace into them and find no BatchNorm after them). Exact for 1x1 convs and linear layers; a k x k conv adds ``Σ_{u,v} W[o, c, u, v] · x̄_c``, exact
-wherever the kernel lies inside the input (at a zero-padded border it sees fewer taps).
+otherwise trace into them and find no BatchNorm after them). Exact for 1x1 convs and linear layers;
+a k x k conv adds ``Σ_{u,v} W[o, c, u, v] · x̄_c``, exact wherever the kernel lies inside the input (at
+a zero-padded border it sees fewer taps).
 
 Measured on all-MiniLM-L6-v2 at 50% of heads and neurons (docs/benchmarks.md): held-out cosine right
 after pruning and compensation 0.772, against magnitude's 0.412.
@@ -56,7 +57,7 @@ from ..errors import HwpruneError
 from ..graph.blocks import BlockGroup
 from ..graph.groups import CONSUMER, get_tensor
 from .base import Regularizer, register
-from .fold import ChannelMoments, FoldReport, bn_after, fold_removed_constants
+from .fold import ChannelMoments, FoldReport, fold_removed_constants
 
 
 @dataclass
@@ -201,8 +202,7 @@ class Fluctuation(Regularizer):
             self.fold_report = self._compensate_blocks(keep)
         elif self.config.compensate and self.stats is not None:
             removed = ~self.index.keep_from_plan(keep)
-            self.fold_report = fold_removed_constants(self.ctx.model, self.index, removed, None,
-                                                      bn_of=bn_after(self.ctx.model), stats=self.stats)
+            self.fold_report = fold_removed_constants(self.ctx.model, self.index, removed, None, stats=self.stats)
 
     @torch.no_grad()
     def _compensate_blocks(self, keep) -> FoldReport:
