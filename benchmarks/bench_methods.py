@@ -85,10 +85,11 @@ class Row:
 
     @property
     def is_tp(self) -> bool:
-        return self.name in TP
+        return self.method in TP
 
     @property
     def method(self) -> str:
+        """hwprune's method, or the Torch-Pruning pruner (``tp-...``)."""
         return self.name.split("@")[0].split("+")[0]
 
     @property
@@ -108,6 +109,25 @@ class Row:
         """``+lowlr``: the regularized stage at the fine-tune's learning rate (FitConfig's 0.4 of the
         training rate) instead of the full one: a trained model is not thrown back to the start of training."""
         return FitConfig.finetune_lr_scale if "lowlr" in self.flags else None
+
+    @property
+    def mixup(self) -> float | None:
+        """``+mix`` / ``+mixA``: distill on mixed images, lam ~ Beta(A, A) (A = 1 for ``+mix``;
+        ``FitConfig.distill_mixup``). A Torch-Pruning row with ``+kd+mix`` is fine-tuned the same way."""
+        for f in self.flags:
+            if f.startswith("mix"):
+                return float(f[3:] or 1.0)
+        return None
+
+    @property
+    def shift(self) -> int:
+        """``+shiftN``: distill on images moved by up to N pixels (``FitConfig.distill_shift``)."""
+        return next((int(f[5:] or 2) for f in self.flags if f.startswith("shift")), 0)
+
+    @property
+    def flip(self) -> bool:
+        """``+flip``: distill on images mirrored left-right half of the time (``FitConfig.distill_flip``)."""
+        return "flip" in self.flags
 
     @property
     def early(self) -> bool:
@@ -190,7 +210,8 @@ def run_ours(row: Row, dense, train, test, budget, args, seed, out_dir):
     from_scratch = method == "uniform"
     cfg = FitConfig(budget=budget, method=method, method_options=options, epochs_dense=0, epochs_regularize=r,
                     epochs_finetune=f + (d if from_scratch else 0), seed=seed, train=TrainSettings(),
-                    allocation=row.allocation, distill=KD_ALPHA if row.distill else 0.0, distill_temperature=KD_T)
+                    allocation=row.allocation, distill=KD_ALPHA if row.distill else 0.0, distill_temperature=KD_T,
+                    distill_mixup=row.mixup or 0.0, distill_shift=row.shift, distill_flip=row.flip)
     if row.finetune_lr_scale is not None:
         cfg.finetune_lr_scale = row.finetune_lr_scale
     if row.regularize_lr_scale is not None:
@@ -241,15 +262,24 @@ def tp_prune(kind, dense, train, flops_keep, args, seed, x):
     return model
 
 
-def tp_finetune(kind, model, train, args, seed):
+def tp_finetune(row: Row, model, dense, train, args, seed):
+    """Plain cross-entropy fine-tuning, as a Torch-Pruning user writes it; ``+kd`` (and ``+mix``) rows get
+    hwprune's fine-tune loss instead (the dense model as teacher), to separate the cut from the recipe."""
+    from hwprune.tasks.classification import Distillation
+
     r, f, _ = epochs_of(args)
     settings = TrainSettings()
     steps = -(-len(train) // settings.batch_size)
-    ft = f + (0 if kind in ("tp-bn-scale", "tp-group-norm") else r)  # one-shot pruners fine-tune R + F
+    ft = f + (0 if row.method in ("tp-bn-scale", "tp-group-norm") else r)  # one-shot pruners fine-tune R + F
     opt = make_optimizer(model, settings)
+    kd = (Distillation(copy.deepcopy(dense).eval(), KD_ALPHA, KD_T, mixup=row.mixup or 0.0,
+                       shift=row.shift, flip=row.flip) if row.distill else None)
     for e in range(ft):
+        if kd is not None and kd.changes_inputs:
+            kd.reseed(seed * 1_000_003 + 7 * e + 1)
         train_epoch(model, epoch_loader(train, settings, seed, "bench-tp-ft", e), opt,
-                    lr_at=lambda s: cosine_lr(settings.lr * 0.4, s, ft * steps), step0=e * steps)
+                    lr_at=lambda s: cosine_lr(settings.lr * 0.4, s, ft * steps), step0=e * steps,
+                    loss_fn=kd.loss if kd else None, batch_fn=kd.view if kd and kd.changes_inputs else None)
     return model
 
 
@@ -283,7 +313,7 @@ def latency_goal(results: Path, key: dict, speedup: float) -> float:
     if results.is_file():
         for line in results.read_text().splitlines():
             r = json.loads(line)
-            if all(r.get(k) == key[k] for k in ("regime", "model", "seed", "budget")) and r["row"] not in TP + ["dense"]:
+            if all(r.get(k) == key[k] for k in ("regime", "model", "seed", "budget")) and r["row"] != "dense" and not Row(r["row"]).is_tp:
                 return float(r["ratio"])
     return 1.0 / speedup
 
@@ -382,11 +412,11 @@ def main(argv=None) -> int:
                     extra = {}
                     with tempfile.TemporaryDirectory() as tmp:
                         if row.is_tp:
-                            pruned = (tp_prune(row.name, dense, train, value, args, seed, x) if kind == "flops" else
-                                      tp_at_latency(row.name, dense, train, latency_goal(results, key, value), args,
+                            pruned = (tp_prune(row.method, dense, train, value, args, seed, x) if kind == "flops" else
+                                      tp_at_latency(row.method, dense, train, latency_goal(results, key, value), args,
                                                     seed, x, tmp))
                             shock = evaluate(pruned, eval_loader(probe))[0]
-                            pruned = tp_finetune(row.name, pruned, train, args, seed)
+                            pruned = tp_finetune(row, pruned, dense, train, args, seed)
                         else:
                             budget = Budget("flops", value) if kind == "flops" else Budget("speedup", value)
                             start = dense
@@ -460,7 +490,7 @@ def summarize(path: Path) -> int:
             if header:  # printed once, and only when some budget has Torch-Pruning rows
                 print("\n".join(header))
                 header = []
-            for row in [r for r in acc if r not in TP]:
+            for row in [r for r in acc if not Row(r).is_tp]:
                 common = sorted(set(acc[row]) & set(acc[tp_best]))
                 diffs = [acc[row][s] - acc[tp_best][s] for s in common]
                 print(f"| {budget} | {tp_best} {fmt(list(acc[tp_best].values()), True)} | {row} "
@@ -479,7 +509,7 @@ def _against_uniform(groups: dict) -> None:
         acc = {row: {r["seed"]: r["acc"] for r in rs} for (b, row), rs in groups.items() if b == budget}
         if "uniform" not in acc:
             continue
-        for row in [r for r in acc if r != "uniform" and r not in TP]:
+        for row in [r for r in acc if r != "uniform" and not Row(r).is_tp]:
             common = sorted(set(acc[row]) & set(acc["uniform"]))
             if not common:
                 continue

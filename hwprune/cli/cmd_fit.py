@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..runtimes import RUNTIMES
 
+import argparse
 import contextlib
 import shlex
 import sys
@@ -59,6 +60,13 @@ def add_parser(sub) -> None:
     p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
                    help="fine-tune with the dense model as teacher: loss (1-ALPHA)·CE + ALPHA·T²·KL "
                    "(classification; default 0.7, measured in docs/benchmarks.md; 0 turns it off)")
+    p.add_argument("--distill-mixup", type=float, default=None, metavar="A",
+                   help="distill on mixed images, lam ~ Beta(A, A) (function matching: the teacher labels the images "
+                        "between the training images; 0 turns it off)")
+    p.add_argument("--distill-shift", type=int, default=None, metavar="PIXELS",
+                   help="distill on images moved by up to PIXELS (teacher and student see the same; 0 turns it off)")
+    p.add_argument("--distill-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="distill on images mirrored left-right half of the time (not for digits or text)")
     p.add_argument("--epochs", type=int, nargs=3, metavar=("DENSE", "REGULARIZE", "FINETUNE"),
                    help="epochs per stage (default 15 15 10); DENSE 0 keeps the model's weights as they are")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.05)")
@@ -89,7 +97,7 @@ def add_parser(sub) -> None:
 
 
 _SAVED = ["target", "sparsity", "flops", "params", "latency_ms", "speedup", "model", "data", "granularity", "method",
-          "method_option", "allocation", "allocation_option", "distill", "epochs", "lr", "finetune_lr_scale", "batch_size", "seed", "exclude", "image_size", "latency_batch_size",
+          "method_option", "allocation", "allocation_option", "distill", "distill_mixup", "distill_shift", "distill_flip", "epochs", "lr", "finetune_lr_scale", "batch_size", "seed", "exclude", "image_size", "latency_batch_size",
           "latency_repeats", "no_latency", "profile", "latency_runtime", "rpc", "tracker", "key"]
 
 
@@ -284,7 +292,8 @@ def run(args) -> int:
                        granularity=args.granularity or "channels",
                        latency_runtime=args.latency_runtime, profile=args.profile, allocation=args.allocation,
                        allocation_options=_parse_options(args.allocation_option or [], "--allocation-option"),
-                       **({"distill": args.distill} if args.distill is not None else {}))
+                       **{key: getattr(args, key) for key in ("distill", "distill_mixup", "distill_shift", "distill_flip")
+                          if getattr(args, key, None) is not None})
     if job is not None:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = job.epochs
         config.method_options = {**job.method_options.get(args.method, {}), **config.method_options}

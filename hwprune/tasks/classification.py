@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..training.loop import epoch_loader, eval_loader, evaluate, recalibrate_bn, train_epoch
 from .base import Task
+from .views import MixedLabels, beta_sample, moved_and_mirrored
 
 
 def _as_dataset(data):
@@ -39,19 +40,61 @@ class Distillation:
     with ``p_T`` the softmax at temperature ``T``; the T² keeps the soft term's gradient at the scale of
     the hard one. The teacher runs in evaluation mode without gradients.
 
+    ``mixup`` > 0 distills on mixed inputs (Beyer et al., "Knowledge distillation: a good teacher is patient
+    and consistent", CVPR 2022, "function matching"): each batch becomes ``lam·x + (1 - lam)·x[perm]`` with
+    ``lam ~ Beta(mixup, mixup)``, the teacher is asked about exactly those inputs, and the hard term is
+    mixup's ``lam·CE(y) + (1 - lam)·CE(y[perm])``. On a small training set the teacher's answers between the
+    training images are what the student cannot get from the labels.
+
+    ``shift`` > 0 and ``flip`` show teacher and student the same randomly moved (by up to ``shift`` pixels,
+    zero-filled) and mirrored images (Beyer et al.'s "consistent teaching"; applied before mixing). They
+    need image batches ``(N, C, H, W)``; mirroring assumes left and right mean the same (not for digits).
+
     Example:
         >>> kd = Distillation(teacher=nn.Linear(4, 3), alpha=1.0, temperature=1.0)
         >>> x = torch.randn(2, 4)
         >>> abs(kd.loss(kd.teacher(x), torch.tensor([0, 1]), x).item()) < 1e-6    # a student equal to its teacher
         True
+        >>> kd = Distillation(teacher=nn.Linear(4, 3), mixup=1.0)
+        >>> kd.reseed(0); xm, target = kd.view(x, torch.tensor([0, 1]))
+        >>> xm.shape, isinstance(target, MixedLabels)
+        (torch.Size([2, 4]), True)
     """
 
     teacher: nn.Module
     alpha: float = 0.5
     temperature: float = 4.0
+    mixup: float = 0.0
+    shift: int = 0
+    flip: bool = False
+    generator: torch.Generator = field(default_factory=torch.Generator, repr=False)
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        hard = F.cross_entropy(out, y) if self.alpha < 1 else out.new_zeros(())
+    @property
+    def changes_inputs(self) -> bool:
+        """Whether :meth:`view` does anything (else the training loop skips it)."""
+        return self.mixup > 0 or self.shift > 0 or self.flip
+
+    def reseed(self, seed: int) -> None:
+        """Fix the random views of what follows (the fine-tune reseeds per epoch: a resumed run replays)."""
+        self.generator.manual_seed(seed % (2**63))
+
+    def view(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, "torch.Tensor | MixedLabels"]:
+        """The batch the student and the teacher see (moved, mirrored, mixed), and the labels of its hard term."""
+        if self.shift > 0 or self.flip:
+            x = moved_and_mirrored(x, self.shift, self.flip, self.generator)
+        if self.mixup <= 0 or len(y) < 2:
+            return x, y
+        lam = beta_sample(self.mixup, self.generator)  # torch's Beta sampler takes no generator
+        perm = torch.randperm(len(y), generator=self.generator).to(y.device)
+        return lam * x + (1 - lam) * x[perm], MixedLabels(y, y[perm], lam)
+
+    def loss(self, out: torch.Tensor, y, x: torch.Tensor) -> torch.Tensor:
+        if self.alpha >= 1:
+            hard = out.new_zeros(())
+        elif isinstance(y, MixedLabels):
+            hard = y.lam * F.cross_entropy(out, y.a) + (1 - y.lam) * F.cross_entropy(out, y.b)
+        else:
+            hard = F.cross_entropy(out, y)
         self.teacher.eval()
         with torch.no_grad():
             soft_target = F.softmax(self.teacher(x) / self.temperature, dim=1)
@@ -83,9 +126,13 @@ class ClassificationTask(Task):
     def train_epoch(self, model, optimizer, *, settings, seed, stage, epoch, lr_at, step0, regularizer=None,
                     on_step=None, device="cpu", after_backward=None, teacher: Distillation | None = None):
         loader = epoch_loader(self.train_set, settings, seed, stage, epoch, self.collate)
+        views = teacher is not None and teacher.changes_inputs
+        if views:  # the epoch's draws depend on (seed, epoch) only: a resumed fine-tune replays them
+            teacher.reseed(seed * 1_000_003 + 7 * epoch + 1)
         return train_epoch(model, loader, optimizer, lr_at=lr_at, step0=step0, regularizer=regularizer,
                            on_step=on_step, device=device, after_backward=after_backward,
-                           loss_fn=teacher.loss if teacher is not None else None)
+                           loss_fn=teacher.loss if teacher is not None else None,
+                           batch_fn=teacher.view if views else None)
 
     @torch.no_grad()
     def probe_loss(self, model, seed: int, device="cpu", samples: int = 512) -> float:

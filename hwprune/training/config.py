@@ -48,6 +48,13 @@ class FitConfig:
     # task's default (Task.default_distill: see docs/benchmarks.md for what decided it).
     distill: float | None = None
     distill_temperature: float = 4.0
+    # > 0: distill on mixed inputs, lam ~ Beta(distill_mixup, distill_mixup) (Distillation.mixup). None: the
+    # task's default (Task.default_distill_mixup).
+    distill_mixup: float | None = None
+    # distill on images moved by up to this many pixels / mirrored left-right (Distillation.shift, .flip);
+    # None: the task's default.
+    distill_shift: int | None = None
+    distill_flip: bool | None = None
 
     def __post_init__(self):
         unit = granularity(self.granularity)  # an unknown name is refused here
@@ -69,6 +76,13 @@ class FitConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise HwpruneError(f"FitConfig.{name} {value!r}: expected a positive fraction of the learning rate")
+        if self.distill_mixup is not None and not (isinstance(self.distill_mixup, (int, float))
+                                                   and 0 <= self.distill_mixup < float("inf")):
+            raise HwpruneError(f"--distill-mixup {self.distill_mixup!r}: expected the Beta(a, a) concentration of the "
+                               "mixing weight, a number >= 0 (0 turns mixing off; 1 mixes uniformly)")
+        if self.distill_shift is not None and not (isinstance(self.distill_shift, int) and self.distill_shift >= 0):
+            raise HwpruneError(f"--distill-shift {self.distill_shift!r}: expected a whole number of pixels >= 0 "
+                               "(0 turns moving off)")
         if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
             raise HwpruneError(f"--distill-temperature {self.distill_temperature!r}: expected a positive number")
         if unit.budget_kinds is not None and self.budget.kind not in unit.budget_kinds:
@@ -88,7 +102,8 @@ class FitConfig:
         d["exclude"] = list(self.exclude)
         # settings added after runs existed are left out at their defaults, so those runs resume unchanged
         for key, default in (("granularity", "channels"), ("allocation", None), ("allocation_options", {}),
-                             ("distill", None), ("distill_temperature", 4.0)):
+                             ("distill", None), ("distill_temperature", 4.0), ("distill_mixup", None),
+                             ("distill_shift", None), ("distill_flip", None)):
             if d[key] == default:
                 del d[key]
         return json.loads(json.dumps(d, default=str))

@@ -219,9 +219,11 @@ def train_epoch(
     device: torch.device | str = "cpu",
     loss_fn: Callable | None = None,
     after_backward: Callable[[], None] | None = None,
+    batch_fn: Callable | None = None,
 ) -> EpochStats:
     """One epoch. ``lr_at(global_step)`` gives the learning rate; ``on_step(step, loss)`` runs after each
-    step with that step's task loss."""
+    step with that step's task loss. ``batch_fn(x, y) -> (x, target)`` changes the batch the model
+    trains on (distillation's mixing) and what ``loss_fn`` gets as labels; accuracy counts ``y``."""
     model.train()
     t0 = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
@@ -232,8 +234,9 @@ def train_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         lr = lr_at(step)
         set_lr(optimizer, lr)
+        x, target = batch_fn(x, y) if batch_fn else (x, y)
         out = model(x)
-        loss = loss_fn(out, y, x) if loss_fn else F.cross_entropy(out, y)
+        loss = loss_fn(out, target, x) if loss_fn else F.cross_entropy(out, target)
         optimizer_step(loss, optimizer, step=step, lr=lr, regularizer=regularizer, on_step=on_step,
                        after_backward=after_backward, scale=scales[i] if scales is not None else 1.0)
         total_loss += float(loss.detach()) * len(y)

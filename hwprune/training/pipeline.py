@@ -185,6 +185,8 @@ def _check_task_support(task, config: FitConfig, remote, distributed_run: bool) 
         missing.append("several processes (torchrun)")
     if config.distill:
         missing.append("--distill (the task distills in its own way, or not at all)")
+    missing += [flag for flag, value in (("--distill-mixup", config.distill_mixup), ("--distill-shift",
+                config.distill_shift), ("--distill-flip", config.distill_flip)) if value]
     if config.allocation == "sensitivity":
         missing.append("--allocation sensitivity")
     if missing:
@@ -574,7 +576,13 @@ class _Run:
 
         teacher = copy.deepcopy(self.template)
         teacher.load_state_dict(self.state.dense_model)
-        return Distillation(teacher.eval(), self.distill_weight, self.config.distill_temperature)
+
+        def setting(name):
+            value = getattr(self.config, f"distill_{name}")
+            return value if value is not None else getattr(self.task, f"default_distill_{name}")
+
+        return Distillation(teacher.eval(), self.distill_weight, self.config.distill_temperature,
+                            mixup=setting("mixup"), shift=setting("shift"), flip=setting("flip"))
 
     @property
     def distill_weight(self) -> float:
