@@ -30,6 +30,7 @@ Reproduce:
     python benchmarks/bench_methods.py --regime equal-epochs --models resnet20 --seeds 0,1,2 \\
         --results benchmarks/results/methods-equal-epochs.jsonl
     python benchmarks/bench_methods.py --summarize benchmarks/results/methods-pretrained.jsonl
+    python benchmarks/bench_methods.py --summarize A.jsonl B.jsonl   # two machines' runs pooled, pairs kept per file
     python benchmarks/bench_methods.py --quick        # a first look: seed 0, 25% of the FLOPs, 4 rows
 """
 
@@ -362,7 +363,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=None, help="JSON-lines file: rows are appended, done rows skipped")
     ap.add_argument("--cache", type=Path, default=HERE / "cache", help="where trained dense models are kept")
-    ap.add_argument("--summarize", type=Path, default=None, metavar="JSONL", help="print the tables of a results file")
+    ap.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="JSONL",
+                    help="print the tables of a results file; several files (runs on different machines, whose "
+                         "dense models differ) are pooled with each file's seeds kept apart: seed a0 is seed 0 of the first")
     ap.add_argument("--quick", action="store_true",
                     help="a first look (5 minutes on one core of the 2-core machine): seed 0, 25%% of the FLOPs, dense 10 epochs, "
                          "hwprune's default and one-shot rows against Torch-Pruning's two magnitude pruners")
@@ -436,7 +439,7 @@ def main(argv=None) -> int:
                                              ratio=ratio, shock=shock, secs=secs, **extra))
                     print(f"[{model_name} seed {seed} {budget_name}] {row.name:26s} acc {100 * acc:.2f}%  flops "
                           f"{flops:.3f}  latency {ratio:.3f}x  shock {100 * (shock or 0):.1f}%  ({secs:.0f}s)", flush=True)
-    return summarize(results)
+    return summarize([results])
 
 
 # --- tables -------------------------------------------------------------------------------------------
@@ -452,16 +455,23 @@ def fmt(values, pct=False, digits=2):
     return f"{m:.{digits}f} ± {statistics.stdev(values) * k:.{digits}f}"
 
 
-def summarize(path: Path) -> int:
+def summarize(paths: list[Path]) -> int:
     """Per regime and model: the table of every row (mean ± std over the seeds that have it), then, per
-    budget, hwprune's rows against Torch-Pruning's best as paired per-seed differences."""
+    budget, hwprune's rows against Torch-Pruning's best as paired per-seed differences. With several files
+    a seed is labelled by its file (a0, b0, ...): rows are paired only within a file, whose dense model
+    they share."""
     recs, seen = [], set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if key_of(r) not in seen:  # two runs sharing a file both write the dense row of a seed
-                seen.add(key_of(r))
-                recs.append(r)
+    for i, path in enumerate(paths):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if len(paths) > 1:
+                    r["seed"] = f"{'abcdefgh'[i]}{r['seed']}"
+                if key_of(r) not in seen:  # two runs sharing a file both write the dense row of a seed
+                    seen.add(key_of(r))
+                    recs.append(r)
+    if len(paths) > 1:
+        print("\nPooled: " + "; ".join(f"seeds {'abcdefgh'[i]}N are {p}" for i, p in enumerate(paths)))
     for regime, model_name in sorted({(r["regime"], r["model"]) for r in recs}):
         mine = [r for r in recs if r["regime"] == regime and r["model"] == model_name]
         seeds = sorted({r["seed"] for r in mine})

@@ -204,3 +204,20 @@ def test_cli_flags_reach_the_run(tmp_path, monkeypatch):
     assert code == 0
     config = json.loads((tmp_path / "x" / "report.json").read_text())["run"]["config"]
     assert config["distill_shift"] == 2 and config["distill_flip"] is True
+
+
+def test_moving_non_images_is_refused_before_training(tmp_path):
+    """A model on vectors asked to distill on moved images is refused up front, naming the flag and shape."""
+    import hwprune
+    from torch.utils.data import TensorDataset
+
+    from hwprune.budget import Budget
+    from hwprune.training.pipeline import FitConfig
+
+    data = TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    cfg = FitConfig(budget=Budget("sparsity", 0.5), epochs_dense=1, epochs_regularize=0, epochs_finetune=1,
+                    distill_flip=True)
+    with pytest.raises(HwpruneError, match=r"--distill-shift/--distill-flip .* shape \(1, 6\), not \(N, C, H, W\)"):
+        hwprune.fit(net, data, target="host-cpu", config=cfg, out_dir=tmp_path / "run", progress=None, measure=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -208,6 +208,10 @@ class _Run:
         self.dist = distributed.info()
         if not isinstance(task, ClassificationTask):
             _check_task_support(task, config, remote, self.dist.enabled)
+        elif (config.distill_shift or config.distill_flip) and isinstance(task.example, torch.Tensor) \
+                and task.example.dim() != 4:  # refused now, not when the fine-tune starts
+            raise HwpruneError(f"--distill-shift/--distill-flip move and mirror images: the model's input has shape "
+                               f"{tuple(task.example.shape)}, not (N, C, H, W); leave them off for this data")
         if self.dist.enabled:  # BN statistics over the global batch, as in one process
             distributed.convert_batchnorm(model, to_synced=True)
             progress = progress if self.dist.is_main else None
