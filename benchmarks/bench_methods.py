@@ -489,10 +489,11 @@ def summarize(paths: list[Path]) -> int:
                   f"{fmt([r.get('flops') for r in rs], digits=3)} | {fmt([r.get('params') for r in rs], digits=0)} | "
                   f"{fmt([r.get('ratio') for r in rs], digits=3)} | {fmt([r.get('shock') for r in rs], True, 1)} | "
                   f"{fmt([r.get('secs') for r in rs], digits=0)} |")
-        header = ["\n| budget | Torch-Pruning's best | hwprune row | hwprune − TP best (pts, paired over seeds) |",
-                  "|---|---|---|---|"]
+        header = ["\n| budget | Torch-Pruning's best | hwprune row | hwprune − TP best (pts, paired over seeds) "
+                  "| TP's latency / hwprune's (paired) |", "|---|---|---|---|---|"]
         for budget in sorted({b for b, _ in groups if b != "dense"}):
             acc = {row: {r["seed"]: r["acc"] for r in rs} for (b, row), rs in groups.items() if b == budget}
+            lat = {row: {r["seed"]: r.get("ratio") for r in rs} for (b, row), rs in groups.items() if b == budget}
             tps = [t for t in TP if t in acc]
             if not tps:
                 continue
@@ -503,8 +504,10 @@ def summarize(paths: list[Path]) -> int:
             for row in [r for r in acc if not Row(r).is_tp]:
                 common = sorted(set(acc[row]) & set(acc[tp_best]))
                 diffs = [acc[row][s] - acc[tp_best][s] for s in common]
+                speed = [lat[tp_best][s] / lat[row][s] for s in common if lat[tp_best][s] and lat[row][s]]
                 print(f"| {budget} | {tp_best} {fmt(list(acc[tp_best].values()), True)} | {row} "
-                      f"{fmt(list(acc[row].values()), True)} | {fmt(diffs, True)} (n={len(common)}) |")
+                      f"{fmt(list(acc[row].values()), True)} | {fmt(diffs, True)} (n={len(common)}) | "
+                      f"{fmt(speed, digits=2)} |")
         if regime == "equal-epochs":
             _against_uniform(groups)
     return 0
