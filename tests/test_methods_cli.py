@@ -29,6 +29,8 @@ def test_bad_method_options_are_one_line_errors(tmp_path, monkeypatch, capsys, m
     (["--allocation-option", "floor"], "--allocation-option 'floor': expected KEY=VALUE"),
     (["--method", "uniform", "--allocation", "global"], "--method uniform is a width multiplier"),
     (["--distill", "1.5"], "--distill 1.5: expected the weight of the teacher's loss, in [0, 1]"),
+    (["--distill-shift", "-1"], "--distill-shift -1: expected a whole number of pixels >= 0"),
+    (["--distill-mixup", "-0.5"], "--distill-mixup -0.5: expected the Beta(a, a) concentration"),
 ])
 def test_bad_allocation_and_distill_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, extra, message):
     """Refused before any data is loaded or any training starts."""
