@@ -112,13 +112,10 @@ class Row:
         return FitConfig.finetune_lr_scale if "lowlr" in self.flags else None
 
     @property
-    def mixup(self) -> float | None:
+    def mixup(self) -> float:
         """``+mix`` / ``+mixA``: distill on mixed images, lam ~ Beta(A, A) (A = 1 for ``+mix``;
         ``FitConfig.distill_mixup``). A Torch-Pruning row with ``+kd+mix`` is fine-tuned the same way."""
-        for f in self.flags:
-            if f.startswith("mix"):
-                return float(f[3:] or 1.0)
-        return None
+        return next((float(f[3:] or 1.0) for f in self.flags if f.startswith("mix")), 0.0)
 
     @property
     def shift(self) -> int:
@@ -212,7 +209,7 @@ def run_ours(row: Row, dense, train, test, budget, args, seed, out_dir):
     cfg = FitConfig(budget=budget, method=method, method_options=options, epochs_dense=0, epochs_regularize=r,
                     epochs_finetune=f + (d if from_scratch else 0), seed=seed, train=TrainSettings(),
                     allocation=row.allocation, distill=KD_ALPHA if row.distill else 0.0, distill_temperature=KD_T,
-                    distill_mixup=row.mixup or 0.0, distill_shift=row.shift, distill_flip=row.flip)
+                    distill_mixup=row.mixup, distill_shift=row.shift, distill_flip=row.flip)
     if row.finetune_lr_scale is not None:
         cfg.finetune_lr_scale = row.finetune_lr_scale
     if row.regularize_lr_scale is not None:
@@ -273,11 +270,11 @@ def tp_finetune(row: Row, model, dense, train, args, seed):
     steps = -(-len(train) // settings.batch_size)
     ft = f + (0 if row.method in ("tp-bn-scale", "tp-group-norm") else r)  # one-shot pruners fine-tune R + F
     opt = make_optimizer(model, settings)
-    kd = (Distillation(copy.deepcopy(dense).eval(), KD_ALPHA, KD_T, mixup=row.mixup or 0.0,
+    kd = (Distillation(copy.deepcopy(dense).eval(), KD_ALPHA, KD_T, mixup=row.mixup,
                        shift=row.shift, flip=row.flip) if row.distill else None)
     for e in range(ft):
         if kd is not None and kd.changes_inputs:
-            kd.reseed(seed * 1_000_003 + 7 * e + 1)
+            kd.reseed(seed, e)
         train_epoch(model, epoch_loader(train, settings, seed, "bench-tp-ft", e), opt,
                     lr_at=lambda s: cosine_lr(settings.lr * 0.4, s, ft * steps), step0=e * steps,
                     loss_fn=kd.loss if kd else None, batch_fn=kd.view if kd and kd.changes_inputs else None)
@@ -466,12 +463,12 @@ def summarize(paths: list[Path]) -> int:
             if line.strip():
                 r = json.loads(line)
                 if len(paths) > 1:
-                    r["seed"] = f"{'abcdefgh'[i]}{r['seed']}"
+                    r["seed"] = f"{chr(97 + i)}{r['seed']}"
                 if key_of(r) not in seen:  # two runs sharing a file both write the dense row of a seed
                     seen.add(key_of(r))
                     recs.append(r)
     if len(paths) > 1:
-        print("\nPooled: " + "; ".join(f"seeds {'abcdefgh'[i]}N are {p}" for i, p in enumerate(paths)))
+        print("\nPooled: " + "; ".join(f"seeds {chr(97 + i)}N are {p}" for i, p in enumerate(paths)))
     for regime, model_name in sorted({(r["regime"], r["model"]) for r in recs}):
         mine = [r for r in recs if r["regime"] == regime and r["model"] == model_name]
         seeds = sorted({r["seed"] for r in mine})

@@ -31,7 +31,7 @@ def test_mix_is_one_convex_pair_per_row_with_its_labels():
     """Inputs e_0..e_7 (identity rows) make the mix readable: row i is lam·e_i + (1 - lam)·e_perm(i), and
     the labels of its hard term are y and y[perm] with the same lam."""
     kd = Distillation(teacher=nn.Linear(8, 3), mixup=1.0)
-    kd.reseed(5)
+    kd.reseed(seed=5, epoch=0)
     x, y = torch.eye(8), torch.arange(8) % 3
     xm, target = kd.view(x, y)
     assert isinstance(target, MixedLabels)
@@ -45,7 +45,7 @@ def test_mix_is_one_convex_pair_per_row_with_its_labels():
             (j,) = [k for k in nonzero if k != i]
             assert float(xm[i, i]) == pytest.approx(lam) and float(xm[i, j]) == pytest.approx(1 - lam)
         assert int(target.a[i]) == int(y[i]) and int(target.b[i]) == int(y[j])
-    kd.reseed(5)
+    kd.reseed(seed=5, epoch=0)
     xm2, target2 = kd.view(x, y)
     assert torch.equal(xm, xm2) and target2.lam == lam  # reseeding replays the draws (a resumed fine-tune)
     one = kd.view(x[:1], y[:1])
@@ -158,7 +158,7 @@ def test_moved_images_are_zero_filled_translations_covering_every_offset():
     x = torch.arange(1, 301 * 30 + 1, dtype=torch.float32)[: 300 * 30].view(300, 1, 5, 6)
     y = torch.arange(300) % 10
     kd = Distillation(teacher=nn.Identity(), shift=2)
-    kd.reseed(3)
+    kd.reseed(seed=3, epoch=0)
     moved, labels = kd.view(x, y)
     assert torch.equal(labels, y) and moved.shape == x.shape
     offsets = set()
@@ -167,14 +167,14 @@ def test_moved_images_are_zero_filled_translations_covering_every_offset():
         assert len(matches) == 1
         offsets |= set(matches)
     assert len(offsets) == 25
-    kd.reseed(3)
+    kd.reseed(seed=3, epoch=0)
     assert torch.equal(kd.view(x, y)[0], moved)  # reseeding replays the draws
 
 
 def test_mirrored_images_are_the_original_or_its_left_right_mirror_about_half_the_time():
     x = torch.randn(400, 2, 4, 5)
     kd = Distillation(teacher=nn.Identity(), flip=True)
-    kd.reseed(0)
+    kd.reseed(seed=0, epoch=0)
     out, _ = kd.view(x, torch.zeros(400, dtype=torch.long))
     mirrored = 0
     for img, o in zip(x.numpy(), out.numpy()):

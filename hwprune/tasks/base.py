@@ -35,9 +35,6 @@ class Task:
     example: Any = None  # a tensor or a tuple of tensors
     latency_batch_sizes: tuple[int, ...] | None = None  # None: the target's batch size
     default_distill: float = 0.0  # weight of the dense teacher in the fine-tune's loss (FitConfig.distill)
-    default_distill_mixup: float = 0.0  # Beta concentration of distillation's input mixing (FitConfig.distill_mixup)
-    default_distill_shift: int = 0  # pixels distillation's images are moved by (FitConfig.distill_shift)
-    default_distill_flip: bool = False  # distillation mirrors its images (FitConfig.distill_flip)
 
     def steps_per_epoch(self, settings) -> int:
         raise NotImplementedError

@@ -56,7 +56,7 @@ class Distillation:
         >>> abs(kd.loss(kd.teacher(x), torch.tensor([0, 1]), x).item()) < 1e-6    # a student equal to its teacher
         True
         >>> kd = Distillation(teacher=nn.Linear(4, 3), mixup=1.0)
-        >>> kd.reseed(0); xm, target = kd.view(x, torch.tensor([0, 1]))
+        >>> kd.reseed(seed=0, epoch=0); xm, target = kd.view(x, torch.tensor([0, 1]))
         >>> xm.shape, isinstance(target, MixedLabels)
         (torch.Size([2, 4]), True)
     """
@@ -74,9 +74,10 @@ class Distillation:
         """Whether :meth:`view` does anything (else the training loop skips it)."""
         return self.mixup > 0 or self.shift > 0 or self.flip
 
-    def reseed(self, seed: int) -> None:
-        """Fix the random views of what follows (the fine-tune reseeds per epoch: a resumed run replays)."""
-        self.generator.manual_seed(seed % (2**63))
+    def reseed(self, seed: int, epoch: int) -> None:
+        """Fix the random views of an epoch: they depend on (seed, epoch) only, so a resumed fine-tune
+        replays them."""
+        self.generator.manual_seed((seed * 1_000_003 + 7 * epoch + 1) % (2**63))
 
     def view(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, "torch.Tensor | MixedLabels"]:
         """The batch the student and the teacher see (moved, mirrored, mixed), and the labels of its hard term."""
@@ -127,8 +128,8 @@ class ClassificationTask(Task):
                     on_step=None, device="cpu", after_backward=None, teacher: Distillation | None = None):
         loader = epoch_loader(self.train_set, settings, seed, stage, epoch, self.collate)
         views = teacher is not None and teacher.changes_inputs
-        if views:  # the epoch's draws depend on (seed, epoch) only: a resumed fine-tune replays them
-            teacher.reseed(seed * 1_000_003 + 7 * epoch + 1)
+        if views:
+            teacher.reseed(seed, epoch)
         return train_epoch(model, loader, optimizer, lr_at=lr_at, step0=step0, regularizer=regularizer,
                            on_step=on_step, device=device, after_backward=after_backward,
                            loss_fn=teacher.loss if teacher is not None else None,

@@ -48,13 +48,11 @@ class FitConfig:
     # task's default (Task.default_distill: see docs/benchmarks.md for what decided it).
     distill: float | None = None
     distill_temperature: float = 4.0
-    # > 0: distill on mixed inputs, lam ~ Beta(distill_mixup, distill_mixup) (Distillation.mixup). None: the
-    # task's default (Task.default_distill_mixup).
-    distill_mixup: float | None = None
-    # distill on images moved by up to this many pixels / mirrored left-right (Distillation.shift, .flip);
-    # None: the task's default.
-    distill_shift: int | None = None
-    distill_flip: bool | None = None
+    # distill on changed images (Distillation.mixup, .shift, .flip): mixed pairs, lam ~ Beta(a, a) for a > 0;
+    # moved by up to this many pixels; mirrored left-right. Off by default (docs/benchmarks.md measured them).
+    distill_mixup: float = 0.0
+    distill_shift: int = 0
+    distill_flip: bool = False
 
     def __post_init__(self):
         unit = granularity(self.granularity)  # an unknown name is refused here
@@ -76,11 +74,10 @@ class FitConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise HwpruneError(f"FitConfig.{name} {value!r}: expected a positive fraction of the learning rate")
-        if self.distill_mixup is not None and not (isinstance(self.distill_mixup, (int, float))
-                                                   and 0 <= self.distill_mixup < float("inf")):
+        if not (isinstance(self.distill_mixup, (int, float)) and 0 <= self.distill_mixup < float("inf")):
             raise HwpruneError(f"--distill-mixup {self.distill_mixup!r}: expected the Beta(a, a) concentration of the "
                                "mixing weight, a number >= 0 (0 turns mixing off; 1 mixes uniformly)")
-        if self.distill_shift is not None and not (isinstance(self.distill_shift, int) and self.distill_shift >= 0):
+        if not (isinstance(self.distill_shift, int) and self.distill_shift >= 0):
             raise HwpruneError(f"--distill-shift {self.distill_shift!r}: expected a whole number of pixels >= 0 "
                                "(0 turns moving off)")
         if not (isinstance(self.distill_temperature, (int, float)) and self.distill_temperature > 0):
@@ -102,8 +99,8 @@ class FitConfig:
         d["exclude"] = list(self.exclude)
         # settings added after runs existed are left out at their defaults, so those runs resume unchanged
         for key, default in (("granularity", "channels"), ("allocation", None), ("allocation_options", {}),
-                             ("distill", None), ("distill_temperature", 4.0), ("distill_mixup", None),
-                             ("distill_shift", None), ("distill_flip", None)):
+                             ("distill", None), ("distill_temperature", 4.0), ("distill_mixup", 0.0),
+                             ("distill_shift", 0), ("distill_flip", False)):
             if d[key] == default:
                 del d[key]
         return json.loads(json.dumps(d, default=str))

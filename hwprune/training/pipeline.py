@@ -580,13 +580,9 @@ class _Run:
 
         teacher = copy.deepcopy(self.template)
         teacher.load_state_dict(self.state.dense_model)
-
-        def setting(name):
-            value = getattr(self.config, f"distill_{name}")
-            return value if value is not None else getattr(self.task, f"default_distill_{name}")
-
-        return Distillation(teacher.eval(), self.distill_weight, self.config.distill_temperature,
-                            mixup=setting("mixup"), shift=setting("shift"), flip=setting("flip"))
+        c = self.config
+        return Distillation(teacher.eval(), self.distill_weight, c.distill_temperature, mixup=c.distill_mixup,
+                            shift=c.distill_shift, flip=c.distill_flip)
 
     @property
     def distill_weight(self) -> float:
