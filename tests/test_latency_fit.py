@@ -11,6 +11,7 @@ Measuring speed for real belongs in benchmarks/.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,6 +27,7 @@ from hwprune.models import build_model
 from hwprune.training.pipeline import FitConfig
 from hwprune.latency.profile import LayerTable, Profile
 from hwprune.latency.measure import ProfileSettings, plan_tables
+from hwprune.latency.budget import profile_from_elsewhere
 from hwprune.target import load_target
 
 PROFILE_MS_PER_WEIGHT = 1e-6
@@ -106,6 +108,26 @@ def profile_path(tmp_path_factory):
     return prof.save(tmp_path_factory.mktemp("prof") / "host-cpu.json")
 
 
+def _cpu_model_name() -> str:
+    """This machine's CPU as /proc/cpuinfo names it (what a profile measured here records)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    pytest.skip("no CPU model name in /proc/cpuinfo")
+
+
+def test_a_profile_of_this_cpu_carries_no_note_and_one_of_another_cpu_does(profile_path):
+    prof = Profile.load(profile_path)
+    prof.machine = {"cpu": _cpu_model_name()}
+    assert profile_from_elsewhere(prof, None) is None
+    prof.machine = {"cpu": "Some Other CPU 9000"}
+    note = profile_from_elsewhere(prof, None)
+    assert f"measured on Some Other CPU 9000, not on this machine ({_cpu_model_name()})" in note
+    assert "hwprune profile --target host-cpu" in note
+    prof.machine = {}  # a profile that does not say where it was measured: nothing to compare
+    assert profile_from_elsewhere(prof, None) is None
+
+
 def _config(budget, profile_path):
     return FitConfig(budget=budget, epochs_dense=1, epochs_regularize=1, epochs_finetune=1, latency_repeats=100,
                      profile=str(profile_path))
@@ -143,6 +165,11 @@ def test_speedup_budget_end_to_end(digits, profile_path, tmp_path, monkeypatch):
                                   "overhead_ms": pytest.approx(0.05)}
     assert lm["within_10pct"] is True and lm["within_10pct_of_planning"] is True
     assert "latency predicted (ms)" in (run / "report.md").read_text()
+    # the profile names another CPU than this one: the run says so, in the calibration and in report.md
+    here = _cpu_model_name()
+    assert cal["profile_measured_on"] == "nowhere: synthetic tables"
+    assert cal["profile_note"].startswith(f"the latency profile was measured on none (synthetic), not on this machine ({here})")
+    assert f"note: the latency profile was measured on none (synthetic)" in (run / "report.md").read_text()
     saved = json.loads((run / "latency_model.json").read_text())
     assert saved == cal
 

@@ -30,7 +30,7 @@ from .model import LatencyModel
 from .profile import Profile
 from ..runtimes import RUNTIMES, runtime
 from ..runtimes.tvm.rpc import RemoteSpec
-from ..target import Target
+from ..target import Target, host_description
 
 def measurement_runtime(requested: str | None, remote: RemoteSpec | None) -> str:
     """The runtime that times a run: on an RPC device the one that runs there (TVM), else what was asked
@@ -83,6 +83,32 @@ def measure(models: dict[str, torch.nn.Module], example: torch.Tensor, target: T
                                          repeats=repeats)
 
 
+def profile_from_elsewhere(profile: Profile, remote: RemoteSpec | None) -> str | None:
+    """A sentence when ``profile`` was measured on another CPU than this one (a run timed here), else None.
+
+    The latency model is re-anchored on two models timed here (dense and narrowest), but the shape of
+    its layer tables, which decides how the widths are allocated, is the other CPU's. The run says so
+    instead of passing one machine's profile off as this one's.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> p = NS(machine={"cpu": "Some Other CPU 9000"}, measured_on="this machine: Some Other CPU 9000 (x86_64, 2 cores), vm",
+        ...        target="host-cpu")
+        >>> profile_from_elsewhere(p, None).startswith("the latency profile was measured on Some Other CPU 9000")
+        True
+    """
+    if remote is not None:
+        return None  # an RPC device's profile is measured there; its CPU is not known here
+    theirs = (profile.machine or {}).get("cpu")
+    ours = host_description().split(" (")[0]
+    if not theirs or theirs == ours:
+        return None
+    return (f"the latency profile was measured on {theirs}, not on this machine ({ours}): its two anchors (dense and "
+            "narrowest model) are re-measured here, but the per-layer shape that guides the allocation is the other "
+            f"CPU's; measure this machine's: hwprune profile --target {profile.target} --out my-profile.json, then "
+            "--profile my-profile.json")
+
+
 def latency_model_for(template: torch.nn.Module, example: torch.Tensor, groups, target: Target, *, runtime: str,
                       profile_path=None, remote: RemoteSpec | None = None, cache: Path | None = None,
                       batch_size: int | None = None, repeats: int | None = None, progress=None) -> LatencyModel:
@@ -91,6 +117,9 @@ def latency_model_for(template: torch.nn.Module, example: torch.Tensor, groups, 
     from ..apply.slicing import slice_model
 
     profile = load_profile(target, profile_path, runtime)
+    elsewhere = profile_from_elsewhere(profile, remote)
+    if elsewhere and progress:
+        progress(f"[latency model] note: {elsewhere}")
     lm = LatencyModel.build(profile, template, example, groups)
     keep_min, vec_min = min_width_keep(groups)
     if cache is not None and Path(cache).is_file():
@@ -104,7 +133,8 @@ def latency_model_for(template: torch.nn.Module, example: torch.Tensor, groups, 
                   remote=remote, batch_size=batch_size, repeats=repeats)
     lm = lm.calibrated(res.stats["dense"].median_ms, res.stats["narrowest"].median_ms, vec_min,
                        runtime=res.runtime, measured_on=res.measured_on, profile=str(profile.path),
-                       profile_created=profile.created)
+                       profile_created=profile.created, profile_measured_on=profile.measured_on,
+                       **({"profile_note": elsewhere} if elsewhere else {}))
     if cache is not None:
         atomic_write_json(cache, lm.calibration)
     return lm

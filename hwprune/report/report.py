@@ -87,6 +87,9 @@ class Report:
                 out += (f"\nlatency model, anchors re-timed with the pruned model: predicted "
                         f"{same['predicted_pruned_ms']:.4f} ms, measured {100 * same['error_pruned']:+.1f}% "
                         f"(goal within 10%: {met})")
+        note = g("latency_model.model.calibration.profile_note")
+        if note:
+            out += f"\n  NOTE: {note}"
         if g("latency.runtime"):
             out += f"\nlatency: {g('latency.runtime')}; {g('latency.measured_on')}"
             if g("latency.note"):
@@ -177,9 +180,13 @@ class Report:
             cal = (lm.get("model") or {}).get("calibration") or {}
             lines += [
                 "", "## Latency model", "",
-                f"- profile: `{(lm.get('model') or {}).get('profile')}`; budget {lm.get('budget_ms', float('nan')):.4f} ms",
+                f"- profile: `{(lm.get('model') or {}).get('profile')}`"
+                + (f" (measured on {cal['profile_measured_on']})" if cal.get("profile_measured_on") else "")
+                + f"; budget {lm.get('budget_ms', float('nan')):.4f} ms",
                 f"- predicted dense / pruned: {lm['predicted_ms']['dense']:.4f} / {lm['predicted_ms']['pruned']:.4f} ms",
             ]
+            if cal.get("profile_note"):
+                lines.append(f"- note: {cal['profile_note']}")
             if lm.get("measured_ms"):
                 lines.append(f"- measured dense / pruned: {lm['measured_ms']['dense']:.4f} / {lm['measured_ms']['pruned']:.4f} ms "
                              f"({100 * lm['error']['dense']:+.1f}% / {100 * lm['error']['pruned']:+.1f}% from the planning "
