@@ -103,7 +103,22 @@ class Row:
 
     @property
     def distill(self) -> bool:
-        return "kd" in self.flags
+        return self.kd_weight > 0
+
+    @property
+    def kd_weight(self) -> float:
+        """``+kd``: distill at the benchmark's weight (KD_ALPHA); ``+kdA``: at weight A."""
+        for f in self.flags:
+            if f == "kd":
+                return KD_ALPHA
+            if f.startswith("kd") and f[2:].replace(".", "", 1).isdigit():
+                return float(f[2:])
+        return 0.0
+
+    @property
+    def distill_regularize(self) -> bool:
+        """``+kdreg``: distill in the regularized stage too (``FitConfig.distill_regularize``)."""
+        return "kdreg" in self.flags
 
     @property
     def regularize_lr_scale(self) -> float | None:
@@ -208,8 +223,9 @@ def run_ours(row: Row, dense, train, test, budget, args, seed, out_dir):
     from_scratch = method == "uniform"
     cfg = FitConfig(budget=budget, method=method, method_options=options, epochs_dense=0, epochs_regularize=r,
                     epochs_finetune=f + (d if from_scratch else 0), seed=seed, train=TrainSettings(),
-                    allocation=row.allocation, distill=KD_ALPHA if row.distill else 0.0, distill_temperature=KD_T,
-                    distill_mixup=row.mixup, distill_shift=row.shift, distill_flip=row.flip)
+                    allocation=row.allocation, distill=row.kd_weight, distill_temperature=KD_T,
+                    distill_mixup=row.mixup, distill_shift=row.shift, distill_flip=row.flip,
+                    distill_regularize=row.distill_regularize, profile=args.profile)
     if row.finetune_lr_scale is not None:
         cfg.finetune_lr_scale = row.finetune_lr_scale
     if row.regularize_lr_scale is not None:
@@ -270,7 +286,7 @@ def tp_finetune(row: Row, model, dense, train, args, seed):
     steps = -(-len(train) // settings.batch_size)
     ft = f + (0 if row.method in ("tp-bn-scale", "tp-group-norm") else r)  # one-shot pruners fine-tune R + F
     opt = make_optimizer(model, settings)
-    kd = (Distillation(copy.deepcopy(dense).eval(), KD_ALPHA, KD_T, mixup=row.mixup,
+    kd = (Distillation(copy.deepcopy(dense).eval(), row.kd_weight, KD_T, mixup=row.mixup,
                        shift=row.shift, flip=row.flip) if row.distill else None)
     for e in range(ft):
         if kd is not None and kd.changes_inputs:
@@ -357,6 +373,10 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, nargs=3, default=[10, 3, 2], metavar=("DENSE", "REG", "FT"),
                     help="equal-epochs regime")
     ap.add_argument("--target", default="host-cpu")
+    ap.add_argument("--profile", default=None,
+                    help="latency profile of a speedup budget (default: the target's; a model the target's profile "
+                         "does not cover needs its own: hwprune profile --target host-cpu --model vgg16-bn "
+                         "--data fashion-mnist --out FILE)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=None, help="JSON-lines file: rows are appended, done rows skipped")
     ap.add_argument("--cache", type=Path, default=HERE / "cache", help="where trained dense models are kept")
