@@ -84,6 +84,15 @@ class Row:
 
     name: str
 
+    def __post_init__(self):
+        # a misspelt or retired flag must not run as the default row under another name
+        known = ("kd", "rewind", "lowlr", "early", "mix", "shift", "flip")
+        for f in self.flags:
+            rest = next((f[len(k):] for k in known if f.startswith(k)), None)
+            if rest is None or (rest and not rest.replace(".", "", 1).isdigit()):
+                raise SystemExit(f"row {self.name}: unknown flag +{f}; expected +kd[A], +rewind, +lowlr, +early, "
+                                 "+mix[A], +shift[N] or +flip")
+
     @property
     def is_tp(self) -> bool:
         return self.method in TP
@@ -115,10 +124,6 @@ class Row:
                 return float(f[2:])
         return 0.0
 
-    @property
-    def distill_regularize(self) -> bool:
-        """``+kdreg``: distill in the regularized stage too (``FitConfig.distill_regularize``)."""
-        return "kdreg" in self.flags
 
     @property
     def regularize_lr_scale(self) -> float | None:
@@ -225,7 +230,7 @@ def run_ours(row: Row, dense, train, test, budget, args, seed, out_dir):
                     epochs_finetune=f + (d if from_scratch else 0), seed=seed, train=TrainSettings(),
                     allocation=row.allocation, distill=row.kd_weight, distill_temperature=KD_T,
                     distill_mixup=row.mixup, distill_shift=row.shift, distill_flip=row.flip,
-                    distill_regularize=row.distill_regularize, profile=args.profile)
+                    profile=args.profile)
     if row.finetune_lr_scale is not None:
         cfg.finetune_lr_scale = row.finetune_lr_scale
     if row.regularize_lr_scale is not None:

@@ -53,9 +53,6 @@ class FitConfig:
     distill_mixup: float = 0.0
     distill_shift: int = 0
     distill_flip: bool = False
-    # distill in the regularized stage too (methods that train there: the model being cut learns from the
-    # dense model from its first step), not only in the fine-tune
-    distill_regularize: bool = False
 
     def __post_init__(self):
         unit = granularity(self.granularity)  # an unknown name is refused here
@@ -103,8 +100,7 @@ class FitConfig:
         # settings added after runs existed are left out at their defaults, so those runs resume unchanged
         for key, default in (("granularity", "channels"), ("allocation", None), ("allocation_options", {}),
                              ("distill", None), ("distill_temperature", 4.0), ("distill_mixup", 0.0),
-                             ("distill_shift", 0), ("distill_flip", False),
-                             ("distill_regularize", False)):
+                             ("distill_shift", 0), ("distill_flip", False)):
             if d[key] == default:
                 del d[key]
         return json.loads(json.dumps(d, default=str))

@@ -493,12 +493,10 @@ class _Run:
         if reg.trains:
             # The learning rate keeps a floor here: the gradient must be able to answer the regularizer's
             # pressure up to the last step (with a cosine to zero, accuracy fell 5 points in the last epochs).
-            distill = (self.config.distill_regularize and self.distill_weight > 0 and not reg.from_scratch
-                       and self.state.dense_model is not None)
             self.run_epochs(
                 "regularize", self.config.epochs_regularize, self.config.train, reg, controller,
                 extra_fn=lambda: {"sparsity": reg.zero_fraction(), "strength": reg.strength}, lr_floor=0.1,
-                lr_scale=self.config.regularize_lr_scale, teacher=self.teacher() if distill else None,
+                lr_scale=self.config.regularize_lr_scale,
             )
         else:
             self._resume_optimizer(None, reg, controller)
