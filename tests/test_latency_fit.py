@@ -203,3 +203,31 @@ def test_profile_of_another_runtime_is_refused(digits, profile_path, tmp_path):
         cfg = _config(Budget("latency", 1.0), profile_path)
         cfg.latency_runtime = "tvm"
         hwprune.fit(_net(), digits.train, target="host-cpu", out_dir=tmp_path / "r", progress=None, config=cfg)
+
+
+class SlowMiddleMachine(FakeMachine):
+    """``overhead_ms + ms_per_weight x sqrt(weight entries)``: concave, so a latency model anchored on the
+    dense and the narrowest model (with a profile linear in the weights) predicts the widths between
+    them faster than this machine runs them, as VGG-16-BN's middle widths ran on a real CPU."""
+
+    def ms(self, path) -> float:
+        return self.overhead_ms + self.ms_per_weight * float(np.sqrt(self.weights(path)))
+
+
+def test_a_plan_the_clock_says_is_too_slow_is_planned_again_before_training(digits, profile_path, tmp_path, monkeypatch):
+    machine = SlowMiddleMachine(overhead_ms=0.05, ms_per_weight=3e-3).install(monkeypatch)
+    run = tmp_path / "run"
+    hwprune.fit(_net(), digits.train, test_data=digits.test, target="host-cpu", out_dir=run, progress=None,
+                config=_config(Budget("speedup", 2.0), profile_path))
+    rep = json.loads((run / "report.json").read_text())
+    budget_ms = (0.05 + 3e-3 * np.sqrt(DENSE_WEIGHTS)) / 2  # this machine's dense latency / 2, by hand
+    loop = rep["latency_model"]["loop"]
+    assert loop["budget_ms"] == pytest.approx(budget_ms)
+    # planned at the budget, the widths ran slower than it on this machine: the profile's prediction missed
+    first = loop["rounds"][0]
+    assert first["planned_ms"] == pytest.approx(budget_ms) and first["measured_ms"] > 1.03 * budget_ms
+    # so it planned at a lower budget, and the model it trained and exported meets the real one on the clock
+    assert loop["factor"] < 1 and len(loop["rounds"]) >= 2
+    assert machine.ms(run / "model.onnx") <= budget_ms
+    assert rep["achieved"]["speedup"] >= 2.0 * (1 - 1e-9)
+    assert "latency loop, the planned widths timed before training" in (run / "report.md").read_text()

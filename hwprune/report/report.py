@@ -26,6 +26,19 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _loop_line(loop: dict) -> str:
+    """One line on the planned widths timed before training (``report.json`` latency_model.loop).
+
+    Example:
+        >>> print(_loop_line({"factor": 0.85, "budget_ms": 5.0, "rounds": [{"planned_ms": 5.0, "measured_ms": 5.9},
+        ...                   {"planned_ms": 4.25, "measured_ms": 4.95}]}))
+        latency loop, the planned widths timed before training: 5.9000 ms planned at 5.0000, 4.9500 ms planned at 4.2500 (budget 5.0000 ms); planned at 0.850 of the budget
+    """
+    steps = ", ".join(f"{r['measured_ms']:.4f} ms planned at {r['planned_ms']:.4f}" for r in loop["rounds"])
+    return (f"latency loop, the planned widths timed before training: {steps} (budget {loop['budget_ms']:.4f} ms); "
+            f"planned at {loop['factor']:.3f} of the budget")
+
+
 @dataclass
 class Report:
     """Everything a run measured. ``data`` follows the nested layout of ``report.json``."""
@@ -87,6 +100,9 @@ class Report:
                 out += (f"\nlatency model, anchors re-timed with the pruned model: predicted "
                         f"{same['predicted_pruned_ms']:.4f} ms, measured {100 * same['error_pruned']:+.1f}% "
                         f"(goal within 10%: {met})")
+        loop = g("latency_model.loop")
+        if loop and loop.get("rounds"):
+            out += "\n" + _loop_line(loop)
         note = g("latency_model.model.calibration.profile_note")
         if note:
             out += f"\n  NOTE: {note}"
@@ -185,6 +201,8 @@ class Report:
                 + f"; budget {lm.get('budget_ms', float('nan')):.4f} ms",
                 f"- predicted dense / pruned: {lm['predicted_ms']['dense']:.4f} / {lm['predicted_ms']['pruned']:.4f} ms",
             ]
+            if lm.get("loop") and lm["loop"].get("rounds"):
+                lines.append(f"- {_loop_line(lm['loop'])}")
             if cal.get("profile_note"):
                 lines.append(f"- note: {cal['profile_note']}")
             if lm.get("measured_ms"):

@@ -418,6 +418,30 @@ class _Run:
             return b.as_latency(self._latency.calibration["dense_ms"])
         return b
 
+    def planning_budget(self) -> Budget:
+        """The budget the allocation plans against: a latency budget scaled by the factor with which the
+        planned widths, timed before training, met it (``state.latency_loop``); any other as it is."""
+        b, loop = self.budget(), self.state.latency_loop
+        return Budget("latency", b.value * loop["factor"]) if loop and b.kind == "latency" else b
+
+    def close_latency_loop(self, plan_at) -> dict:
+        """Time the widths ``plan_at(ms) -> keep`` plans (on the untrained template, beside the dense
+        model) and find the budget factor whose plan measures within the budget
+        (:func:`hwprune.latency.budget.close_the_loop`)."""
+        from ..latency.budget import close_the_loop, measure
+
+        groups, lm = self.groups(self.template), self._latency
+
+        def time_plan(keep) -> float:
+            planned = slice_model(copy.deepcopy(self.template).eval(), groups, keep).eval()
+            res = measure({"dense": copy.deepcopy(self.template).eval(), "planned": planned}, self.example,
+                          self.target, runtime=self.runtime, remote=self.remote,
+                          batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats)
+            # on the calibration's scale: the machine's drift since calibrating cancels in the ratio
+            return res.stats["planned"].median_ms / res.stats["dense"].median_ms * lm.calibration["dense_ms"]
+
+        return close_the_loop(plan_at, time_plan, self.budget().value, progress=self.progress)
+
     def cost_model(self, model, groups):
         """The cost the budget is measured in (None for a count of units), built by :data:`COSTS`."""
         name = self.config.budget.spec.cost
@@ -464,8 +488,12 @@ class _Run:
             allocation = self.allocation(None)
             if allocation.policy == "sensitivity":
                 allocation = dataclasses.replace(allocation, policy="global")
-            proj = project(groups, index.sq_norms().sqrt().double().numpy(), self.budget(), cost, allocation=allocation,
-                           share_cost=self.share_cost(self.model, groups, cost))
+            norms, share = index.sq_norms().sqrt().double().numpy(), self.share_cost(self.model, groups, cost)
+            if (cost is not None and cost.in_ms and self.state.latency_loop is None and not self.dist.enabled):
+                # the profile's prediction checked against the clock before any training: re-planned if it missed
+                self.state.latency_loop = self.close_latency_loop(lambda ms: project(
+                    groups, norms, Budget("latency", ms), cost, allocation=allocation, share_cost=share).keep)
+            proj = project(groups, norms, self.planning_budget(), cost, allocation=allocation, share_cost=share)
             plan = {"removed_units": proj.removed_units, "keep": [len(proj.keep[g.name]) for g in index.groups]}
             self.state.stage_plan = plan
         # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
@@ -520,7 +548,7 @@ class _Run:
         cost = self.cost_model(self.model, groups)
         allocation = self.allocation(reg)
         curves = self.sensitivity_curves(groups, reg, cost) if allocation.policy == "sensitivity" else None
-        proj = reg.project(groups, self.budget(), cost, allocation=allocation, sensitivity=curves,
+        proj = reg.project(groups, self.planning_budget(), cost, allocation=allocation, sensitivity=curves,
                            share_cost=self.share_cost(self.model, groups, cost))
         acc_before = self.test_accuracy(self.model)
         reg.finalize(groups, proj.keep)  # fold gates / constants; the model is plain again
@@ -726,6 +754,8 @@ class _Run:
                 same_session, narrowest = self._same_session_prediction, latency.stats["narrowest"].median_ms
             data["latency_model"] = latency_model_check(predicted, self.budget().value, self._latency_info(),
                                                         data.get("latency_ms"), same_session, narrowest)
+            if self.state.latency_loop:
+                data["latency_model"]["loop"] = self.state.latency_loop
             if b.spec.measure == "relative":
                 data["requested"]["latency_ms"] = self.budget().value
         if len(latencies) > 1:

@@ -38,6 +38,9 @@ class RunState:
     finetune_plan: dict | None = None  # epochs, learning-rate scale and distillation of the last stage
     seconds: float = 0.0  # wall time over all sessions of the run
     stage_plan: dict | None = None  # the allocation planned at the start of the regularized stage
+    # a latency budget: the planned widths timed before training, and the factor on the budget that made
+    # the measured latency meet it (hwprune.latency.budget.close_the_loop); None until planned
+    latency_loop: dict | None = None
 
     def enter(self, stage: str) -> None:
         """Move to ``stage`` at its first epoch."""
