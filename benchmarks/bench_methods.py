@@ -78,6 +78,10 @@ VARIANTS = {"magnitude-mean": ("magnitude", {"normalize": "mean"}),  # a row nam
 KD_ALPHA, KD_T = 0.7, 4.0
 
 
+def _is_number(text: str) -> bool:
+    return text.replace(".", "", 1).isdigit()
+
+
 @dataclass(frozen=True)
 class Row:
     """A row name parsed: ``METHOD[@ALLOCATION][+kd]`` for hwprune, or a Torch-Pruning pruner."""
@@ -89,7 +93,7 @@ class Row:
         known = ("kd", "rewind", "lowlr", "early", "mix", "shift", "flip")
         for f in self.flags:
             rest = next((f[len(k):] for k in known if f.startswith(k)), None)
-            if rest is None or (rest and not rest.replace(".", "", 1).isdigit()):
+            if rest is None or (rest and not _is_number(rest)):
                 raise SystemExit(f"row {self.name}: unknown flag +{f}; expected +kd[A], +rewind, +lowlr, +early, "
                                  "+mix[A], +shift[N] or +flip")
 
@@ -114,16 +118,15 @@ class Row:
     def distill(self) -> bool:
         return self.kd_weight > 0
 
+    def _after(self, prefix: str) -> str | None:
+        """What follows ``prefix`` in the flag that starts with it ("" for the bare flag), None without one."""
+        return next((f[len(prefix):] for f in self.flags if f.startswith(prefix)), None)
+
     @property
     def kd_weight(self) -> float:
         """``+kd``: distill at the benchmark's weight (KD_ALPHA); ``+kdA``: at weight A."""
-        for f in self.flags:
-            if f == "kd":
-                return KD_ALPHA
-            if f.startswith("kd") and f[2:].replace(".", "", 1).isdigit():
-                return float(f[2:])
-        return 0.0
-
+        rest = self._after("kd")
+        return 0.0 if rest is None else float(rest or KD_ALPHA)
 
     @property
     def regularize_lr_scale(self) -> float | None:
@@ -135,12 +138,14 @@ class Row:
     def mixup(self) -> float:
         """``+mix`` / ``+mixA``: distill on mixed images, lam ~ Beta(A, A) (A = 1 for ``+mix``;
         ``FitConfig.distill_mixup``). A Torch-Pruning row with ``+kd+mix`` is fine-tuned the same way."""
-        return next((float(f[3:] or 1.0) for f in self.flags if f.startswith("mix")), 0.0)
+        rest = self._after("mix")
+        return 0.0 if rest is None else float(rest or 1.0)
 
     @property
     def shift(self) -> int:
         """``+shiftN``: distill on images moved by up to N pixels (``FitConfig.distill_shift``)."""
-        return next((int(f[5:] or 2) for f in self.flags if f.startswith("shift")), 0)
+        rest = self._after("shift")
+        return 0 if rest is None else int(rest or 2)
 
     @property
     def flip(self) -> bool:

@@ -431,10 +431,11 @@ class _Run:
         from ..latency.budget import close_the_loop, measure
 
         groups, lm = self.groups(self.template), self._latency
+        dense = copy.deepcopy(self.template).eval()  # timed beside every plan, so drift cancels in the ratio
 
         def time_plan(keep) -> float:
             planned = slice_model(copy.deepcopy(self.template).eval(), groups, keep).eval()
-            res = measure({"dense": copy.deepcopy(self.template).eval(), "planned": planned}, self.example,
+            res = measure({"dense": dense, "planned": planned}, self.example,
                           self.target, runtime=self.runtime, remote=self.remote,
                           batch_size=self.config.latency_batch_size, repeats=self.config.latency_repeats)
             # on the calibration's scale: the machine's drift since calibrating cancels in the ratio
