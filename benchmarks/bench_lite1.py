@@ -30,7 +30,7 @@ is measured once into ``benchmarks/cache/`` (``--max-points 4 --repeats 20``, ab
 
 Top-1 is on the whole test set (10,000 images, ``--test-subset``); the accuracy right after the cut on
 its first 2,000 images (``--probe``). Latency: onnxruntime, 1 thread, batch 1, pruned against dense in
-one process (400 timed calls each, taking turns). Every finished row is appended to
+one process (400 timed calls each, taking turns; the median ratio of three such measurements). Every finished row is appended to
 ``benchmarks/results/lite1.jsonl`` at once and skipped on a rerun: run the same command to continue.
 
 Reproduce:
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
                 extra = {"allocation": policy, "status": status}
             secs = time.perf_counter() - t0
             acc = evaluate(pruned, eval_loader(test))[0]
-            lat, ratio = bm.latency_ratio(dense, pruned, x, args.target, tmp, repeats=400)
+            lat, ratio = bm.latency_ratio(dense, pruned, x, args.target, tmp)
             onnx_dir = _onnx_dir(args)  # kept for --remeasure: every model timed together, taking turns
             onnx_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tmp) / "dense.onnx", onnx_dir / "dense.onnx")
