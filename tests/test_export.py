@@ -44,3 +44,20 @@ def test_remote_target_latency_says_where_it_was_measured(tmp_path):
     assert "NOT on the target device" in jetson.note and "this machine" in jetson.measured_on
     # what ran here is named: the CPU provider, not the TensorRT one the target asks for
     assert jetson.stats["m"].runs == 5 and "CPUExecutionProvider" in jetson.runtime
+
+
+def test_latency_is_timed_in_rounds_and_the_middle_round_is_kept(tmp_path):
+    """60 timed calls: three rounds of 20; 61: 21 + 20 + 20; under 60 one round. The stats are the
+    round whose pruned/dense ratio is the median of the three listed."""
+    x = torch.zeros(1, 1, 8, 8)
+    dense = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU()).eval(), x, tmp_path / "d.onnx")
+    pruned = export_onnx(torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU()).eval(), x, tmp_path / "p.onnx")
+    paths = {"dense": str(dense), "pruned": str(pruned)}
+    res = measure_onnx_latency(paths, load_target("host-cpu"), repeats=60, warmup=2)
+    assert len(res.round_ratios) == 3 and res.stats["dense"].runs == res.stats["pruned"].runs == 20
+    ratios = sorted(r["pruned"] for r in res.round_ratios)
+    assert res.stats["pruned"].median_ms / res.stats["dense"].median_ms == pytest.approx(ratios[1])
+    res = measure_onnx_latency(paths, load_target("host-cpu"), repeats=61, warmup=2)
+    assert res.stats["dense"].runs in (20, 21) and len(res.round_ratios) == 3
+    res = measure_onnx_latency(paths, load_target("host-cpu"), repeats=59, warmup=2)
+    assert len(res.round_ratios) == 1 and res.stats["dense"].runs == 59

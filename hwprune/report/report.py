@@ -39,6 +39,21 @@ def _loop_line(loop: dict) -> str:
             f"planned at {loop['factor']:.3f} of the budget")
 
 
+def _rounds_text(g) -> str:
+    """How the timed calls were split into rounds, for report.md's latency line ('' for one round).
+
+    Example:
+        >>> data = {"latency.rounds": 3, "latency.round_ratios": [{"pruned": 0.54}, {"pruned": 0.34}, {"pruned": 0.55}]}
+        >>> _rounds_text(data.get)
+        ', in 3 rounds, the middle one kept (pruned/dense per round: 0.540, 0.340, 0.550)'
+    """
+    ratios = g("latency.round_ratios") or []
+    if (g("latency.rounds") or 1) < 2 or not ratios:
+        return ""
+    per = ", ".join(f"{r.get('pruned', float('nan')):.3f}" for r in ratios)
+    return f", in {len(ratios)} rounds, the middle one kept (pruned/dense per round: {per})"
+
+
 @dataclass
 class Report:
     """Everything a run measured. ``data`` follows the nested layout of ``report.json``."""
@@ -171,7 +186,8 @@ class Report:
             f"- `model.onnx`: onnxruntime vs torch max |diff| = {g('onnx.max_abs_diff'):.2e} on "
             f"{g('onnx.checked_inputs')} real test inputs" if g("onnx.max_abs_diff") is not None else "- no ONNX export",
             f"- latency: median of {g('latency.runs')} runs after {g('latency.warmup')} warm-up runs, dense and pruned "
-            f"taking turns in blocks of consecutive calls in one process; {g('latency.runtime')}; {g('latency.measured_on')}",
+            f"taking turns in blocks of consecutive calls in one process{_rounds_text(g)}; {g('latency.runtime')}; "
+            f"{g('latency.measured_on')}",
         ]
         if g("latency.note"):
             lines += [f"- **{g('latency.note')}**"]

@@ -20,13 +20,16 @@ def latency_section(latency) -> dict[str, Any]:
         >>> s = lambda ms: NS(median_ms=ms, p10_ms=ms - 0.1, p90_ms=ms + 0.1, runs=200)
         >>> lat = NS(batch_size=1, runtime="onnxruntime", measured_on="this machine: x", on_target=True,
         ...          note="", warmup=20, stats={"dense": s(2.0), "pruned": s(1.0)})
-        >>> latency_section(lat)["p90_ms"]
-        {'dense': 2.1, 'pruned': 1.1}
+        >>> latency_section(lat)["p90_ms"], latency_section(lat)["rounds"]
+        ({'dense': 2.1, 'pruned': 1.1}, 1)
     """
+    round_ratios = getattr(latency, "round_ratios", None) or []
     return {
         "batch_size": latency.batch_size, "runtime": latency.runtime, "measured_on": latency.measured_on,
         "on_target_device": latency.on_target, "note": latency.note, "runs": latency.stats["dense"].runs,
         "warmup": latency.warmup, "statistic": "median",
+        # the timed calls in rounds, the middle one by pruned/dense kept (runs: that round's calls)
+        "rounds": max(len(round_ratios), 1), "round_ratios": round_ratios,
         "p10_ms": {k: v.p10_ms for k, v in latency.stats.items()},
         "p90_ms": {k: v.p90_ms for k, v in latency.stats.items()},
     }

@@ -2,7 +2,9 @@
 
 Dense and pruned models are timed in the same process, taking turns in short blocks of consecutive
 calls after a warm-up, so that drift on a shared machine hits both alike while each model runs with
-its own weights in cache, as it would in service; the median of many runs is reported.
+its own weights in cache, as it would in service; the median of many runs is reported. The timed
+calls are split into rounds and the round whose ratio to the first model is the median is kept: on a
+loaded machine one measurement in tens is far off (docs/benchmarks.md, "The equal-latency rows again").
 
 When the target's device is not this machine and no RPC device is configured, the numbers come from
 this machine and every label says so: hwprune never passes one machine off as another.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,8 @@ from .clock import take_turns, wall_clock
 from ..target import Target, this_machine
 
 BLOCK = 10  # consecutive timed calls of one model before the next model's turn
+ROUNDS = 3  # the timed calls are split into this many rounds, each at least ROUND_CALLS long
+ROUND_CALLS = 20
 
 
 @dataclass
@@ -49,6 +53,9 @@ class LatencyResult:
     on_target: bool  # True only when measured on the target's own device
     note: str = ""
     warmup: int = 0
+    # every round's median ratio of each model to the first (stats are the middle round's): the spread
+    # between rounds says how steady the machine was
+    round_ratios: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -123,11 +130,11 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
     for k, s in sessions.items():
         for _ in range(warmup):
             s.run(None, feeds[k])
-    times = interleaved_times({k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}, repeats)
-    stats = {
-        k: LatencyStats(float(np.median(v)), float(np.percentile(v, 10)), float(np.percentile(v, 90)), len(v))
-        for k, v in times.items()
-    }
+    calls = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
+    n_rounds = ROUNDS if repeats >= ROUNDS * ROUND_CALLS else 1  # an odd count: the middle round is one round
+    rounds = [_stats(interleaved_times(calls, repeats // n_rounds + (i < repeats % n_rounds)))
+              for i in range(n_rounds)]
+    stats, round_ratios = middle_round(rounds)
     used = sessions[next(iter(sessions))].get_providers()[0] if sessions else providers[0]
     threads = target.onnxruntime.threads or "default"
     runtime = f"onnxruntime {ort.__version__} {used}, {threads} thread{'s' if threads != 1 else ''}"
@@ -141,7 +148,32 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
     if missing_note:
         notes.append(f"target providers {missing_note}; used {used}")
     return LatencyResult(stats, batch_size, runtime, this_machine(),
-                         on_target, "; ".join(notes), warmup)
+                         on_target, "; ".join(notes), warmup, round_ratios)
+
+
+def _stats(times: dict[str, list[float]]) -> dict[str, LatencyStats]:
+    return {k: LatencyStats(float(np.median(v)), float(np.percentile(v, 10)), float(np.percentile(v, 90)), len(v))
+            for k, v in times.items()}
+
+
+def middle_round(rounds: list[dict[str, LatencyStats]]) -> tuple[dict[str, LatencyStats], list[dict[str, float]]]:
+    """The round whose median ratio of the second model to the first is the median over ``rounds`` (by the
+    first model's own time when there is one model), and every round's ratios to the first model.
+
+    One interleaved measurement on a loaded 2-core machine was, once in 30, 37% low: a phase of load that
+    slows the larger model more. With three rounds one such phase is outvoted.
+
+    Example:
+        >>> r = lambda d, p: {"dense": LatencyStats(d, d, d, 10), "pruned": LatencyStats(p, p, p, 10)}
+        >>> stats, ratios = middle_round([r(2.0, 1.0), r(3.0, 0.9), r(2.0, 1.1)])   # the second round is off
+        >>> stats["pruned"].median_ms, [x["pruned"] for x in ratios]
+        (1.0, [0.5, 0.3, 0.55])
+    """
+    names = list(rounds[0])
+    ratios = [{k: st[k].median_ms / st[names[0]].median_ms for k in names[1:]} for st in rounds]
+    key = ((lambda i: ratios[i][names[1]]) if len(names) > 1 else (lambda i: rounds[i][names[0]].median_ms))
+    middle = sorted(range(len(rounds)), key=key)[len(rounds) // 2]
+    return rounds[middle], ratios
 
 
 # --- the ONNX format: writing a model, opening a session, comparing with torch ------------------------
