@@ -3,8 +3,8 @@
 bench_methods.py bisects Torch-Pruning to the latency ratio hwprune's row measured, so one stray
 measurement moves a whole comparison (docs/benchmarks.md, "The equal-latency rows again"). This times
 ResNet-20 at half width against the full one (onnxruntime, 1 thread, batch 1, 400 interleaved calls
-each, as bench_methods.latency_ratio does), N times with one measurement a ratio and N/3 times with the
-median of three, and prints the spread of each. Run it beside whatever load the benchmark ran with.
+each, as bench_methods.latency_ratio does), N times in one round and N/3 times in three rounds (the
+middle one kept, as hwprune's measure_onnx_latency does), and prints the spread of each. Run it beside whatever load the benchmark ran with.
 
 Reproduce: python benchmarks/bench_latency_noise.py [--n 30]
 """

@@ -18,7 +18,7 @@ learning for bn-scale / group-norm, then pruning to the FLOPs, then fine-tuning)
 ``flops:F`` (keep F of the FLOPs) and ``speedup:S`` (measured latency: hwprune's ``--speedup S``
 through the target's profile; Torch-Pruning pruned to the FLOPs ratio whose measured onnxruntime
 latency matches what hwprune's first row of that seed measured, found by bisection; every latency ratio
-is the median of three measurements of 400 interleaved calls each).
+is the middle of three rounds of 400 interleaved calls each).
 
 Every finished row is appended to a JSON-lines file at once, and a run skips the rows it finds there:
 stop it any time and run the same command again to continue.
@@ -310,18 +310,16 @@ def tp_finetune(row: Row, model, dense, train, args, seed):
 
 def latency_ratio(dense, pruned, x, target, workdir, repeats=400, rounds=3):
     """(pruned ms, pruned / dense): onnxruntime, the two models taking turns for ``repeats`` timed calls
-    each, and the median ratio over ``rounds`` such measurements. One measurement is not enough on the
-    shared 2-core machine: a ResNet-20 at 29% of the FLOPs once measured 0.458x the dense latency where
-    others with its FLOPs measure 0.60-0.64x, and Torch-Pruning is bisected to the ratio hwprune's row
-    measured (docs/benchmarks.md, "The speedup rows again")."""
+    each in every one of ``rounds`` rounds, the round with the median ratio kept (hwprune's own
+    ``measure_onnx_latency`` rounds). One round is not enough on the shared 2-core machine: a ResNet-20
+    at 29% of the FLOPs once measured 0.458x the dense latency where others with its FLOPs measure
+    0.60-0.64x, and Torch-Pruning is bisected to the ratio hwprune's row measured (docs/benchmarks.md,
+    "The equal-latency rows again")."""
     d = export_onnx(dense.eval(), x, Path(workdir) / "dense.onnx")
     p = export_onnx(pruned.eval(), x, Path(workdir) / "pruned.onnx")
-    measured = []
-    for _ in range(rounds):
-        r = measure_onnx_latency({"dense": str(d), "pruned": str(p)}, load_target(target), repeats=repeats, warmup=20)
-        measured.append((r.stats["pruned"].median_ms / r.stats["dense"].median_ms, r.stats["pruned"].median_ms))
-    ratio, ms = sorted(measured)[len(measured) // 2]
-    return ms, ratio
+    r = measure_onnx_latency({"dense": str(d), "pruned": str(p)}, load_target(target), repeats=repeats * rounds,
+                             warmup=20, rounds=rounds)
+    return r.stats["pruned"].median_ms, r.stats["pruned"].median_ms / r.stats["dense"].median_ms
 
 
 def tp_at_latency(kind, dense, train, goal, args, seed, x, workdir):

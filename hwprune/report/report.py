@@ -43,12 +43,12 @@ def _rounds_text(g) -> str:
     """How the timed calls were split into rounds, for report.md's latency line ('' for one round).
 
     Example:
-        >>> data = {"latency.rounds": 3, "latency.round_ratios": [{"pruned": 0.54}, {"pruned": 0.34}, {"pruned": 0.55}]}
+        >>> data = {"latency.round_ratios": [{"pruned": 0.54}, {"pruned": 0.34}, {"pruned": 0.55}]}
         >>> _rounds_text(data.get)
         ', in 3 rounds, the middle one kept (pruned/dense per round: 0.540, 0.340, 0.550)'
     """
     ratios = g("latency.round_ratios") or []
-    if (g("latency.rounds") or 1) < 2 or not ratios:
+    if len(ratios) < 2:
         return ""
     per = ", ".join(f"{r.get('pruned', float('nan')):.3f}" for r in ratios)
     return f", in {len(ratios)} rounds, the middle one kept (pruned/dense per round: {per})"

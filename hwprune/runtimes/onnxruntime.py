@@ -28,7 +28,7 @@ from .clock import take_turns, wall_clock
 from ..target import Target, this_machine
 
 BLOCK = 10  # consecutive timed calls of one model before the next model's turn
-ROUNDS = 3  # the timed calls are split into this many rounds, each at least ROUND_CALLS long
+ROUNDS = 3  # the timed calls are split into this many rounds (odd: one is the middle), each at least ROUND_CALLS long
 ROUND_CALLS = 20
 
 
@@ -101,11 +101,13 @@ def interleaved_times(calls: dict, repeats: int, block: int = BLOCK) -> dict[str
 
 def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: int | None = None,
                          warmup: int | None = None, repeats: int | None = None, seed: int = 0,
-                         feeds=None) -> LatencyResult:
+                         feeds=None, rounds: int = ROUNDS) -> LatencyResult:
     """Time each ONNX model with onnxruntime as the target configures it, interleaved, on this machine.
 
     ``feeds(session, batch_size)`` gives the inputs to time with (token ids for a text model); without
     it (or when it returns None) the first input gets random normal values of the model's input shape.
+    The ``repeats`` timed calls are split into ``rounds`` (odd) rounds, one round under
+    ``rounds * ROUND_CALLS`` calls; the stats are the middle round's (:func:`middle_round`).
 
     Example:
         >>> import tempfile
@@ -131,7 +133,7 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
         for _ in range(warmup):
             s.run(None, feeds[k])
     calls = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
-    n_rounds = ROUNDS if repeats >= ROUNDS * ROUND_CALLS else 1  # an odd count: the middle round is one round
+    n_rounds = rounds if repeats >= rounds * ROUND_CALLS else 1
     rounds = [_stats(interleaved_times(calls, repeats // n_rounds + (i < repeats % n_rounds)))
               for i in range(n_rounds)]
     stats, round_ratios = middle_round(rounds)
@@ -160,8 +162,9 @@ def middle_round(rounds: list[dict[str, LatencyStats]]) -> tuple[dict[str, Laten
     """The round whose median ratio of the second model to the first is the median over ``rounds`` (by the
     first model's own time when there is one model), and every round's ratios to the first model.
 
-    One interleaved measurement on a loaded 2-core machine was, once in 30, 37% low: a phase of load that
-    slows the larger model more. With three rounds one such phase is outvoted.
+    One interleaved measurement on a loaded 2-core machine was, once in 30, 37% low (probably a phase of
+    load that slowed the larger model more; the cause was not measured). With three rounds one such
+    phase is outvoted.
 
     Example:
         >>> r = lambda d, p: {"dense": LatencyStats(d, d, d, 10), "pruned": LatencyStats(p, p, p, 10)}
