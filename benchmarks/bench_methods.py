@@ -11,7 +11,9 @@ Two regimes (docs/benchmarks.md, "Methods against Torch-Pruning"):
 
 Rows: ``METHOD@ALLOCATION`` (hwprune, ``+kd`` to fine-tune with the dense model as teacher, ``+rewind``
 to fine-tune at the full learning rate, ``+lowlr`` to regularize at the fine-tune's, ``+early`` in the
-equal-epochs regime to prune after a fifth of the total epochs and train the pruned model for the rest),
+equal-epochs regime to prune after a fifth of the total epochs and train the pruned model for the rest;
+fine-tune settings: ``+swa[F]`` averages the weights over the last F of the fine-tune (0.5 by default),
+``+T<t>`` distills at temperature t, ``+ftlr<s>`` fine-tunes at s times the learning rate),
 ``uniform`` (from scratch), ``tp-magnitude``, ``tp-magnitude-local``, ``tp-bn-scale``,
 ``tp-group-norm`` (Torch-Pruning 1.6.1: global ranking, or per-layer for ``-local``; its own sparse
 learning for bn-scale / group-norm, then pruning to the FLOPs, then fine-tuning). Budgets:
@@ -91,12 +93,12 @@ class Row:
 
     def __post_init__(self):
         # a misspelt or retired flag must not run as the default row under another name
-        known = ("kd", "rewind", "lowlr", "early", "mix", "shift", "flip")
+        known = ("kd", "rewind", "lowlr", "early", "mix", "shift", "flip", "swa", "T", "ftlr")
         for f in self.flags:
             rest = next((f[len(k):] for k in known if f.startswith(k)), None)
             if rest is None or (rest and not _is_number(rest)):
                 raise SystemExit(f"row {self.name}: unknown flag +{f}; expected +kd[A], +rewind, +lowlr, +early, "
-                                 "+mix[A], +shift[N] or +flip")
+                                 "+mix[A], +shift[N], +flip, +swa[F], +T<temperature> or +ftlr<scale>")
 
     @property
     def is_tp(self) -> bool:
@@ -154,6 +156,19 @@ class Row:
         return "flip" in self.flags
 
     @property
+    def average(self) -> float:
+        """``+swa`` / ``+swaF``: average the weights over the last F of the fine-tune's steps (F = 0.5 for
+        ``+swa``; ``FitConfig.finetune_average``)."""
+        rest = self._after("swa")
+        return 0.0 if rest is None else float(rest or 0.5)
+
+    @property
+    def temperature(self) -> float:
+        """``+T<t>``: distill at temperature t instead of the benchmark's KD_T."""
+        rest = self._after("T")
+        return KD_T if not rest else float(rest)
+
+    @property
     def early(self) -> bool:
         """``+early`` (equal-epochs regime): prune early and train the pruned model for the rest (You et al.
         2020, "Drawing early-bird tickets"): the dense model trains a fifth of the total epochs, not D."""
@@ -163,6 +178,9 @@ class Row:
     def finetune_lr_scale(self) -> float | None:
         """``+rewind``: fine-tune at the full training learning rate (learning-rate rewinding, Renda et
         al. 2020) instead of FitConfig's default scale."""
+        rest = self._after("ftlr")
+        if rest:
+            return float(rest)
         return 1.0 if "rewind" in self.flags else None
 
 
@@ -234,7 +252,8 @@ def run_ours(row: Row, dense, train, test, budget, args, seed, out_dir):
     from_scratch = method == "uniform"
     cfg = FitConfig(budget=budget, method=method, method_options=options, epochs_dense=0, epochs_regularize=r,
                     epochs_finetune=f + (d if from_scratch else 0), seed=seed, train=TrainSettings(),
-                    allocation=row.allocation, distill=row.kd_weight, distill_temperature=KD_T,
+                    allocation=row.allocation, distill=row.kd_weight, distill_temperature=row.temperature,
+                    finetune_average=row.average,
                     distill_mixup=row.mixup, distill_shift=row.shift, distill_flip=row.flip,
                     profile=args.profile)
     if row.finetune_lr_scale is not None:
@@ -297,7 +316,7 @@ def tp_finetune(row: Row, model, dense, train, args, seed):
     steps = -(-len(train) // settings.batch_size)
     ft = f + (0 if row.method in ("tp-bn-scale", "tp-group-norm") else r)  # one-shot pruners fine-tune R + F
     opt = make_optimizer(model, settings)
-    kd = (Distillation(copy.deepcopy(dense).eval(), row.kd_weight, KD_T, mixup=row.mixup,
+    kd = (Distillation(copy.deepcopy(dense).eval(), row.kd_weight, row.temperature, mixup=row.mixup,
                        shift=row.shift, flip=row.flip) if row.distill else None)
     for e in range(ft):
         if kd is not None and kd.changes_inputs:

@@ -74,6 +74,9 @@ def add_parser(sub) -> None:
                    help="the fine-tune's peak learning rate as a fraction of --lr (default 0.4: a short fine-tune of a "
                         "trained model); 1 when the model is pruned early and the fine-tune is most of the training "
                         "(e.g. --epochs 3 3 9 --distill 0 from scratch: docs/benchmarks.md, 'equal total epochs')")
+    p.add_argument("--finetune-average", type=float, default=None, metavar="F",
+                   help="average the weights over the last F of the fine-tune's steps, then re-estimate BatchNorm "
+                        "(stochastic weight averaging; default 0: off; docs/benchmarks.md measured it)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64)")
     p.add_argument("--seed", type=int, default=None, help="random seed (data order, init; default 0)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0: load in the training process)")
@@ -97,7 +100,7 @@ def add_parser(sub) -> None:
 
 
 _SAVED = ["target", "sparsity", "flops", "params", "latency_ms", "speedup", "model", "data", "granularity", "method",
-          "method_option", "allocation", "allocation_option", "distill", "distill_mixup", "distill_shift", "distill_flip", "epochs", "lr", "finetune_lr_scale", "batch_size", "seed", "exclude", "image_size", "latency_batch_size",
+          "method_option", "allocation", "allocation_option", "distill", "distill_mixup", "distill_shift", "distill_flip", "epochs", "lr", "finetune_lr_scale", "finetune_average", "batch_size", "seed", "exclude", "image_size", "latency_batch_size",
           "latency_repeats", "no_latency", "profile", "latency_runtime", "rpc", "tracker", "key"]
 
 
@@ -292,7 +295,8 @@ def run(args) -> int:
                        granularity=args.granularity or "channels",
                        latency_runtime=args.latency_runtime, profile=args.profile, allocation=args.allocation,
                        allocation_options=_parse_options(args.allocation_option or [], "--allocation-option"),
-                       **{key: getattr(args, key) for key in ("distill", "distill_mixup", "distill_shift", "distill_flip")
+                       **{key: getattr(args, key) for key in ("distill", "distill_mixup", "distill_shift", "distill_flip",
+                                                               "finetune_average")
                           if getattr(args, key, None) is not None})
     if job is not None:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = job.epochs

@@ -53,6 +53,9 @@ class FitConfig:
     distill_mixup: float = 0.0
     distill_shift: int = 0
     distill_flip: bool = False
+    # average the weights over this last fraction of the fine-tune's steps, then re-estimate BatchNorm
+    # (stochastic weight averaging; hwprune.training.averaging). 0: off.
+    finetune_average: float = 0.0
 
     def __post_init__(self):
         unit = granularity(self.granularity)  # an unknown name is refused here
@@ -77,6 +80,9 @@ class FitConfig:
         if not (isinstance(self.distill_mixup, (int, float)) and 0 <= self.distill_mixup < float("inf")):
             raise HwpruneError(f"--distill-mixup {self.distill_mixup!r}: expected the Beta(a, a) concentration of the "
                                "mixing weight, a number >= 0 (0 turns mixing off; 1 mixes uniformly)")
+        if not (isinstance(self.finetune_average, (int, float)) and 0.0 <= self.finetune_average <= 1.0):
+            raise HwpruneError(f"--finetune-average {self.finetune_average!r}: expected the fraction of the fine-tune's "
+                               "last steps whose weights are averaged, in [0, 1] (0 turns averaging off)")
         if not (isinstance(self.distill_shift, int) and self.distill_shift >= 0):
             raise HwpruneError(f"--distill-shift {self.distill_shift!r}: expected a whole number of pixels >= 0 "
                                "(0 turns moving off)")
@@ -100,7 +106,7 @@ class FitConfig:
         # settings added after runs existed are left out at their defaults, so those runs resume unchanged
         for key, default in (("granularity", "channels"), ("allocation", None), ("allocation_options", {}),
                              ("distill", None), ("distill_temperature", 4.0), ("distill_mixup", 0.0),
-                             ("distill_shift", 0), ("distill_flip", False)):
+                             ("distill_shift", 0), ("distill_flip", False), ("finetune_average", 0.0)):
             if d[key] == default:
                 del d[key]
         return json.loads(json.dumps(d, default=str))

@@ -41,6 +41,8 @@ class RunState:
     # a latency budget: the planned widths timed before training, and the factor on the budget that made
     # the measured latency meet it (hwprune.latency.budget.close_the_loop); None until planned
     latency_loop: dict | None = None
+    # the fine-tune's weight average so far (FitConfig.finetune_average; WeightAverage.state_dict())
+    weight_average: dict | None = None
 
     def enter(self, stage: str) -> None:
         """Move to ``stage`` at its first epoch."""
