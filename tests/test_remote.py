@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("tvm")
 pytest.importorskip("tornado")  # the tracker needs it
@@ -139,6 +140,20 @@ def test_model_runs_and_is_timed_on_the_rpc_server(rpc_server, tmp_path):
     assert res.measured_on == f"RPC device at 127.0.0.1:{rpc_server.port}" and res.on_target
     assert "hand schedule" in res.runtime and set(res.stats) == {"dense", "half"}
     assert res.stats["dense"].runs == res.stats["half"].runs == 10
+
+
+def test_tvm_latency_is_timed_in_rounds_and_the_middle_round_is_kept():
+    """As with onnxruntime (tests/test_export.py): 60 timed calls are three rounds of 20 and the stats are
+    the round whose ratio is the median of the three listed; under 60, one round."""
+    x = torch.zeros(1, 1, 8, 8)
+    models = {"dense": nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU()).eval(),
+              "pruned": nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU()).eval()}
+    res = measure_tvm_latency(models, x, load_target("host-cpu"), warmup=2, repeats=60)
+    assert len(res.round_ratios) == 3 and res.stats["dense"].runs == res.stats["pruned"].runs == 20
+    ratios = sorted(r["pruned"] for r in res.round_ratios)
+    assert res.stats["pruned"].median_ms / res.stats["dense"].median_ms == pytest.approx(ratios[1])
+    res = measure_tvm_latency(models, x, load_target("host-cpu"), warmup=2, repeats=10)
+    assert len(res.round_ratios) == 1 and res.stats["dense"].runs == 10
 
 
 def test_tracker_hands_out_the_device_by_key(tracker):

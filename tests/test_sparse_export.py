@@ -99,7 +99,7 @@ def test_cli_block_fit_then_every_export_format(tmp_path, capsys):
     state = torch.load(run / "pruned.pt", weights_only=True)["state_dict"]
 
     for fmt in ("npz", "tvm", "onnx"):
-        code, out, err = cli(capsys, "export", str(run), "--format", fmt)
+        code, out, err = cli(capsys, "export", str(run), "--format", fmt, *(["--measure"] if fmt == "tvm" else []))
         assert code == 0, err
         assert "checked in a fresh process" in out and "within 0.0001" in out, out
 
@@ -118,6 +118,10 @@ def test_cli_block_fit_then_every_export_format(tmp_path, capsys):
     # the test rebuilds from the run folder itself
     tvm_manifest = json.loads((run / "export" / "tvm" / "manifest.json").read_text())
     assert {l["layer"] for l in tvm_manifest["layers"]} == {e["layer"] for e in manifest["layers"]}
+    # --measure: TVM against onnxruntime in three rounds (host-cpu's 200 calls), the middle ratio kept
+    measured = tvm_manifest["measured"]
+    assert measured["rounds"] == 3 and len(measured["round_ratios"]) == 3
+    assert sorted(measured["round_ratios"])[1] == pytest.approx(measured["ratio"], abs=2e-4)
     from hwprune.data import load_dataset
     from hwprune.apply.plan import apply_plan
 

@@ -348,7 +348,7 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
     import onnxruntime as ort
     import tvm
 
-    from ..runtimes.onnxruntime import interleaved_times, provider_note
+    from ..runtimes.onnxruntime import interleaved_times, provider_note, timed_in_rounds
     from ..target import this_machine
     from ..runtimes.onnxruntime import export_onnx, ort_session
 
@@ -369,16 +369,18 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
     for call in calls.values():
         for _ in range(warmup):
             call()
-    times = interleaved_times(calls, repeats)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    # three rounds, the middle one by ratio kept, as every latency hwprune reports (timed_in_rounds)
+    stats, round_ratios = timed_in_rounds(lambda i, n: interleaved_times(calls, n), repeats)
+    med = {k: v.median_ms for k, v in stats.items()}
     threads = tgt.onnxruntime.threads or "default"
     return {
         "what": "wall time of one call of the whole model, median of the timed calls, both runtimes taking turns on "
-                "the same inputs",
+                "the same inputs, in rounds: the round with the median ratio is kept",
         "batch_size": int(xs[0].shape[0]), "input_shapes": [list(x.shape) for x in xs], "repeats": repeats, "warmup": warmup,
         "median_ms": {k: round(v, 4) for k, v in med.items()},
-        "p10_p90_ms": {k: [round(float(np.percentile(v, 10)), 4), round(float(np.percentile(v, 90)), 4)] for k, v in times.items()},
+        "p10_p90_ms": {k: [round(v.p10_ms, 4), round(v.p90_ms, 4)] for k, v in stats.items()},
         "ratio": round(med[tvm_name] / med[ort_name], 4),
+        "rounds": len(round_ratios), "round_ratios": [round(1.0 / r[ort_name], 4) for r in round_ratios],  # TVM / ORT
         "runtimes": {tvm_name: f"TVM {tvm.__version__}, {dict(tgt.tvm.target)}, sparse layers on hwprune's BSR kernels, "
                                "attention matmuls, softmax and GELU on its hand kernels, every other op TVM's "
                                "untuned default",

@@ -17,6 +17,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -133,10 +134,7 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
         for _ in range(warmup):
             s.run(None, feeds[k])
     calls = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
-    n_rounds = rounds if repeats >= rounds * ROUND_CALLS else 1
-    rounds = [_stats(interleaved_times(calls, repeats // n_rounds + (i < repeats % n_rounds)))
-              for i in range(n_rounds)]
-    stats, round_ratios = middle_round(rounds)
+    stats, round_ratios = timed_in_rounds(lambda i, n: interleaved_times(calls, n), repeats, rounds)
     used = sessions[next(iter(sessions))].get_providers()[0] if sessions else providers[0]
     threads = target.onnxruntime.threads or "default"
     runtime = f"onnxruntime {ort.__version__} {used}, {threads} thread{'s' if threads != 1 else ''}"
@@ -156,6 +154,24 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
 def _stats(times: dict[str, list[float]]) -> dict[str, LatencyStats]:
     return {k: LatencyStats(float(np.median(v)), float(np.percentile(v, 10)), float(np.percentile(v, 90)), len(v))
             for k, v in times.items()}
+
+
+def timed_in_rounds(time_round: Callable[[int, int], dict[str, list[float]]], repeats: int,
+                    rounds: int = ROUNDS) -> tuple[dict[str, LatencyStats], list[dict[str, float]]]:
+    """``repeats`` timed calls in ``rounds`` rounds (one round under ``rounds * ROUND_CALLS`` calls):
+    ``time_round(i, n)`` gives ``n`` per-call milliseconds of every model in round ``i``; the stats are
+    the middle round's (:func:`middle_round`), with every round's ratios. onnxruntime and TVM time alike.
+
+    Example:
+        >>> times = iter([{"d": [2.0] * 30, "p": [1.0] * 30}, {"d": [2.0] * 30, "p": [1.6] * 30},
+        ...               {"d": [2.0] * 30, "p": [1.2] * 30}])
+        >>> stats, ratios = timed_in_rounds(lambda i, n: next(times), repeats=90)
+        >>> stats["p"].median_ms, [r["p"] for r in ratios]
+        (1.2, [0.5, 0.8, 0.6])
+    """
+    n_rounds = rounds if repeats >= rounds * ROUND_CALLS else 1
+    timed = [_stats(time_round(i, repeats // n_rounds + (i < repeats % n_rounds))) for i in range(n_rounds)]
+    return middle_round(timed)
 
 
 def middle_round(rounds: list[dict[str, LatencyStats]]) -> tuple[dict[str, LatencyStats], list[dict[str, float]]]:

@@ -1,8 +1,8 @@
 """Latency of TVM builds, on this machine or on an RPC device, labelled with where and how it was measured.
 
 Models are compiled here with the dense path (:mod:`hwprune.runtimes.tvm.dense`); on an RPC device each
-library is uploaded and timed there with ``time_evaluator``, the models taking turns in rounds like
-the onnxruntime measurement. The result is the same :class:`~hwprune.runtimes.onnxruntime.LatencyResult`, whose
+library is uploaded and timed there with ``time_evaluator``, the models taking turns like the
+onnxruntime measurement, in three rounds of which the middle one by ratio is kept (``timed_in_rounds``). The result is the same :class:`~hwprune.runtimes.onnxruntime.LatencyResult`, whose
 ``runtime`` names the schedule ("hand schedule ...", never a bare "TVM") and whose ``measured_on``
 names the device: "RPC device 'rpi5' (from the tracker at ...)" or "this machine: ...".
 
@@ -28,13 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..onnxruntime import LatencyResult, LatencyStats
+from ..onnxruntime import LatencyResult, timed_in_rounds
 from .rpc import RemoteSession, RemoteSpec, time_vms
 from ...target import Target, this_machine
-
-
-def _stats(v: list[float]) -> LatencyStats:
-    return LatencyStats(float(np.median(v)), float(np.percentile(v, 10)), float(np.percentile(v, 90)), len(v))
 
 
 def measure_tvm_latency(models: dict[str, torch.nn.Module], example: torch.Tensor, target: Target, *,
@@ -67,19 +63,20 @@ def measure_tvm_latency(models: dict[str, torch.nn.Module], example: torch.Tenso
                 f"{platform.machine()} machine; time it on the device with --rpc HOST:PORT or --tracker HOST:PORT --key KEY")
         vms = {k: b.vm() for k, b in builds.items()}
         inputs = {k: tvm.runtime.tensor(data[k]) for k in builds}
-        times = time_vms(vms, inputs, tvm.cpu(), warmup=warmup, repeats=repeats)
+        stats, ratios = timed_in_rounds(
+            lambda i, n: time_vms(vms, inputs, tvm.cpu(), warmup=warmup if i == 0 else 0, repeats=n), repeats)
         on_target = target.is_local
         measured_on = this_machine()
     else:
         with tempfile.TemporaryDirectory(prefix="hwprune-tvm-") as tmp, RemoteSession(remote) as sess:
             vms = {k: sess.load_vm(b.export(Path(tmp) / f"{k}.so")) for k, b in builds.items()}
             inputs = {k: sess.tensor(data[k]) for k in builds}
-            times = time_vms(vms, inputs, sess.device, warmup=warmup, repeats=repeats)
+            stats, ratios = timed_in_rounds(
+                lambda i, n: time_vms(vms, inputs, sess.device, warmup=warmup if i == 0 else 0, repeats=n), repeats)
         on_target = True
         measured_on = remote.describe()
     note = ""
     if not on_target:
         note = (f"measured on this machine, NOT on the target device '{target.device.name}' "
                 f"({target.device.arch}): the target is not reachable from here (no RPC device configured)")
-    return LatencyResult({k: _stats(v) for k, v in times.items()}, batch_size, runtime, measured_on, on_target,
-                         note, warmup)
+    return LatencyResult(stats, batch_size, runtime, measured_on, on_target, note, warmup, ratios)
