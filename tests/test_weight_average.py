@@ -112,6 +112,8 @@ def test_the_fine_tuned_model_holds_the_mean_of_the_last_steps(digits, tmp_path)
     logged = [r for r in report["history"] if r["stage"] == "finetune"][-1]["test_accuracy"]
     assert report["accuracy"]["before_average"] == logged  # before the average replaced the weights
     assert report["accuracy"]["pruned"] is not None
+    # once copied in, the average is not carried by the checkpoints after the fine-tune
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False).get("weight_average") is None
 
 
 def test_a_fine_tune_interrupted_mid_average_resumes_to_the_same_model(digits, tmp_path):

@@ -644,6 +644,9 @@ class _Run:
                 average.copy_to(self.model)
                 self.recalibrate()
                 self.state.acc["before_average"] = self.state.history[-1].get("test_accuracy")
+                # spent: later checkpoints need not carry a second copy of the weights (an interruption
+                # before the next save resumes from the last epoch's checkpoint, which still has it)
+                self.state.weight_average = None
             elif slow_batchnorm(self.model):
                 # BatchNorm averages that move 1% a step (TF ports: EfficientNet-Lite) still describe the
                 # model from a hundred steps ago after a short fine-tune: 81.4% -> 87.6% once re-estimated
