@@ -348,7 +348,8 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
     import onnxruntime as ort
     import tvm
 
-    from ..runtimes.onnxruntime import interleaved_times, provider_note, timed_in_rounds
+    from ..runtimes.clock import timed_in_rounds
+    from ..runtimes.onnxruntime import interleaved_times, provider_note
     from ..target import this_machine
     from ..runtimes.onnxruntime import export_onnx, ort_session
 

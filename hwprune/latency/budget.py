@@ -26,7 +26,7 @@ import torch
 
 from ..errors import ProfileError
 from ..io import atomic_write_json
-from ..runtimes.onnxruntime import LatencyResult
+from ..runtimes.clock import LatencyResult
 from .model import LatencyModel
 from .profile import Profile
 from ..runtimes import RUNTIMES, runtime

@@ -13,7 +13,7 @@ Example:
     >>> for w in (1.0, 2.0, 6.0):
     ...     _ = m.weight.data.fill_(w)
     ...     avg.update(m)
-    >>> avg.count, avg.copy_to(m), float(m.weight)
+    >>> avg.count, avg.copy_to(m), m.weight.item()
     (3, None, 3.0)
 """
 

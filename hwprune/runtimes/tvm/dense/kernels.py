@@ -142,7 +142,6 @@ def conv2d(spec: ConvSpec):
 
     Arguments of the PrimFunc: ``X, W, B, [R,] Y`` with ``B`` of shape ``(Cout/L, L)``.
     """
-    import tvm
     from tvm import te, tirx
 
     if spec.act not in ACTIVATIONS:
