@@ -349,9 +349,8 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
     import tvm
 
     from ..runtimes.clock import timed_in_rounds
-    from ..runtimes.onnxruntime import interleaved_times, provider_note
+    from ..runtimes.onnxruntime import export_onnx, interleaved_times, ort_session, provider_note
     from ..target import this_machine
-    from ..runtimes.onnxruntime import export_onnx, ort_session
 
     tgt = run.target
     repeats = repeats or tgt.latency.repeats

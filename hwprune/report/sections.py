@@ -12,7 +12,7 @@ import numpy as np
 
 
 def latency_section(latency) -> dict[str, Any]:
-    """``report["latency"]``: how one :class:`~hwprune.runtimes.onnxruntime.LatencyResult` was measured,
+    """``report["latency"]``: how one :class:`~hwprune.runtimes.clock.LatencyResult` was measured,
     with its spread (p10, p90) per model.
 
     Example:

@@ -36,7 +36,7 @@ class Runtime:
 
     def time_models(self, models: dict, example, target, *, remote=None, batch_size: int | None = None,
                     repeats: int | None = None, export: Callable | None = None, feeds=None, exported=None):
-        """A :class:`~hwprune.runtimes.onnxruntime.LatencyResult` of ``models`` (torch modules) timed
+        """A :class:`~hwprune.runtimes.clock.LatencyResult` of ``models`` (torch modules) timed
         together. ``export(model, path)``: how to write one for this runtime; ``exported``: files already
         written, by name; ``feeds``: the task's inputs for timing (a sentence encoder's token ids)."""
         raise NotImplementedError

@@ -52,10 +52,7 @@ class LatencyResult:
     round_ratios: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return d
-
-
+        return asdict(self)
 
 
 def take_turns(samplers: dict[str, Sampler], repeats: int, per_round: int) -> dict[str, list[float]]:

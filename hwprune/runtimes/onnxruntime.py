@@ -22,7 +22,7 @@ from torch import nn
 
 from ..io import atomic_write_bytes
 
-from .clock import LatencyResult, LatencyStats, ROUND_CALLS, ROUNDS, take_turns, timed_in_rounds, wall_clock  # noqa: F401 (re-exported)
+from .clock import ROUNDS, LatencyResult, take_turns, timed_in_rounds, wall_clock
 from ..target import Target, this_machine
 
 BLOCK = 10  # consecutive timed calls of one model before the next model's turn
@@ -73,7 +73,7 @@ def measure_onnx_latency(paths: dict[str, str], target: Target, *, batch_size: i
     ``feeds(session, batch_size)`` gives the inputs to time with (token ids for a text model); without
     it (or when it returns None) the first input gets random normal values of the model's input shape.
     The ``repeats`` timed calls are split into ``rounds`` (odd) rounds, one round under
-    ``rounds * ROUND_CALLS`` calls; the stats are the middle round's (:func:`middle_round`).
+    ``rounds * ROUND_CALLS`` calls; the stats are the middle round's (:func:`~hwprune.runtimes.clock.middle_round`).
 
     Example:
         >>> import tempfile

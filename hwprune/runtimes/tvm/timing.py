@@ -2,8 +2,9 @@
 
 Models are compiled here with the dense path (:mod:`hwprune.runtimes.tvm.dense`); on an RPC device each
 library is uploaded and timed there with ``time_evaluator``, the models taking turns like the
-onnxruntime measurement, in three rounds of which the middle one by ratio is kept (``timed_in_rounds``). The result is the same :class:`~hwprune.runtimes.clock.LatencyResult`, whose
-``runtime`` names the schedule ("hand schedule ...", never a bare "TVM") and whose ``measured_on``
+onnxruntime measurement, in three rounds of which the middle one by ratio is kept (``timed_in_rounds``).
+The result is the same :class:`~hwprune.runtimes.clock.LatencyResult`, whose ``runtime`` names the
+schedule ("hand schedule ...", never a bare "TVM") and whose ``measured_on``
 names the device: "RPC device 'rpi5' (from the tracker at ...)" or "this machine: ...".
 
 Example:
