@@ -67,6 +67,7 @@ from efficientnet_lite1 import lite1_fashion, split_static_padding  # noqa: E402
 from hwprune.budget import Budget  # noqa: E402
 from hwprune.budget.cost import count_flops, count_params  # noqa: E402
 from hwprune.data import load_dataset  # noqa: E402
+from hwprune.errors import DataError  # noqa: E402
 from hwprune.training.loop import TrainSettings, eval_loader, evaluate  # noqa: E402
 from hwprune.training.pipeline import FitConfig  # noqa: E402
 
@@ -183,7 +184,10 @@ def main(argv=None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         sys.exit(f"--rows: unknown {unknown}; rows are {ROWS}")
-    data = load_dataset("fashion-mnist")
+    try:
+        data = load_dataset("fashion-mnist")
+    except DataError as err:  # no traceback for a missing dataset: the message says what to install
+        sys.exit(f"bench_lite1: {err}")
     train = bm.subset(data.train, args.train_subset, args.seed)
     test = bm.subset(data.test, args.test_subset, 1234)
     probe = Subset(test, list(range(min(len(test), args.probe))))

@@ -61,6 +61,7 @@ import hwprune  # noqa: E402
 from hwprune.budget import Budget  # noqa: E402
 from hwprune.budget.cost import count_flops, count_params  # noqa: E402
 from hwprune.data import load_dataset  # noqa: E402
+from hwprune.errors import DataError  # noqa: E402
 from hwprune.runtimes.onnxruntime import export_onnx  # noqa: E402
 from hwprune.runtimes.onnxruntime import measure_onnx_latency  # noqa: E402
 from hwprune.models import build_model  # noqa: E402
@@ -445,7 +446,10 @@ def main(argv=None) -> int:
             sys.exit("torch-pruning is not installed: pip install --no-deps torch-pruning==1.6.1")
     results = args.results or HERE / "results" / f"methods-{args.regime}{'-holdout' if args.holdout else ''}.jsonl"
     done = done_keys(results)
-    data = load_dataset("fashion-mnist")
+    try:
+        data = load_dataset("fashion-mnist")
+    except DataError as err:  # no traceback for a missing dataset: the message says what to install
+        sys.exit(f"bench_methods: {err}")
     test = (holdout_of(data.train, args) if args.holdout else subset(data.test, args.test_subset, 1234))
     # the accuracy right after the cut (and hwprune's per-epoch log) on a slice of it: evaluating 10,000 images
     # after every epoch would add a third to a row's time
