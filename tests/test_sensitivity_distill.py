@@ -137,3 +137,51 @@ def test_fit_fine_tunes_against_the_dense_teacher(tmp_path, monkeypatch, method,
                 progress=None, measure=False)
     steps = -(-len(data.train) // cfg.train.batch_size)
     assert calls == ([0.5] * steps if expect_teacher else [])
+
+
+def test_gradual_prunes_toward_the_sensitivity_plan(tmp_path):
+    """``--allocation sensitivity`` with a method that prunes toward a plan (gradual): the plan is the
+    sensitivity allocation of the model the stage starts from, not the global one. Expected widths: curves
+    measured here with a loss of this test's own (cross-entropy on all 256 training inputs, which the run's
+    512-input probe then covers whole) and the public solver; the global plan differs, so this fails if the
+    run plans with ``global`` and confirms it at the end (where the planned units are already zero)."""
+    import hwprune
+    from torch.utils.data import Subset
+    from hwprune.data import load_dataset
+    from hwprune.training.pipeline import FitConfig
+
+    data = load_dataset("digits")
+    train = Subset(data.train, list(range(256)))
+    torch.manual_seed(0)
+    net = build_model("small-resnet", in_channels=1, num_classes=10, input_size=8, width=0.25)
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    y = torch.tensor([int(train[i][1]) for i in range(len(train))])
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)  # trained a little: at initialisation no cut changes the loss
+    for _ in range(40):
+        optimizer.zero_grad()
+        F.cross_entropy(net.train()(x), y).backward()
+        optimizer.step()
+    target = load_target("host-cpu")
+    groups = discover_groups(net, x[:1], target=target)
+    prunable = [g for g in groups if g.prunable]
+    fm = flops_model(net, (x[:1],), groups)
+    norms = UnitIndex(net, groups).sq_norms().sqrt().double().numpy()
+
+    def loss(m):
+        with torch.no_grad():
+            return float(F.cross_entropy(m.eval()(x), y))
+
+    budget = Budget("flops", 0.5)
+    curves = measure_curves(copy.deepcopy(net), discover_groups(copy.deepcopy(net), x[:1], target=target), norms, loss)
+    widths = {}
+    for policy, extra in (("sensitivity", curves), ("global", None)):
+        proj = project(groups, norms, budget, fm, allocation=policy, sensitivity=extra)
+        widths[policy] = [len(proj.keep[g.name]) for g in prunable]
+    assert widths["sensitivity"] != widths["global"]
+
+    cfg = FitConfig(budget=budget, method="gradual", allocation="sensitivity", epochs_dense=0,
+                    epochs_regularize=1, epochs_finetune=0, distill=0.0)
+    res = hwprune.fit(net, train, test_data=data.test, target="host-cpu", config=cfg, out_dir=tmp_path / "run",
+                      progress=None, measure=False)
+    kept = {g.name: len(g.keep) for g in res.plan.groups}
+    assert [kept[g.name] for g in prunable] == widths["sensitivity"]

@@ -488,21 +488,24 @@ class _Run:
     def build_regularizer(self, groups):
         index = self.index(self.model, groups)
         cost = self.cost_model(self.model, groups)
-        # How many units does the budget remove? Project once with the current norms (sensitivity curves are
-        # measured on the trained model at the projection; the global solver estimates the count before).
-        # Planned once, with the norms at the stage's start, and kept in the checkpoint: a resumed stage
-        # must not re-plan from half-trained norms.
+        # How many units does each group keep? Project once with the current norms (and, for the sensitivity
+        # allocation, loss curves measured on the model as it is now: the trained dense model). Methods that
+        # prune toward this plan (gradual, WGSEF's weighting) must get the policy's plan: curves measured only
+        # at the final projection would see the plan's units already at zero and confirm whatever it was.
+        # Planned once, at the stage's start, and kept in the checkpoint: a resumed stage must not re-plan
+        # from half-trained norms.
         plan = self.state.stage_plan
         if plan is None:
             allocation = self.allocation(None)
-            if allocation.policy == "sensitivity":
-                allocation = dataclasses.replace(allocation, policy="global")
             norms, share = index.sq_norms().sqrt().double().numpy(), self.share_cost(self.model, groups, cost)
+            curves = self.sensitivity_curves(groups, norms) if allocation.policy == "sensitivity" else None
             if (cost is not None and cost.in_ms and self.state.latency_loop is None and not self.dist.enabled):
                 # the profile's prediction checked against the clock before any training: re-planned if it missed
                 self.state.latency_loop = self.close_latency_loop(lambda ms: project(
-                    groups, norms, Budget("latency", ms), cost, allocation=allocation, share_cost=share).keep)
-            proj = project(groups, norms, self.planning_budget(), cost, allocation=allocation, share_cost=share)
+                    groups, norms, Budget("latency", ms), cost, allocation=allocation, sensitivity=curves,
+                    share_cost=share).keep)
+            proj = project(groups, norms, self.planning_budget(), cost, allocation=allocation, sensitivity=curves,
+                           share_cost=share)
             plan = {"removed_units": proj.removed_units, "keep": [len(proj.keep[g.name]) for g in index.groups]}
             self.state.stage_plan = plan
         # cost weighting (WGSEF weighting=cost): a unit's weight grows with what removing it saves
@@ -542,13 +545,13 @@ class _Run:
         self.state.zero_fraction = reg.zero_fraction() if reg.trains else 0.0
         self.project_and_slice(groups, reg)
 
-    def sensitivity_curves(self, groups, reg, cost) -> list:
-        """Each group's loss increase at each allowed count, measured on training batches (the
-        ``sensitivity`` allocation); see :func:`hwprune.budget.sensitivity.measure_curves`."""
+    def sensitivity_curves(self, groups, scores) -> list:
+        """Each group's loss increase at each allowed count, cutting the lowest ``scores`` first, measured on
+        training batches (the ``sensitivity`` allocation); see :func:`hwprune.budget.sensitivity.measure_curves`."""
         from ..budget.sensitivity import measure_curves
 
         t0 = time.perf_counter()
-        curves = measure_curves(self.model, groups, reg.scores(),
+        curves = measure_curves(self.model, groups, scores,
                                 lambda m: self.task.probe_loss(m, self.config.seed, self.device))
         _say(self.progress, f"[sensitivity] {len(curves)} groups measured ({time.perf_counter() - t0:.1f}s)")
         return curves
@@ -556,7 +559,7 @@ class _Run:
     def project_and_slice(self, groups, reg) -> None:
         cost = self.cost_model(self.model, groups)
         allocation = self.allocation(reg)
-        curves = self.sensitivity_curves(groups, reg, cost) if allocation.policy == "sensitivity" else None
+        curves = self.sensitivity_curves(groups, reg.scores()) if allocation.policy == "sensitivity" else None
         proj = reg.project(groups, self.planning_budget(), cost, allocation=allocation, sensitivity=curves,
                            share_cost=self.share_cost(self.model, groups, cost))
         acc_before = self.test_accuracy(self.model)
