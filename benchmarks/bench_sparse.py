@@ -395,7 +395,6 @@ def whole_model(run, layers, rounds: int) -> dict:
     import onnxruntime as ort
     import tvm
 
-    from hwprune.runtimes.onnxruntime import export_onnx
     from hwprune.export.tvm_bsr import build_sparse_module
 
     (x,) = run.batch(1)
@@ -415,7 +414,7 @@ def whole_model(run, layers, rounds: int) -> dict:
     cands = {"TVM BSR": lambda: f_main(xa)}
     cands.update({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()})
     ms = {k: v * 1e3 for k, v in timed(cands, rounds).items()}
-    print(f"  whole model, batch 1: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()) + f"; TVM vs torch {diff:.1e}",
+    print("  whole model, batch 1: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()) + f"; TVM vs torch {diff:.1e}",
           file=sys.stderr, flush=True)
     return {"ms": ms, "max_abs_diff": diff}
 

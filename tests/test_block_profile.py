@@ -13,7 +13,8 @@ from hwprune.latency.measure_blocks import kept_counts, measure_block_profile, p
 from hwprune.graph.blocks import block_groups
 from hwprune.cli.main import main
 from hwprune.errors import ProfileError
-from hwprune.latency.profile import Profile, predict_block_latency
+from hwprune.latency.profile import Profile
+from hwprune.latency.profile_blocks import predict_block_latency
 from hwprune.latency.profile_blocks import block_layer_latency
 from hwprune.latency.measure import ProfileSettings
 from hwprune.target import load_target

@@ -1,7 +1,6 @@
 """Crash safety: corrupt checkpoints fall back to the previous one, diverging runs stop cleanly."""
 
 import torch
-from torch import nn
 from torch.utils.data import Subset
 
 import pytest

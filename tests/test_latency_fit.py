@@ -169,7 +169,7 @@ def test_speedup_budget_end_to_end(digits, profile_path, tmp_path, monkeypatch):
     here = _cpu_model_name()
     assert cal["profile_measured_on"] == "nowhere: synthetic tables"
     assert cal["profile_note"].startswith(f"the latency profile was measured on none (synthetic), not on this machine ({here})")
-    assert f"note: the latency profile was measured on none (synthetic)" in (run / "report.md").read_text()
+    assert "note: the latency profile was measured on none (synthetic)" in (run / "report.md").read_text()
     saved = json.loads((run / "latency_model.json").read_text())
     assert saved == cal
 

@@ -20,7 +20,7 @@ from hwprune.graph import discover_groups
 from hwprune.graph.groups import UnitIndex
 from hwprune.models import build_model, list_models
 from hwprune.training.pipeline import FitConfig
-from hwprune.regularizers import REGISTRY, RegContext, SparsitySchedule, build_regularizer
+from hwprune.regularizers import REGISTRY, RegContext, build_regularizer
 from hwprune.regularizers.baselines import near_zero_fraction
 from hwprune.regularizers.scales import UnitScales
 from hwprune.apply.slicing import slice_model

@@ -80,7 +80,6 @@ def _build(name):
     model = builder().eval()
     for m in model.modules():  # non-trivial BN statistics, so that masking is really tested
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
             m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.1)
     return model

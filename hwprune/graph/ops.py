@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
 from .groups import BUFFER, CONSUMER, PRODUCER, SIZES
 
 

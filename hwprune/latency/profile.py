@@ -238,5 +238,3 @@ def _layer_from_dict(r: _Check, raw: Any, where: str) -> LayerTable:
         grid=[list(g) for g in grid], ms=ms, used_by=r.get(raw, "used_by", list, "a list", prefix=p, default=[]),
     )
 
-
-from .profile_blocks import BlockSection, BlockTable, predict_block_latency  # noqa: E402  (the blocks section)

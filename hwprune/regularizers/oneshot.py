@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..graph.groups import CONSUMER, NORMALIZED, PRODUCER
 from .base import Regularizer, register
