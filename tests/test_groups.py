@@ -173,6 +173,24 @@ def test_untraceable_control_flow_names_the_module():
     assert groups == [] or all(not g.prunable for g in groups)
 
 
+class _BranchesInItsOwnForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+def test_untraceable_forward_of_the_model_itself_says_what_to_do():
+    """No layer to exclude there: the advice is to move the branch into a submodule (which becomes a leaf)."""
+    with pytest.raises(ModelError) as e:
+        discover_groups(_BranchesInItsOwnForward(), torch.zeros(1, 3, 4, 4))
+    assert "the model's own forward (_BranchesInItsOwnForward)" in str(e.value)
+    assert "--exclude" not in str(e.value) and "submodule" in str(e.value)
+
+
 def test_unknown_builtin_layer_is_an_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(2), nn.LSTM(16, 8))
     with pytest.raises(ModelError) as e:

@@ -355,6 +355,7 @@ def test_no_prunable_groups_names_each_layer_and_its_cause():
         check_budget(groups, Budget("sparsity", 0.5))
     msg = str(e.value)
     assert "- 0: excluded layer '2'" in msg and "- 4: its output is the model output" in msg
+    assert "- 2: excluded with --exclude" in msg  # the user's own choice is listed too, not only its effect
 
 
 # --- latency profiles of library convs ---------------------------------------------------------------

@@ -74,11 +74,18 @@ def test_errors_name_the_file_and_the_function(model_dir, monkeypatch, ref, mess
         build_model(ref, in_channels=1, num_classes=10, input_size=8)
 
 
-def test_an_error_inside_the_function_keeps_its_traceback_and_says_who_raised_it(model_dir, monkeypatch):
+def test_an_error_inside_the_function_names_it_and_shows_only_the_users_frames(model_dir, monkeypatch):
+    """One error naming the function, with the user's own lines (the file's line 27, where ``broken`` raises)
+    and none of hwprune's; the original exception stays attached as the cause."""
     monkeypatch.chdir(model_dir.parent)
-    with pytest.raises(RuntimeError, match="the user's bug") as info:
+    with pytest.raises(ModelError, match=r"'nets/my_net.py:broken': the function, called with \{\}, raised "
+                                         r"RuntimeError: the user's bug\.") as info:
         build_model("nets/my_net.py:broken", in_channels=1, num_classes=10, input_size=8)
-    assert "raised by the user's model function 'nets/my_net.py:broken'" in "".join(info.value.__notes__)
+    message = str(info.value)
+    line = next(i for i, text in enumerate((model_dir / "my_net.py").read_text().splitlines(), 1) if "raise Runtime" in text)
+    assert f'my_net.py", line {line}, in broken' in message
+    assert "hwprune" not in message.replace("nets/my_net.py", "")
+    assert isinstance(info.value.__cause__, RuntimeError)
 
 
 def test_cli_fit_with_a_model_file_and_export_from_another_directory(model_dir, tmp_path, monkeypatch, capsys):

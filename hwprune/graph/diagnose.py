@@ -55,7 +55,8 @@ def unpruned_layers(model: nn.Module, groups: list, notes: dict[str, str] | None
     """``{layer: why its output channels are kept}`` for every conv/linear layer not in a prunable group.
 
     ``notes`` are the walk's per-layer remarks (an op that read the layer's weight and that hwprune
-    does not follow); ``excluded`` the user's excluded layers (their insides are not listed).
+    does not follow); ``excluded`` the user's excluded layers: each is listed once, as excluded (its insides
+    are not listed one by one).
     """
     notes = notes or {}
     state: dict[str, tuple[bool, str | None]] = {}  # layer -> (in a prunable group, why not)
@@ -85,6 +86,10 @@ def unpruned_layers(model: nn.Module, groups: list, notes: dict[str, str] | None
         else:
             out[name] = ("no channel reaches it: it is not called in the traced forward, or an op before it "
                          "lost the channels (run discover_groups on the model to see the groups)")
+    weights = _weight_layers(model)
+    for e in sorted(excluded):  # the user's own choice is a reason too; without it "nothing prunable" reads like a bug
+        if any(name == e or name.startswith(e + ".") for name in weights):
+            out[e] = "excluded with --exclude (it keeps its channels; stop excluding it to prune it)"
     return out
 
 

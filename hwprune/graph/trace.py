@@ -107,6 +107,14 @@ def _symbolic_trace(model: nn.Module, exclude: set[str] = frozenset()):
             where = tracer.failed_at or ("(top level)", type(model).__name__)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             failed = tracer.failed_module
+            if where[0] == "(top level)":  # the model's own forward: there is no layer to exclude
+                raise ModelError(
+                    f"cannot trace the model's own forward ({where[1]}): {reason}. hwprune follows channels "
+                    f"through torch.fx, which cannot trace data-dependent control flow (an `if` or loop on a "
+                    f"tensor's value) in forward itself. Move that code into a submodule (hwprune then treats "
+                    f"it as one layer and keeps its channels) or write it without Python control flow "
+                    f"(e.g. torch.where)"
+                ) from None
             if failed is None or failed is model or type(failed) in leaf_types or len(leaf_types) >= MAX_LEAF_RETRIES:
                 raise ModelError(
                     f"cannot trace layer '{where[0]}' ({where[1]}): {reason}. hwprune follows channels through "

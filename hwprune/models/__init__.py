@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -108,7 +109,7 @@ def _build_from_reference(ref: str, **kwargs) -> nn.Module:
     except Exception as e:
         raise ModelError(
             f"model reference {ref!r}: importing module {module_name!r} failed with "
-            f"{type(e).__name__}: {e}. Fix the error in that module."
+            f"{type(e).__name__}: {e}.{_user_frames(e)}Fix the error in that module."
         ) from e
     return _call_model_function(ref, module, f"module {module_name!r}", attr, kwargs)
 
@@ -181,8 +182,8 @@ def _build_from_file(ref: str, **kwargs) -> nn.Module:
     except Exception as e:
         sys.modules.pop(name, None)
         raise ModelError(
-            f"model reference {ref!r}: running file {str(path)!r} failed with {type(e).__name__}: {e}. "
-            f"Fix the error in that file."
+            f"model reference {ref!r}: running file {str(path)!r} failed with {type(e).__name__}: {e}."
+            f"{_user_frames(e)}Fix the error in that file."
         ) from e
     finally:
         if added and folder in sys.path:
@@ -210,14 +211,32 @@ def _call_model_function(ref: str, module, where: str, attr: str, kwargs: dict) 
     try:
         model = obj(**call_kwargs)
     except Exception as e:
-        e.add_note(f"(raised by the user's model function {ref!r}, called with {call_kwargs})")
-        raise
+        # The user's code failed, not hwprune: one error naming the function and showing only the user's own
+        # frames (the original exception stays attached as the cause, for the API and HWPRUNE_DEBUG=1).
+        raise ModelError(
+            f"model reference {ref!r}: the function, called with {call_kwargs}, raised "
+            f"{type(e).__name__}: {e}.{_user_frames(e)}Fix the error in that function."
+        ) from e
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"model reference {ref!r}: function {attr!r} in {where} returned a {type(model).__name__}, expected a "
             f"torch.nn.Module. Return the model itself (not a state dict or a tuple)."
         )
     return model
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+def _user_frames(e: BaseException, limit: int = 6) -> str:
+    """The traceback lines of ``e`` that are in the user's code (not hwprune's, not the import machinery's),
+    innermost last, as an indented block on lines of its own; a single space when there are none."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith("<") and not str(Path(f.filename).resolve()).startswith(_PACKAGE_DIR)]
+    if not frames:
+        return " "
+    lines = "".join(traceback.format_list(frames[-limit:])).rstrip("\n")
+    return "\n" + lines + "\n"
 
 
 def _accepted_kwargs(ref: str, fn, kwargs: dict) -> dict:
