@@ -6,15 +6,16 @@ Example:
 
 from __future__ import annotations
 
-from .table import text_table
-
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .table import text_table
 
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -27,16 +28,32 @@ def _human(n: float) -> str:
 
 
 def _loop_line(loop: dict) -> str:
-    """One line on the planned widths timed before training (``report.json`` latency_model.loop).
+    """One line on the planned widths timed before training (``report.json`` latency_model.loop), and
+    whether the plan kept measured in the loop's band (``tolerance`` under the budget, a third of it kept
+    as a margin): the loop stops after a few rounds, so a noisy clock can leave it outside.
 
     Example:
         >>> print(_loop_line({"factor": 0.85, "budget_ms": 5.0, "rounds": [{"planned_ms": 5.0, "measured_ms": 5.9},
-        ...                   {"planned_ms": 4.25, "measured_ms": 4.95}]}))
-        latency loop, the planned widths timed before training: 5.9000 ms planned at 5.0000, 4.9500 ms planned at 4.2500 (budget 5.0000 ms); planned at 0.850 of the budget
+        ...                   {"planned_ms": 4.25, "measured_ms": 4.9}]}))
+        latency loop, the planned widths timed before training: 5.9000 ms planned at 5.0000, 4.9000 ms planned at 4.2500 (budget 5.0000 ms); planned at 0.850 of the budget, measured 2.0% under it (the aim: 1-3%)
+        >>> print(_loop_line({"factor": 1.0, "budget_ms": 5.0, "rounds": [{"planned_ms": 5.0, "measured_ms": 4.0}]}).split("; ")[-1])
+        planned at 1.000 of the budget, measured 20.0% under it: no plan measured 1-3% under it in 1 round(s)
     """
     steps = ", ".join(f"{r['measured_ms']:.4f} ms planned at {r['planned_ms']:.4f}" for r in loop["rounds"])
-    return (f"latency loop, the planned widths timed before training: {steps} (budget {loop['budget_ms']:.4f} ms); "
+    budget, tol = loop["budget_ms"], loop.get("tolerance", 0.03)
+    line = (f"latency loop, the planned widths timed before training: {steps} (budget {budget:.4f} ms); "
             f"planned at {loop['factor']:.3f} of the budget")
+    kept = [r for r in loop["rounds"] if math.isclose(r["planned_ms"], loop["factor"] * budget, rel_tol=1e-9)]
+    if not kept:
+        return line
+    under = 1 - kept[0]["measured_ms"] / budget
+    band = f"{100 * tol / 3:.0f}-{100 * tol:.0f}%"
+    if under < tol / 3 - 1e-12:
+        return line + f", measured {100 * -under:.1f}% over it: no plan measured under it in {len(loop['rounds'])} round(s)"
+    if under > tol + 1e-12:
+        return (line + f", measured {100 * under:.1f}% under it: no plan measured {band} under it in "
+                f"{len(loop['rounds'])} round(s)")
+    return line + f", measured {100 * under:.1f}% under it (the aim: {band})"
 
 
 def _rounds_text(g) -> str:
