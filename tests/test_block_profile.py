@@ -171,7 +171,9 @@ def test_export_manifest_gets_a_labelled_prediction(tmp_path, monkeypatch):
     prof.save(tmp_path / "host-cpu.json")
     pred, why = predicted_sparse_time(target, layers, build.layers, 1)
     assert why == "" and {r["layer"] for r in pred["layers"]} == {"conv", "pw", "fc1"}
-    assert "not a measurement" in pred["what"] and pred["measured_on"] == prof.measured_on
+    assert "not a measurement" in pred["what"]
+    # measured here, so the label says this machine's CPU, in words of its own (not the stored "this machine: ")
+    assert pred["measured_on"] == prof.measured_on.removeprefix("this machine: ") + " (this machine's CPU)"
     for row in pred["layers"]:
         layer = next(l for l in layers if l.name == row["layer"])
         assert row["density"] == pytest.approx(layer.density, abs=1e-6)
@@ -179,6 +181,13 @@ def test_export_manifest_gets_a_labelled_prediction(tmp_path, monkeypatch):
     assert pred["total_ms"] == pytest.approx(sum(r["predicted_ms"] for r in pred["layers"]), abs=1e-5)
     pred, why = predicted_sparse_time(target, layers, build.layers, 4)
     assert pred is None and "batch 1" in why and "batch 4" in why
+    # a profile copied from another machine: its stored "this machine: ..." is that machine, not this one
+    other = json.loads((tmp_path / "host-cpu.json").read_text())
+    other["machine"]["cpu"] = "Some Other CPU 9000"
+    other["measured_on"] = "this machine: Some Other CPU 9000 (x86_64, 2 cores), vm"
+    (tmp_path / "host-cpu.json").write_text(json.dumps(other))
+    pred, why = predicted_sparse_time(target, layers, build.layers, 1)
+    assert pred["measured_on"].startswith("Some Other CPU 9000 (x86_64, 2 cores), vm, not this machine (this one: ")
     del prof.blocks.tables[next(iter(prof.blocks.tables))]
     prof.save(tmp_path / "host-cpu.json")
     pred, why = predicted_sparse_time(target, layers, build.layers, 1)

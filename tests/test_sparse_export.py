@@ -2,6 +2,7 @@
 from a block-mode fit to every format."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -148,3 +149,44 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     Plan.from_groups(groups, {g.name: np.arange(g.size // 2) for g in groups}, (1, 3, 8, 8)).save(tmp_path / "ch" / "plan.json")
     code, _, err = cli(capsys, "export", str(tmp_path / "ch"), "--format", "npz")
     assert code == 2 and "this run pruned channels" in err and "--format onnx" in err and len(err.strip().splitlines()) == 1
+
+
+def test_measure_times_a_channel_runs_dense_library(tmp_path, capsys):
+    """--format tvm --measure on a channel run: the dense-path library against onnxruntime on the same sliced
+    model, labelled with this machine (it used to print and write exactly what it does without --measure)."""
+    from helpers_models import channel_run_folder
+
+    channel_run_folder(tmp_path)
+    code, out, err = cli(capsys, "export", str(tmp_path), "--format", "tvm", "--measure", "--no-check")
+    assert code == 0, err
+    measured = json.loads((tmp_path / "export" / "tvm" / "manifest.json").read_text())["measured"]
+    tvm_name, ort_name = "TVM model.so (dense path)", "onnxruntime, same sliced model"
+    assert list(measured["median_ms"]) == [tvm_name, ort_name]
+    assert "hand schedule" in measured["runtimes"][tvm_name]
+    # host-cpu.yaml: repeats 200, threads 1 (so the hand schedule has no parallel loops), the local machine
+    assert measured["repeats"] == 200 and measured["rounds"] == 3
+    assert measured["threads"] == {tvm_name: 1, ort_name: 1}
+    assert measured["measured_on"].startswith("this machine: ") and measured["on_target"] is True
+    med = measured["median_ms"]
+    # TVM over onnxruntime, not the inverse; the medians are rounded to 4 places (~0.3% at 0.03 ms)
+    assert measured["ratio"] == pytest.approx(med[tvm_name] / med[ort_name], rel=1e-2)
+    assert f"measured (batch 1, {measured['measured_on']}): {tvm_name}" in out, out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "npz"])
+def test_measure_is_refused_for_a_format_it_cannot_time(tmp_path, capsys, fmt):
+    # refused before the run folder is even read: the flag, not the folder, is the mistake
+    code, _, err = cli(capsys, "export", str(tmp_path / "nope"), "--format", fmt, "--measure")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--measure works with --format tvm only" in err and f"--format {fmt}" in err
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="needs Debian's gcc-aarch64-linux-gnu")
+def test_measure_says_why_an_aarch64_dense_library_is_not_timed(tmp_path):
+    from hwprune.export.artifacts import export_run
+    from helpers_models import channel_run_folder
+
+    channel_run_folder(tmp_path)
+    result = export_run(tmp_path, "tvm", target="jetson", check=False, measure=True)
+    assert "measured" not in result.manifest
+    assert any(n.startswith("not measured: the library is built for aarch64") for n in result.notes), result.notes

@@ -53,6 +53,18 @@ def test_bare_name_found_from_any_directory(tmp_path, monkeypatch):
     assert load_target("rpi5").name == "rpi5"
 
 
+@pytest.mark.parametrize("ref", ["missing/jetson.yaml", "a/rpi5.yaml", "../rpi5.yaml", "./host-cpu.yaml",
+                                 "a/b/rpi5.yaml", "boards/jetson"])
+def test_missing_path_is_not_replaced_by_a_shipped_target(tmp_path, monkeypatch, ref):
+    # A path with a folder (other than the literal "targets/") names the user's own file: if it is
+    # missing, that is an error, never the shipped target that shares its file name.
+    monkeypatch.chdir(tmp_path)  # pytest's fresh folder: none of these paths exist, nor does ../rpi5.yaml
+    with pytest.raises(TargetError) as e:
+        find_target(ref)
+    msg = str(e.value)
+    assert f"'{ref}' not found" in msg and "bare name" in msg and "host-cpu, jetson, rpi5" in msg
+
+
 def test_local_path_wins_over_shipped(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "jetson.yaml").write_text(GOOD)
@@ -141,3 +153,22 @@ def test_profile_path_resolution(tmp_path):
     assert t.profile_path().name == "host-cpu.json"
     (tmp_path / "p.yaml").write_text(GOOD.replace("profile: t", "profile: profiles/mine.json"))
     assert load_target(tmp_path / "p.yaml").profile_path() == tmp_path / "profiles" / "mine.json"
+
+
+def test_cli_show_names_the_profile_machine_and_counts_threads(tmp_path, monkeypatch, capsys):
+    import json
+
+    from hwprune.cli.main import main
+    from hwprune.target.files import REPO_ROOT
+
+    # host-cpu's profile, as if copied from another machine: its stored "this machine: ..." is that one
+    prof = json.loads((REPO_ROOT / "profiles" / "host-cpu.json").read_text())
+    prof["machine"]["cpu"] = "Some Other CPU 9000"
+    prof["measured_on"] = "this machine: Some Other CPU 9000 (x86_64, 2 cores), vm"
+    (tmp_path / "host-cpu.json").write_text(json.dumps(prof))
+    monkeypatch.setenv("HWPRUNE_PROFILES", str(tmp_path))
+    assert main(["targets", "host-cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "(measured on Some Other CPU 9000 (x86_64, 2 cores), vm, not this machine (this one: " in out, out
+    assert "this machine: Some Other" not in out
+    assert "['CPUExecutionProvider'], 1 thread;" in out  # host-cpu.yaml: threads: 1

@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="batch size the TVM library is compiled for (default 1)")
     p.add_argument("--no-check", action="store_true", help="skip the fresh-process check against torch")
     p.add_argument("--measure", action="store_true",
-                   help="tvm: time the library against onnxruntime (same model, dense shapes) on this machine, in turns")
+                   help="tvm only: time the library against onnxruntime on the same model (a block run's with dense "
+                   "shapes, a channel run's sliced) on this machine, in turns")
     p.set_defaults(command="export")
 
 

@@ -22,6 +22,21 @@ def _shapes(t) -> str:
     return ", ".join(parts)
 
 
+def _profile_state(path, target_name: str) -> str:
+    """Whether the profile exists and on which machine it was measured (a profile copied from another
+    machine says "this machine: ..." of that one)."""
+    from ..errors import ProfileError
+    from ..latency.budget import profile_measured_where
+    from ..latency.profile import Profile
+
+    if not path or not path.exists():
+        return f"not measured yet: hwprune profile --target {target_name}"
+    try:
+        return f"measured on {profile_measured_where(Profile.load(path))}"
+    except ProfileError as e:
+        return f"present but not readable: {e}"
+
+
 def run(args) -> int:
     from ..target import list_targets, load_target
 
@@ -31,12 +46,13 @@ def run(args) -> int:
         print(f"  file:     {t.path}")
         print(f"  device:   {t.device.name} ({t.device.arch}){' - this machine' if t.is_local else ''}")
         print(f"  shapes:   {_shapes(t)}")
-        print(f"  runtime:  onnxruntime {list(t.onnxruntime.providers)}, {t.onnxruntime.threads or 'default'} threads; "
+        threads = t.onnxruntime.threads or "default"
+        print(f"  runtime:  onnxruntime {list(t.onnxruntime.providers)}, {threads} thread{'' if threads == 1 else 's'}; "
               f"TVM {dict(t.tvm.target)}")
         rpc = t.rpc
         print(f"  remote:   {'RPC ' + rpc.host + ':' + str(rpc.port) if rpc else 'none configured'}")
         p = t.profile_path()
-        print(f"  profile:  {p} ({'measured' if p and p.exists() else 'not measured yet: hwprune profile --target ' + t.name})")
+        print(f"  profile:  {p} ({_profile_state(p, t.name)})")
         return 0
     rows = [("name", "device", "shapes", "profile")]
     for name in list_targets():

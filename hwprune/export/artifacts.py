@@ -36,12 +36,14 @@ from ..runtimes.tvm.build import require_tvm
 @dataclass(frozen=True)
 class Format:
     """One export format: whether it needs TVM installed, whether it takes only block runs (sparse
-    weights), and its writer ``write(run, out_dir, options) -> ExportResult``."""
+    weights), its writer ``write(run, out_dir, options) -> ExportResult``, and whether ``--measure``
+    can time what it writes."""
 
     name: str
     needs_tvm: bool
     sparse_only: bool
     write: Any
+    measures: bool = False
 
 
 FORMATS: dict[str, Format] = {}
@@ -338,10 +340,15 @@ def export_npz_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Expo
 
 @torch.no_grad()
 def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, repeats: int | None = None,
-                       warmup: int | None = None) -> dict[str, Any]:
-    """Time the compiled sparse model against onnxruntime on the same model with dense shapes (what a
-    block plan's ``model.onnx`` is: onnxruntime computes the zero blocks like any others), on the same
-    inputs, taking turns, on this machine. Returns the manifest's ``measured`` entry.
+                       warmup: int | None = None, tvm_name: str = "TVM model.so (BSR kernels)",
+                       tvm_runtime: str = "sparse layers on hwprune's BSR kernels, attention matmuls, softmax and GELU "
+                                          "on its hand kernels, every other op TVM's untuned default",
+                       tvm_threads: int | str = 1, ort_name: str = "onnxruntime, dense shapes") -> dict[str, Any]:
+    """Time the compiled model against onnxruntime running ``run.model`` (for a block plan: the dense
+    shapes, as its ``model.onnx``, where onnxruntime computes the zero blocks like any others; for a
+    channel plan: the same sliced model), on the same inputs, taking turns, on this machine. The
+    defaults name the BSR library (no BSR kernel has parallel loops: 1 thread); the dense path passes its
+    own names. Returns the manifest's ``measured`` entry.
     """
     import tempfile
 
@@ -364,7 +371,6 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
     vm = tvm.runtime.vm.VirtualMachine(build.executable, tvm.cpu())
     args = [tvm.runtime.tensor(np.ascontiguousarray(x.numpy())) for x in xs]
     main = vm["main"]
-    tvm_name, ort_name = "TVM model.so (BSR kernels)", "onnxruntime, dense shapes"
     calls = {tvm_name: lambda: main(*args), ort_name: lambda: sess.run(None, feeds)}
     for call in calls.values():
         for _ in range(warmup):
@@ -381,12 +387,10 @@ def measure_tvm_export(run: LoadedRun, build, xs: tuple[torch.Tensor, ...], *, r
         "p10_p90_ms": {k: [round(v.p10_ms, 4), round(v.p90_ms, 4)] for k, v in stats.items()},
         "ratio": round(med[tvm_name] / med[ort_name], 4),
         "rounds": len(round_ratios), "round_ratios": [round(1.0 / r[ort_name], 4) for r in round_ratios],  # TVM / ORT
-        "runtimes": {tvm_name: f"TVM {tvm.__version__}, {dict(tgt.tvm.target)}, sparse layers on hwprune's BSR kernels, "
-                               "attention matmuls, softmax and GELU on its hand kernels, every other op TVM's "
-                               "untuned default",
+        "runtimes": {tvm_name: f"TVM {tvm.__version__}, {dict(tgt.tvm.target)}, {tvm_runtime}",
                      ort_name: f"onnxruntime {ort.__version__} {sess.get_providers()[0]}, {threads} thread"
                                f"{'s' if threads != 1 else ''}"},
-        "threads": {tvm_name: 1, ort_name: threads},  # no TVM kernel here has parallel loops
+        "threads": {tvm_name: tvm_threads, ort_name: threads},
         "measured_on": this_machine(),
         "on_target": bool(tgt.is_local),
         **({} if tgt.is_local else {"note": f"measured on this machine, NOT on the target device '{tgt.device.name}'"}),
@@ -402,7 +406,7 @@ def export_tvm_format(run: LoadedRun, out_dir: Path, batch_size: int = 1, check:
     if batch_size < 1:
         raise ExportError(f"--batch-size {batch_size}: expected a positive batch size")
     if not granularity(run.plan.granularity).sparse:
-        return export_tvm_dense(run, out_dir, batch_size, check)
+        return export_tvm_dense(run, out_dir, batch_size, check, measure)
     return export_tvm_bsr(run, out_dir, batch_size, check, measure)
 
 
@@ -419,11 +423,14 @@ def _tvm_manifest_head(fmt: str, run: LoadedRun, xs, compile_seconds: float) -> 
 
 
 @torch.no_grad()
-def export_tvm_dense(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bool = True) -> ExportResult:
+def export_tvm_dense(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bool = True,
+                     measure: bool = False) -> ExportResult:
     """A channel run's sliced model compiled with the dense TVM path (:func:`~hwprune.runtimes.tvm.dense.build_dense`:
     hwprune's hand schedule where every layer is supported, else TVM's default pipeline) for the run's
-    target, as ``model.so``, checked in a fresh process when it runs here."""
+    target, as ``model.so``, checked in a fresh process when it runs here. ``measure``: also time it
+    against onnxruntime on the same sliced model, here (only when the library runs on this machine)."""
     from ..errors import ModelError
+    from ..runtimes.tvm.build import runs_here, target_arch
     from ..runtimes.tvm.dense import build_dense
 
     tvm = require_tvm()
@@ -444,11 +451,23 @@ def export_tvm_dense(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: 
         "how_to_load": "lib = tvm.runtime.load_module('model.so'); vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()); "
                        "y = vm['main'](tvm.runtime.tensor(x))  # a tensor, or a one-element tuple: y[0]",
     }
+    measured = None
+    if measure and runs_here(run.target):
+        # build_dense gives the hand schedule parallel loops unless the target asks for 1 thread
+        threads = 1 if build.schedule == "hand" and run.target.onnxruntime.threads == 1 else "TVM runtime default"
+        measured = manifest["measured"] = measure_tvm_export(
+            run, build, xs, tvm_name="TVM model.so (dense path)", tvm_runtime=build.label, tvm_threads=threads,
+            ort_name="onnxruntime, same sliced model")
     atomic_write_json(out_dir / "manifest.json", manifest)
     result = ExportResult("tvm", out_dir, [so, out_dir / "manifest.json", ref], manifest)
     result.notes.append(f"the sliced dense model (channel run) compiled in {build.build_seconds:.1f} s for "
                         f"{dict(run.target.tvm.target)} with the {build.label}; batch size {batch_size} (the library is "
                         "specialised to it)")
+    if measured is not None:
+        result.notes.append(_measured_note(measured, batch_size))
+    elif measure:
+        result.notes.append(f"not measured: the library is built for {target_arch(run.target)} "
+                            f"('{run.target.device.name}') and cannot run on this machine")
     return _checked_for_target(result, run, so, ref, f"TVM {tvm.__version__} runtime",
                                f"a batch of {batch_size} from {run.inputs_from}", check)
 
@@ -514,9 +533,7 @@ def export_tvm_bsr(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bo
     elif why_not:
         result.notes.append(f"no predicted sparse-layer time: {why_not}")
     if measured is not None:
-        (t_name, t_ms), (o_name, o_ms) = measured["median_ms"].items()
-        result.notes.append(f"measured (batch {batch_size}, {measured['measured_on']}): {t_name} {t_ms:.3f} ms, {o_name} "
-                            f"{o_ms:.3f} ms: {measured['ratio']:.3f}x" + (f"; {measured['note']}" if "note" in measured else ""))
+        result.notes.append(_measured_note(measured, batch_size))
     elif measure:
         result.notes.append(f"not measured: the library is cross-compiled with {run.target.tvm.cross_compiler} for "
                             f"'{run.target.device.name}', which cannot be reached from here")
@@ -530,6 +547,13 @@ def export_tvm_bsr(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bo
                                f"a batch of {batch_size} from {run.inputs_from}", check)
 
 
+def _measured_note(measured: dict, batch_size: int) -> str:
+    """The printed line of a ``measured`` manifest entry: where, both medians and their ratio."""
+    (t_name, t_ms), (o_name, o_ms) = measured["median_ms"].items()
+    return (f"measured (batch {batch_size}, {measured['measured_on']}): {t_name} {t_ms:.3f} ms, {o_name} "
+            f"{o_ms:.3f} ms: {measured['ratio']:.3f}x" + (f"; {measured['note']}" if "note" in measured else ""))
+
+
 def predicted_sparse_time(target, layers, rewritten, batch_size: int) -> tuple[dict | None, str]:
     """The sparse layers' time predicted from the target's latency profile (its ``blocks`` section), for
     ``manifest.json``; or ``(None, why not)``. Nothing here is measured: the export does not time the library.
@@ -538,6 +562,7 @@ def predicted_sparse_time(target, layers, rewritten, batch_size: int) -> tuple[d
     kernels (:class:`~hwprune.runtimes.tvm.bsr.emit.RewrittenLayer`, with each kernel's stored blocks).
     """
     from ..errors import ProfileError
+    from ..latency.budget import profile_measured_where
     from ..latency.profile_blocks import block_key
     from ..latency.profile import Profile
 
@@ -578,7 +603,8 @@ def predicted_sparse_time(target, layers, rewritten, batch_size: int) -> tuple[d
     return {
         "what": "a prediction from the latency profile (BSR kernel time interpolated over block density, per sparse "
                 "layer; bias, activations and the other layers not included), not a measurement of model.so",
-        "profile": str(path), "profile_created": prof.blocks.info.get("created"), "measured_on": prof.measured_on,
+        "profile": str(path), "profile_created": prof.blocks.info.get("created"),
+        "measured_on": profile_measured_where(prof),  # not the stored "this machine: ...", true only where it was written
         "machine": prof.machine, "runtime": prof.blocks.runtime, "dense_runtime": prof.blocks.dense_runtime,
         "batch_size": prof.blocks.batch_size, "layers": rows,
         "total_ms": round(sum(r["predicted_ms"] for r in rows), 6),
@@ -598,6 +624,11 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     spec = FORMATS[fmt]
+    if measure and not spec.measures:
+        # refused rather than ignored: a user who asked for a timing must not read "no timing" as "fine"
+        raise ExportError(f"--measure works with --format {', '.join(n for n, f in FORMATS.items() if f.measures)} "
+                          f"only (it times the compiled library against onnxruntime here); --format {fmt} writes a "
+                          "file that is not timed: drop --measure")
     if spec.needs_tvm:
         require_tvm()  # before the model is rebuilt: a one-line error if the extra is missing
     run = load_run(run_dir, target=target, need_blocks=fmt if spec.sparse_only else None)
@@ -611,7 +642,8 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
 for _format in (
     Format("onnx", False, False, lambda run, out, o: export_onnx_format(run, out, o["check"])),
     Format("npz", False, True, lambda run, out, o: export_npz_format(run, out, o["check"])),
-    Format("tvm", True, False, lambda run, out, o: export_tvm_format(run, out, o["batch_size"], o["check"], o["measure"])),
+    Format("tvm", True, False, lambda run, out, o: export_tvm_format(run, out, o["batch_size"], o["check"], o["measure"]),
+           measures=True),
 ):
     FORMATS[_format.name] = _format
 assert tuple(FORMATS) == FORMAT_NAMES, "hwprune.export.FORMAT_NAMES lists the registered formats"

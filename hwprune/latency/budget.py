@@ -84,6 +84,34 @@ def measure(models: dict[str, torch.nn.Module], example: torch.Tensor, target: T
                                          repeats=repeats)
 
 
+def _profile_cpu(profile: Profile) -> tuple[str | None, str]:
+    """The CPU the profile was measured on (None for an RPC device's, which does not report it) and this one's."""
+    return (profile.machine or {}).get("cpu"), host_description().split(" (")[0]
+
+
+def profile_measured_where(profile: Profile) -> str:
+    """Where ``profile`` was measured, and whether that is this machine, for a latency label.
+
+    The stored ``measured_on`` ("this machine: ...") was true on the machine that wrote the profile; read
+    anywhere else it would pass that machine off as this one.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> p = NS(machine={"cpu": "Some Other CPU 9000"}, measured_on="this machine: Some Other CPU 9000 (x86_64, 2 cores), vm")
+        >>> profile_measured_where(p).startswith("Some Other CPU 9000 (x86_64, 2 cores), vm, not this machine (this one: ")
+        True
+    """
+    where = profile.measured_on.removeprefix("this machine: ")
+    theirs, ours = _profile_cpu(profile)
+    if (profile.machine or {}).get("remote"):
+        return f"{where}, not this machine"
+    if not theirs:
+        return f"{where} (the profile does not record its CPU: maybe not this machine)"
+    if theirs == ours:
+        return f"{where} (this machine's CPU)"
+    return f"{where}, not this machine (this one: {ours})"
+
+
 def profile_from_elsewhere(profile: Profile, remote: RemoteSpec | None) -> str | None:
     """A sentence when ``profile`` was measured on another CPU than this one (a run timed here), else None.
 
@@ -100,8 +128,7 @@ def profile_from_elsewhere(profile: Profile, remote: RemoteSpec | None) -> str |
     """
     if remote is not None:
         return None  # an RPC device's profile is measured there; its CPU is not known here
-    theirs = (profile.machine or {}).get("cpu")
-    ours = host_description().split(" (")[0]
+    theirs, ours = _profile_cpu(profile)
     if not theirs or theirs == ours:
         return None
     return (f"the latency profile was measured on {theirs}, not on this machine ({ours}): its two anchors (dense and "

@@ -432,13 +432,21 @@ def find_target(ref: str | os.PathLike) -> Path:
     if p.is_dir():
         raise TargetError(f"target '{ref}' is a folder; give a target YAML file in it, or a shipped target's name "
                           f"({', '.join(list_targets())})")
+    shipped_names = list_targets()
+    shipped = ", ".join(shipped_names) or "(none found)"
+    # Only a bare name ("jetson", "jetson.yaml") or the literal "targets/jetson.yaml" that the README and
+    # Makefile write may fall back to the shipped targets. Any other path names a file the user meant;
+    # answering a missing "./boards/jetson.yaml" with the shipped one would fit for the wrong hardware.
+    folder = os.path.dirname(os.fspath(ref))
+    if folder not in ("", "targets"):
+        hint = (f"for the shipped {p.stem} target give its bare name ({p.stem})" if p.stem in shipped_names
+                else "a bare name finds a shipped target")
+        raise TargetError(f"target '{ref}' not found: no such file; {hint}. Shipped targets: {shipped}")
     names = [p.name] if p.suffix in (".yaml", ".yml") else [p.name + ".yaml", p.name + ".yml"]
-    if len(p.parts) <= 2:  # "jetson.yaml" or "targets/jetson.yaml" typed from another directory
-        for d in target_dirs():
-            for n in names:
-                if (d / n).is_file():
-                    return d / n
-    shipped = ", ".join(t for t in list_targets()) or "(none found)"
+    for d in target_dirs():
+        for n in names:
+            if (d / n).is_file():
+                return d / n
     raise TargetError(f"target '{ref}' not found: no such file, and no shipped target of that name. Shipped targets: {shipped}")
 
 
