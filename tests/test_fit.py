@@ -166,7 +166,7 @@ def test_cli_resume_after_sigkill_gives_the_same_result(tmp_path):
 
     resumed = cli("fit", "--resume", "killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "(resumed at stage 'dense', epoch 1)" in resumed.stdout
+    assert "(resumed in stage 'dense' after epoch 1)" in resumed.stdout
     assert "[dense 1/2]" not in resumed.stdout and "[dense 2/2]" in resumed.stdout  # epoch 1 is not trained again
     a = json.loads((tmp_path / "ref" / "plan.json").read_text())["groups"]
     b = json.loads((tmp_path / "killed" / "plan.json").read_text())["groups"]

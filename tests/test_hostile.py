@@ -112,6 +112,8 @@ def test_resume_with_another_seed_is_refused(tmp_path, capsys):
 
 def test_a_refused_fit_leaves_the_folder_as_it_was(tmp_path, capsys):
     before = _saved_run(tmp_path / "r")
+    # a run that trained an epoch binds its folder (one that never did is replaced: test_fit_rerun.py)
+    Checkpointer(tmp_path / "r").save({"stage": "dense", "epoch": 1})
     listing = sorted(os.listdir(tmp_path / "r"))
     _one_line_error(capsys, ["fit", "--target", "host-cpu", "--sparsity", "0.5", "--quiet", "--out", str(tmp_path / "r")],
                     "holds another run", "--sparsity 0.5 differs", f"--resume {tmp_path / 'r'}")

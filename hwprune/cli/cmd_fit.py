@@ -11,6 +11,7 @@ from ..runtimes import RUNTIMES
 import argparse
 import contextlib
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def add_parser(sub) -> None:
                    help="resize every image to this side (default: the dataset's own, 32 for imagefolder)")
     p.add_argument("--out", default=None, help="run folder (default runs/<time>-<model>-<data>-<target>-<budget>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run with its settings")
+    p.add_argument("--remeasure", action="store_true",
+                   help="on a finished run: export and time it again, replacing report.json and model.onnx")
     p.add_argument("--latency-batch-size", type=int, default=None, help="batch size for latency (default: the target's)")
     p.add_argument("--latency-repeats", type=int, default=None, help="timed runs per model (default: the target's)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
@@ -104,31 +107,66 @@ _SAVED = ["target", "sparsity", "flops", "params", "latency_ms", "speedup", "mod
           "latency_repeats", "no_latency", "profile", "latency_runtime", "rpc", "tracker", "key"]
 
 
+def _parse_option(item: str, flag: str = "--method-option") -> tuple[str, object]:
+    """One ``KEY=VALUE`` item; the value is read as plain YAML (a number, a word, true/false).
+
+    Example:
+        >>> _parse_option("strength=1e-3"), _parse_option("hspg=true")
+        (('strength', 0.001), ('hspg', True))
+    """
+    import yaml
+
+    if "=" not in item:
+        raise HwpruneError(f"{flag} {item!r}: expected KEY=VALUE")
+    k, v = item.split("=", 1)
+    try:
+        value = yaml.safe_load(v)
+    except yaml.YAMLError:
+        raise HwpruneError(f"{flag} {item!r}: the value is not a plain number, word or true/false") from None
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a word
+            value = float(value)
+        except ValueError:
+            pass
+    return k.strip().replace("-", "_"), value
+
+
 def _parse_options(items: list[str], flag: str = "--method-option") -> dict:
-    """``KEY=VALUE`` items to a dict; each value is read as plain YAML (a number, a word, true/false).
+    """``KEY=VALUE`` items to a dict (see :func:`_parse_option`).
 
     Example:
         >>> _parse_options(["strength=1e-3", "weighting=uniform", "hspg=true"])
         {'strength': 0.001, 'weighting': 'uniform', 'hspg': True}
     """
-    import yaml
+    return dict(_parse_option(item, flag) for item in items)
 
-    out = {}
+
+def check_method_options(method: str, items: list[str]) -> dict:
+    """The settings ``--method-option`` items give ``method``, each checked against the method's settings
+    (before any data is loaded); an error names the item as typed.
+
+    Example:
+        >>> check_method_options("wgsef", ["strength=abc"])
+        Traceback (most recent call last):
+        ...
+        hwprune.errors.HwpruneError: --method-option strength=abc: wgsef strength 'abc': expected a number
+    """
+    from ..regularizers import make_config
+
+    make_config(method)  # an unknown --method lists the methods there are
+    options = {}
     for item in items:
-        if "=" not in item:
-            raise HwpruneError(f"{flag} {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
+        key, value = _parse_option(item)
         try:
-            value = yaml.safe_load(v)
-        except yaml.YAMLError:
-            raise HwpruneError(f"{flag} {item!r}: the value is not a plain number, word or true/false") from None
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-3 (no dot) as a word
-                value = float(value)
-            except ValueError:
-                pass
-        out[k.strip().replace("-", "_")] = value
-    return out
+            make_config(method, {key: value})  # unknown keys list the method's settings
+        except HwpruneError as e:
+            raise HwpruneError(f"--method-option {item}: {e}") from None
+        options[key] = value
+    try:  # settings that must agree with each other
+        make_config(method, options)
+    except HwpruneError as e:
+        raise HwpruneError(f"--method-option {' '.join(items)}: {e}") from None
+    return options
 
 
 # Numeric flags and the smallest value each takes (checked before anything is loaded or written).
@@ -201,19 +239,88 @@ def _resume_args(args):
     return args
 
 
+def _has_checkpoint(out: Path) -> bool:
+    """Whether a run in ``out`` got as far as its first checkpoint: before it there is nothing to resume."""
+    return (out / "checkpoint.pt").exists() or (out / "checkpoint.prev.pt").exists()
+
+
 def _run_json_is_new(out: Path, args) -> bool:
     """A folder that already holds a run must be asked for with that run's flags (it then resumes);
-    checked before anything is written. Returns whether run.json is to be written."""
-    if (out / "run.json").exists() and not args.resume:
-        conflicts = _conflicts(args, _read_run_json(out)["args"])
-        if conflicts:
-            raise CheckpointError(f"{out} holds another run ({conflicts[0]}); resume it with hwprune fit --resume {out}, "
-                                  "or choose another --out folder")
+    checked before anything is written. Returns whether run.json is to be written.
+
+    A run.json with no checkpoint beside it binds nothing: its run stopped before its first epoch (at a
+    check that needs the model, such as an unreachable --speedup, or killed), so nothing trained is
+    lost when the new run replaces it. Otherwise a corrected command would be refused in that folder."""
+    if args.resume:
         return False
-    return not args.resume
+    if not (out / "run.json").exists() or not _has_checkpoint(out):
+        return True
+    conflicts = _conflicts(args, _read_run_json(out)["args"])
+    if conflicts:
+        raise CheckpointError(f"{out} holds another run ({conflicts[0]}); resume it with hwprune fit --resume {out}, "
+                              "or choose another --out folder")
+    return False
+
+
+def _write_run_json(out: Path, args, command: str | None) -> None:
+    """Write run.json for this run (the flags it resumes with). Replacing a run.json of other flags (its
+    run never trained: see :func:`_run_json_is_new`) also drops that run's latency calibration, which was
+    measured for its model, target and settings and would otherwise be reused by this one."""
+    import json
+
+    saved = {k: getattr(args, k) for k in _SAVED}
+    path = out / "run.json"
+    if path.exists():
+        try:
+            before = json.loads(path.read_text()).get("args")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            before = None
+        if before != json.loads(json.dumps(saved)):
+            (out / "latency_model.json").unlink(missing_ok=True)
+    atomic_write_json(path, {"args": saved, "command": command})
+
+
+def _finished(out: Path) -> bool:
+    """Whether the run in ``out`` has finished (its last checkpoint says 'done'). report.json is written
+    just before that checkpoint, so a folder without it is not read any further."""
+    from ..training.checkpoint import Checkpointer
+
+    if not (out / "report.json").is_file() or not _has_checkpoint(out):
+        return False
+    payload = Checkpointer(out).load()
+    return payload is not None and payload.get("stage") == "done"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, a scheduler stopping the job), raised where Ctrl-C raises KeyboardInterrupt
+    so that both end the same way: the resume hint, the last checkpoint kept. Exit status 143, as the
+    signal's own."""
+
+    exit_status = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    def stop(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding program's worker): its signals are not ours
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(args) -> int:
+    with _sigterm_as_interrupt():
+        return _run(args)
+
+
+def _run(args) -> int:
     from ..training import pipeline as fit_module
     from ..budget import KINDS, Budget
     from ..data import load_dataset
@@ -247,18 +354,41 @@ def run(args) -> int:
         raise HwpruneError("give one budget: --sparsity S (fraction of units removed), --flops F or --params P (fraction "
                            "kept), --latency-ms X or --speedup S")
     budget = Budget(*budgets[0])  # validates the value before anything is loaded
+    from ..text.job import TEXT_MODELS, TextJob
+
+    data_name = args.data or DEFAULT_DATA
+    model_name = args.model or DEFAULT_MODEL
+    # Everything the flags alone decide is checked here, before any data is loaded and before run.json
+    # is written: a run that could only fail must not leave a run folder behind.
+    if not args.method:  # saved in run.json as chosen: a resumed run keeps it
+        args.method = (TextJob.method if model_name in TEXT_MODELS
+                       else granularity(args.granularity or "channels").default_method)
+    settings = TrainSettings()
+    config = FitConfig(budget=budget, method=args.method,
+                       method_options=check_method_options(args.method, args.method_option), train=settings, seed=seed, exclude=tuple(args.exclude),
+                       latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,
+                       granularity=args.granularity or "channels",
+                       latency_runtime=args.latency_runtime, profile=args.profile, allocation=args.allocation,
+                       allocation_options=_parse_options(args.allocation_option or [], "--allocation-option"),
+                       **{key: getattr(args, key) for key in ("distill", "distill_mixup", "distill_shift", "distill_flip",
+                                                               "finetune_average")
+                          if getattr(args, key, None) is not None})
+    if args.out:  # a folder of another run is refused, a finished one reported, before any data is loaded
+        _run_json_is_new(Path(args.out), args)
+        if not args.remeasure and _finished(Path(args.out)):
+            out = Path(args.out)
+            print(f"{out}: this run is finished; its report is {out / 'report.md'} (and report.json). Nothing was "
+                  f"changed. To export it again: hwprune export {out}; to export and time it again, replacing "
+                  f"report.json and model.onnx: hwprune fit --resume {out} --remeasure")
+            return 0
     target = load_target(args.target)
     from ..runtimes.tvm.rpc import resolve_remote
 
     remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
-    data_name = args.data or DEFAULT_DATA
-    model_name = args.model or DEFAULT_MODEL
     quiet = args.quiet or not dist.is_main
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     say(f"target {target.name}: {target.description}")
     import torch
-
-    from ..text.job import TEXT_MODELS
 
     job = None
     if model_name in TEXT_MODELS:  # a pretrained transformer distilled on text (hwprune/text/job.py)
@@ -269,7 +399,6 @@ def run(args) -> int:
                                "blocks, weight blocks of its linear layers) with --sparsity, --flops or --params, timed "
                                "here; latency budgets and RPC devices work with the CNN models")
         job = minilm_job(args.data, seed)
-        args.method = args.method or job.method
         data_name, train_data, test_data = job.data, job.task, None
         model = job.model
         say(f"data {job.data}: {job.description}")
@@ -280,7 +409,6 @@ def run(args) -> int:
         torch.manual_seed(seed)
         model = build_model(model_name, in_channels=bundle.in_channels, num_classes=bundle.num_classes, input_size=bundle.input_size)
     say(f"model {model_name}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    settings = TrainSettings()
     if job is not None:
         settings.lr, settings.batch_size, settings.weight_decay = job.lr, job.batch_size, job.weight_decay
     if args.lr is not None:
@@ -288,16 +416,6 @@ def run(args) -> int:
     if args.batch_size is not None:
         settings.batch_size = args.batch_size
     settings.num_workers = args.workers
-    args.method = args.method or granularity(args.granularity or "channels").default_method
-    config = FitConfig(budget=budget, method=args.method, method_options=_parse_options(args.method_option),
-                       train=settings, seed=seed, exclude=tuple(args.exclude),
-                       latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,
-                       granularity=args.granularity or "channels",
-                       latency_runtime=args.latency_runtime, profile=args.profile, allocation=args.allocation,
-                       allocation_options=_parse_options(args.allocation_option or [], "--allocation-option"),
-                       **{key: getattr(args, key) for key in ("distill", "distill_mixup", "distill_shift", "distill_flip",
-                                                               "finetune_average")
-                          if getattr(args, key, None) is not None})
     if job is not None:
         config.epochs_dense, config.epochs_regularize, config.epochs_finetune = job.epochs
         config.method_options = {**job.method_options.get(args.method, {}), **config.method_options}
@@ -324,13 +442,13 @@ def run(args) -> int:
     # checked again under the lock (another fit may have written it in between).
     with folder_lock(out) if dist.is_main else contextlib.nullcontext():
         if _run_json_is_new(out, args) and dist.is_main:
-            atomic_write_json(out / "run.json", {"args": {k: getattr(args, k) for k in _SAVED}, "command": command})
+            _write_run_json(out, args, command)
         try:
             result = fit(model, train_data, test_data=test_data, target=target, config=config, out_dir=out,
                          progress=say, run_info=info, measure=not args.no_latency, remote=remote)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
             print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)
-            return 130
+            return getattr(e, "exit_status", 130)
         finally:
             distributed.shutdown()
     if result.report is None:  # not rank 0: rank 0 reports

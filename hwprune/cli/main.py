@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hwprune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM in hwprune fit (cmd_fit.Terminated) carries its own status
         print("\nhwprune: interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_status", 130)
     except BrokenPipeError:
         # the reader of our output went away (hwprune env | head -1): not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)

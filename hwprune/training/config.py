@@ -71,6 +71,11 @@ class FitConfig:
                 raise HwpruneError(f"--method {self.method} is a width multiplier: it takes no --allocation "
                                    f"{self.allocation} (use --method magnitude --allocation {self.allocation} to prune "
                                    "by score)")
+            # The curves are measured at the regularized stage's start (budget/sensitivity.py refuses block
+            # groups there): refused here, not after the dense epochs have been trained.
+            if self.allocation == "sensitivity" and unit.sparse:
+                raise HwpruneError(f"--allocation sensitivity works on channels, neurons and heads, not weight blocks; "
+                                   f"use --allocation learned or global with --granularity {unit.name}")
         if self.distill is not None and not (isinstance(self.distill, (int, float)) and 0.0 <= self.distill <= 1.0):
             raise HwpruneError(f"--distill {self.distill!r}: expected the weight of the teacher's loss, in [0, 1]")
         for name in ("finetune_lr_scale", "regularize_lr_scale"):

@@ -292,7 +292,7 @@ class _Run:
                 raise
             raise BudgetError(f"--speedup {self.config.budget.value:g} (= {self.budget().value:.4g} ms against the measured "
                               f"dense {self._latency.calibration['dense_ms']:.4g} ms): {e}") from None
-        _say(self.progress, f"run folder: {self.run_dir}" + (f" (resumed at stage '{self.state.stage}', epoch {self.state.epoch})" if resumed else ""))
+        _say(self.progress, f"run folder: {self.run_dir}" + (f" ({self._resumed_where()})" if resumed else ""))
         if self.state.stage == "dense":
             self.stage_dense()
         if self.state.stage == "regularize":
@@ -308,16 +308,28 @@ class _Run:
         plan = Plan.from_dict(self.state.plan)
         return FitResult(self.model, plan, report, self.run_dir)
 
+    def _resumed_where(self) -> str:
+        """Where a resumed run picks up, for the log; the epoch counted as finished, as the
+        ``[stage N/M]`` lines that follow count them (after epoch 2 comes ``[regularize 3/8]``)."""
+        stage, epoch = self.state.stage, self.state.epoch
+        if stage == "done":
+            return "resumed a finished run: exporting and timing it again"
+        return f"resumed in stage '{stage}' after epoch {epoch}" if epoch else f"resumed at the start of stage '{stage}'"
+
     def resume(self) -> bool:
         payload = self.ckpt.load()
         if payload is None:
             return False
-        saved, now = payload.get("config"), self.fingerprint()
+        saved, now = payload.get("config") or {}, self.fingerprint()
         if saved != now:
-            diffs = [k for k in sorted(set(saved or {}) | set(now)) if (saved or {}).get(k) != now.get(k)]
+            # a key missing from a fingerprint is a setting at its default (FitConfig.fingerprint leaves it out)
+            diffs = [f"{k} {saved[k]!r} in the run, {now[k]!r} now" if k in saved and k in now else
+                     f"{k} {saved[k]!r} in the run, the default now" if k in saved else
+                     f"{k} the default in the run, {now[k]!r} now"
+                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
             raise CheckpointError(
-                f"{self.run_dir} holds a run with other settings ({', '.join(diffs)} differ). "
-                "Resume it with the same settings (hwprune fit --resume DIR), or choose another --out folder."
+                f"{self.run_dir} holds a run with other settings ({'; '.join(diffs)}). Resume it with its own "
+                f"settings (hwprune fit --resume {self.run_dir}), or choose another --out folder."
             )
         self.state.update_from(payload)
         if self.state.sliced:
