@@ -125,7 +125,9 @@ def test_reference_width_needs_a_width_parameter():
         build_model("helpers_models:tiny_net", in_channels=1, num_classes=10, input_size=8, width=0.5)
 
 
-def test_errors_raised_by_user_code_pass_through_with_a_note():
-    with pytest.raises(RuntimeError, match="boom") as info:
+def test_errors_raised_by_user_code_name_the_function_and_keep_the_cause():
+    with pytest.raises(ModelError, match=r"'helpers_models:broken': the function, called with .*, raised "
+                                         r"RuntimeError: .*boom") as info:
         build_model("helpers_models:broken", in_channels=1, num_classes=10, input_size=8)
-    assert any("helpers_models:broken" in n for n in info.value.__notes__)
+    assert 'helpers_models.py", line' in str(info.value) and "in broken" in str(info.value)  # the user's frame
+    assert isinstance(info.value.__cause__, RuntimeError)
