@@ -141,6 +141,11 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "half").mkdir()
     code, _, err = cli(capsys, "export", str(tmp_path / "half"), "--format", "tvm")
     assert code == 2 and "no plan.json" in err and len(err.strip().splitlines()) == 1
+    # nothing trained (no checkpoint): --resume would only repeat what stopped it, so the hint is a new fit
+    assert "stopped before training anything" in err and "--resume" not in err
+    (tmp_path / "half" / "checkpoint.pt").write_bytes(b"")  # a run stopped mid-training is resumed
+    code, _, err = cli(capsys, "export", str(tmp_path / "half"), "--format", "tvm")
+    assert code == 2 and f"hwprune fit --resume {tmp_path / 'half'}" in err
     # a channel run has no sparse layers: npz/tvm are refused before any work, naming what to do
     from hwprune.graph import discover_groups
 

@@ -123,6 +123,11 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
         raise ExportError(f"{run}: no such run folder (expected a folder written by hwprune fit)")
     plan = Plan.load(run / "plan.json") if (run / "plan.json").is_file() else None
     if plan is None:
+        if not any((run / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
+            # stopped before its first checkpoint (a budget found unreachable once the model was measured, or
+            # killed early): --resume would only repeat that; the folder takes a corrected command
+            raise ExportError(f"{run}: no plan.json and no checkpoint; its run stopped before training anything. Run "
+                              f"hwprune fit again with corrected flags (--out {run} takes the new run)")
         raise ExportError(f"{run}: no plan.json; the run has not reached its projection yet "
                           f"(finish it with hwprune fit --resume {run})")
     if need_blocks and not granularity(plan.granularity).sparse:
