@@ -23,6 +23,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def one_line_error(capsys, argv, *needles) -> str:
+    """Run the CLI in this process; it must exit 2 with one line on stderr that contains every needle."""
+    from hwprune.cli.main import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
 def cli_env() -> dict:
     """Environment for running ``python -m hwprune`` in a subprocess: one thread, tests importable."""
     env = dict(os.environ)

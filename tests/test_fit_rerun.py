@@ -16,7 +16,7 @@ from hwprune.errors import CheckpointError, HwpruneError
 from hwprune.training.checkpoint import Checkpointer
 from hwprune.training.pipeline import FitConfig
 
-from conftest import cli_env
+from conftest import cli_env, one_line_error
 from helpers_models import tiny_resnet
 
 FAST = ["--target", "host-cpu", "--model", "helpers_models:tiny_resnet", "--epochs", "2", "2", "1", "--no-latency",
@@ -34,15 +34,6 @@ def no_data(monkeypatch):
     monkeypatch.setattr(hwprune.data, "load_dataset", load_dataset)
 
 
-def _one_line(capsys, argv, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-
-
 @pytest.mark.parametrize("extra, needles", [
     (["--allocation", "sensitivity", "--granularity", "blocks"],
      ["--allocation sensitivity works on channels", "use --allocation learned or global with --granularity blocks"]),
@@ -54,7 +45,7 @@ def _one_line(capsys, argv, *needles):
 ])
 def test_flag_errors_come_before_data_and_leave_no_folder(tmp_path, capsys, no_data, extra, needles):
     out = tmp_path / "x"
-    _one_line(capsys, ["fit", "--sparsity", "0.7", *FAST, "--out", str(out), *extra], *needles)
+    one_line_error(capsys, ["fit", "--sparsity", "0.7", *FAST, "--out", str(out), *extra], *needles)
     assert not out.exists()  # no run.json to poison the folder for the corrected command
 
 
@@ -79,7 +70,7 @@ def test_a_run_that_never_trained_leaves_its_folder_to_the_corrected_command(tmp
     assert (saved["sparsity"], saved["seed"]) == (0.5, None)  # the run that finished, not the failed one
     assert not (out / "latency_model.json").exists()  # not reused by a run it was not measured for
     # the corrected run trained: now the folder is bound to it
-    _one_line(capsys, ["fit", "--sparsity", "0.6", *FAST, "--out", str(out)], "holds another run", "--sparsity 0.6")
+    one_line_error(capsys, ["fit", "--sparsity", "0.6", *FAST, "--out", str(out)], "holds another run", "--sparsity 0.6")
 
 
 

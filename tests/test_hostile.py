@@ -20,22 +20,11 @@ from hwprune.errors import CheckpointError, TargetError
 from hwprune.target import load_target, parse_target
 from hwprune.training.checkpoint import Checkpointer
 
-from conftest import cli_env
+from conftest import cli_env, one_line_error
 from helpers_models import channel_run_folder
 
 HOST = Path(__file__).resolve().parents[1] / "targets" / "host-cpu.yaml"
 FAST = ["--target", "host-cpu", "--sparsity", "0.5", "--quiet", "--no-latency"]
-
-
-def _one_line_error(capsys, argv, *needles):
-    """Run the CLI; it must exit 2 with one line on stderr that contains every needle."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 # --- 1. duplicate YAML keys -------------------------------------------------------------------------
@@ -71,7 +60,7 @@ def test_a_folder_given_as_target_is_named_as_a_folder(tmp_path):
        value=st.integers(min_value=-10**6, max_value=-1))
 def test_negative_counts_are_refused_before_any_work(tmp_path_factory, capsys, flag, value):
     out = tmp_path_factory.mktemp("neg") / "run"
-    _one_line_error(capsys, ["fit", *FAST, flag, str(value), "--out", str(out)], flag, "expected a whole number")
+    one_line_error(capsys, ["fit", *FAST, flag, str(value), "--out", str(out)], flag, "expected a whole number")
     assert not out.exists()
 
 
@@ -85,13 +74,13 @@ def test_negative_counts_are_refused_before_any_work(tmp_path_factory, capsys, f
     (["--finetune-lr-scale", "inf"], "--finetune-lr-scale inf: expected a fraction of --lr"),
 ])
 def test_the_issues_bad_numbers_are_one_line(tmp_path, capsys, argv, needle):
-    _one_line_error(capsys, ["fit", *FAST, *argv, "--out", str(tmp_path / "r")], needle)
+    one_line_error(capsys, ["fit", *FAST, *argv, "--out", str(tmp_path / "r")], needle)
     assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0.5"])
 def test_speedup_errors_name_the_speedup_flag(tmp_path, capsys, value):
-    err = _one_line_error(capsys, ["fit", "--target", "host-cpu", "--speedup", value, "--out", str(tmp_path / "r")],
+    err = one_line_error(capsys, ["fit", "--target", "host-cpu", "--speedup", value, "--out", str(tmp_path / "r")],
                           f"--speedup {value if value != 'inf' else 'inf'}", "expected a factor of at least 1")
     assert "--latency-ms" not in err
 
@@ -107,7 +96,7 @@ def _saved_run(folder: Path, **args):
 
 def test_resume_with_another_seed_is_refused(tmp_path, capsys):
     _saved_run(tmp_path / "r")
-    _one_line_error(capsys, ["fit", "--resume", str(tmp_path / "r"), "--seed", "7"], "--seed 7 differs")
+    one_line_error(capsys, ["fit", "--resume", str(tmp_path / "r"), "--seed", "7"], "--seed 7 differs")
 
 
 def test_a_refused_fit_leaves_the_folder_as_it_was(tmp_path, capsys):
@@ -115,7 +104,7 @@ def test_a_refused_fit_leaves_the_folder_as_it_was(tmp_path, capsys):
     # a run that trained an epoch binds its folder (one that never did is replaced: test_fit_rerun.py)
     Checkpointer(tmp_path / "r").save({"stage": "dense", "epoch": 1})
     listing = sorted(os.listdir(tmp_path / "r"))
-    _one_line_error(capsys, ["fit", "--target", "host-cpu", "--sparsity", "0.5", "--quiet", "--out", str(tmp_path / "r")],
+    one_line_error(capsys, ["fit", "--target", "host-cpu", "--sparsity", "0.5", "--quiet", "--out", str(tmp_path / "r")],
                     "holds another run", "--sparsity 0.5 differs", f"--resume {tmp_path / 'r'}")
     assert (tmp_path / "r" / "run.json").read_bytes() == before
     assert sorted(os.listdir(tmp_path / "r")) == listing
@@ -127,7 +116,7 @@ def test_a_refused_fit_leaves_the_folder_as_it_was(tmp_path, capsys):
 def test_a_broken_run_json_is_one_line(tmp_path, capsys, content):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "run.json").write_bytes(content)
-    _one_line_error(capsys, ["fit", "--resume", str(tmp_path / "r")], "run.json", "start a new run")
+    one_line_error(capsys, ["fit", "--resume", str(tmp_path / "r")], "run.json", "start a new run")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -145,7 +134,7 @@ def test_any_garbage_run_json_is_one_line(tmp_path_factory, capsys, content):
 def test_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
     f = tmp_path / "README.md"
     f.write_text("the user's file")
-    _one_line_error(capsys, ["fit", *FAST, "--out", str(f)], "that is a file, not a folder")
+    one_line_error(capsys, ["fit", *FAST, "--out", str(f)], "that is a file, not a folder")
     assert f.read_text() == "the user's file"
 
 
@@ -155,7 +144,7 @@ def test_out_in_a_read_only_folder_is_refused_before_training(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        _one_line_error(capsys, ["fit", *FAST, "--out", str(ro / "run")], "cannot write there")
+        one_line_error(capsys, ["fit", *FAST, "--out", str(ro / "run")], "cannot write there")
     finally:
         ro.chmod(0o755)
 
@@ -193,7 +182,7 @@ def test_a_second_fit_into_a_folder_in_use_is_refused(tmp_path, capsys):
         stdout=subprocess.PIPE, text=True, env=cli_env())
     try:
         assert holder.stdout.readline().strip() == "held"  # a deterministic point: the lock is taken
-        _one_line_error(capsys, ["fit", *FAST, "--out", str(folder)], "is in use by hwprune fit (pid", "another --out")
+        one_line_error(capsys, ["fit", *FAST, "--out", str(folder)], "is in use by hwprune fit (pid", "another --out")
         assert not (folder / "run.json").exists()
     finally:
         holder.kill()
@@ -218,7 +207,7 @@ def test_a_bad_weights_file_is_one_line_on_export(tmp_path, capsys, kind):
         weights.write_bytes(weights.read_bytes()[:300])
     else:
         torch.save({"state_dict": _RunsCode()}, weights)
-    _one_line_error(capsys, ["export", str(tmp_path), "--format", "onnx", "--no-check"], "pruned.pt",
+    one_line_error(capsys, ["export", str(tmp_path), "--format", "onnx", "--no-check"], "pruned.pt",
                     "not a readable hwprune weights file")
 
 
@@ -252,10 +241,10 @@ def test_an_interrupted_export_never_looks_complete(tmp_path, monkeypatch):
 def test_profile_and_export_refuse_an_unwritable_out_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _one_line_error(capsys, ["profile", "--target", "host-cpu", "--out", str(blocker / "p.json")],
+    one_line_error(capsys, ["profile", "--target", "host-cpu", "--out", str(blocker / "p.json")],
                     "that is a file, not a folder")
     channel_run_folder(tmp_path)
-    _one_line_error(capsys, ["export", str(tmp_path), "--format", "onnx", "--out", str(blocker)],
+    one_line_error(capsys, ["export", str(tmp_path), "--format", "onnx", "--out", str(blocker)],
                     "that is a file, not a folder")
     assert not (tmp_path / "export").exists()
 
@@ -269,7 +258,7 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     monkeypatch.setattr(cmd_fit, "atomic_write_json", full)
-    _one_line_error(capsys, ["fit", *FAST, "--out", str(tmp_path / "r")], "run.json: No space left on device",
+    one_line_error(capsys, ["fit", *FAST, "--out", str(tmp_path / "r")], "run.json: No space left on device",
                     "free space")
 
 

@@ -239,11 +239,6 @@ def _resume_args(args):
     return args
 
 
-def _has_checkpoint(out: Path) -> bool:
-    """Whether a run in ``out`` got as far as its first checkpoint: before it there is nothing to resume."""
-    return (out / "checkpoint.pt").exists() or (out / "checkpoint.prev.pt").exists()
-
-
 def _run_json_is_new(out: Path, args) -> bool:
     """A folder that already holds a run must be asked for with that run's flags (it then resumes);
     checked before anything is written. Returns whether run.json is to be written.
@@ -251,9 +246,11 @@ def _run_json_is_new(out: Path, args) -> bool:
     A run.json with no checkpoint beside it binds nothing: its run stopped before its first epoch (at a
     check that needs the model, such as an unreachable --speedup, or killed), so nothing trained is
     lost when the new run replaces it. Otherwise a corrected command would be refused in that folder."""
+    from ..training.checkpoint import Checkpointer
+
     if args.resume:
         return False
-    if not (out / "run.json").exists() or not _has_checkpoint(out):
+    if not (out / "run.json").exists() or not Checkpointer(out).exists():
         return True
     conflicts = _conflicts(args, _read_run_json(out)["args"])
     if conflicts:
@@ -269,15 +266,14 @@ def _write_run_json(out: Path, args, command: str | None) -> None:
     import json
 
     saved = {k: getattr(args, k) for k in _SAVED}
-    path = out / "run.json"
-    if path.exists():
+    if (out / "run.json").exists():
         try:
-            before = json.loads(path.read_text()).get("args")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            before = _read_run_json(out)["args"]
+        except CheckpointError:  # unreadable: another run's for all we know
             before = None
-        if before != json.loads(json.dumps(saved)):
+        if before != json.loads(json.dumps(saved)):  # compared as JSON reads them back (tuples as lists)
             (out / "latency_model.json").unlink(missing_ok=True)
-    atomic_write_json(path, {"args": saved, "command": command})
+    atomic_write_json(out / "run.json", {"args": saved, "command": command})
 
 
 def _finished(out: Path) -> bool:
@@ -285,9 +281,10 @@ def _finished(out: Path) -> bool:
     just before that checkpoint, so a folder without it is not read any further."""
     from ..training.checkpoint import Checkpointer
 
-    if not (out / "report.json").is_file() or not _has_checkpoint(out):
+    ckpt = Checkpointer(out)
+    if not (out / "report.json").is_file() or not ckpt.exists():
         return False
-    payload = Checkpointer(out).load()
+    payload = ckpt.load()
     return payload is not None and payload.get("stage") == "done"
 
 

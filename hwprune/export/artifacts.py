@@ -32,6 +32,7 @@ from ..io import atomic_write_bytes, atomic_write_json, check_writable_folder
 from ..apply.granularity import granularity
 from ..apply.plan import Plan, apply_plan
 from ..runtimes.tvm.build import require_tvm
+from ..training.checkpoint import Checkpointer
 
 @dataclass(frozen=True)
 class Format:
@@ -123,7 +124,7 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
         raise ExportError(f"{run}: no such run folder (expected a folder written by hwprune fit)")
     plan = Plan.load(run / "plan.json") if (run / "plan.json").is_file() else None
     if plan is None:
-        if not any((run / n).is_file() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
+        if not Checkpointer(run).exists():
             # stopped before its first checkpoint (a budget found unreachable once the model was measured, or
             # killed early): --resume would only repeat that; the folder takes a corrected command
             raise ExportError(f"{run}: no plan.json and no checkpoint; its run stopped before training anything. Run "

@@ -225,14 +225,14 @@ def _call_model_function(ref: str, module, where: str, attr: str, kwargs: dict) 
     return model
 
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def _user_frames(e: BaseException, limit: int = 6) -> str:
     """The traceback lines of ``e`` that are in the user's code (not hwprune's, not the import machinery's),
     innermost last, as an indented block on lines of its own; a single space when there are none."""
     frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith("<") and not str(Path(f.filename).resolve()).startswith(_PACKAGE_DIR)]
+              if not f.filename.startswith("<") and not Path(f.filename).resolve().is_relative_to(_PACKAGE_DIR)]
     if not frames:
         return " "
     lines = "".join(traceback.format_list(frames[-limit:])).rstrip("\n")

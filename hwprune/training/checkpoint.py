@@ -81,6 +81,10 @@ class Checkpointer:
         self.path = self.run_dir / "checkpoint.pt"
         self.prev = self.run_dir / "checkpoint.prev.pt"
 
+    def exists(self) -> bool:
+        """Whether the folder holds a checkpoint (newest or previous): its run trained at least up to one."""
+        return self.path.exists() or self.prev.exists()
+
     def save(self, payload: dict[str, Any]) -> None:
         payload = {**payload, "format": FORMAT}
         payload["sha256"] = payload_digest(payload)
