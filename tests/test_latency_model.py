@@ -125,6 +125,17 @@ def test_budget_below_the_floor_is_rejected_with_the_range(setup):
     check_budget(groups, Budget("latency", floor * 1.1), lm)
 
 
+def test_budget_at_or_above_the_dense_latency_is_rejected(setup):
+    """--latency-ms above the dense model's latency asks for nothing; it used to train a run that removed
+    no unit (and grow the latency loop's budget round after round)."""
+    net, x, groups, uses, prof, lm = setup
+    dense = lm(np.ones(lm.n_units))
+    for ms in (dense, 3 * dense):
+        with pytest.raises(BudgetError, match=r"asks for nothing: the dense model is already .* ms"):
+            check_budget(groups, Budget("latency", ms), lm)
+    check_budget(groups, Budget("latency", 0.99 * dense), lm)
+
+
 def test_missing_or_too_small_tables_name_the_layer(setup):
     net, x, groups, uses, prof, lm = setup
     key = uses[1].key

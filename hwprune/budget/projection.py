@@ -222,6 +222,11 @@ def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = N
             f"{lo:.4g} ms; the dense model is {hi:.4g} ms. Reachable range: [{lo:.4g}, {hi:.4g}] ms "
             f"(a speedup of at most {hi / lo:.2f}x)"
         )
+    if measure == "ms" and budget.value >= hi:
+        raise BudgetError(
+            f"--latency-ms {budget.value:.4g} asks for nothing: the dense model is already {hi:.4g} ms, so no unit "
+            f"needs to go. Give a budget under {hi:.4g} ms (the floor is {lo:.4g} ms), or --speedup S with S > 1"
+        )
 
 
 def project(groups: list[Group], scores: np.ndarray, budget: Budget, cost: CostModel | None = None,

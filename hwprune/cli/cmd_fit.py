@@ -382,6 +382,12 @@ def _run(args) -> int:
     from ..runtimes.tvm.rpc import resolve_remote
 
     remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
+    if remote is not None and not args.no_latency:  # a missing linker or a wrong address fails now, not after training
+        from ..runtimes.tvm.build import cross_compiler
+        from ..runtimes.tvm.rpc import check_reachable
+
+        cross_compiler(target)
+        check_reachable(remote)
     quiet = args.quiet or not dist.is_main
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     say(f"target {target.name}: {target.description}")

@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rpc", default=None, metavar="HOST:PORT", help="profile on the device behind this TVM RPC server")
     p.add_argument("--tracker", default=None, metavar="HOST:PORT", help="TVM RPC tracker to request the device from")
     p.add_argument("--key", default=None, help="device key registered with the tracker")
-    p.add_argument("--out", default=None, help="where to write (default: the target's profile, profiles/<target>.json)")
+    p.add_argument("--out", default=None, help="where to write (default: the profile the target names: in profiles/ for a shipped target, "
+                        "beside the target file for your own)")
     p.add_argument("--append", action="store_true",
                    help="keep the tables of an existing profile (same machine, runtime and batch) and add this model's")
     p.add_argument("--granularity", choices=list(PROFILE_KINDS), default="widths",
@@ -57,9 +58,11 @@ def add_parser(sub) -> None:
 def _default_out(target) -> Path:
     from ..target.files import REPO_ROOT, profile_dirs
 
-    path = target.profile_path()
+    path = target.profile_path(writing=True)
     if path is not None:
         return path
+    if target.path is not None and not target.is_shipped:  # a user's target: beside its file, as profile_path does
+        return target.path.resolve().parent / f"{target.name}.json"
     dirs = profile_dirs()
     return (dirs[0] if dirs else REPO_ROOT / "profiles") / f"{target.name}.json"
 
@@ -129,7 +132,7 @@ def run(args) -> int:
 
     from ..data import load_dataset
     from ..models import build_model
-    from ..latency.measure import ProfileSettings
+    from ..latency.measure import ProfileSettings, check_where
     from ..runtimes.tvm.rpc import resolve_remote
     from ..target import load_target
     from .cmd_fit import DEFAULT_DATA, DEFAULT_MODEL
@@ -144,6 +147,14 @@ def run(args) -> int:
     target = load_target(args.target)
     remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
     runtime = args.runtime or ("tvm" if remote is not None else "onnxruntime")
+    if kind.name == "widths":
+        check_where(target, runtime, remote)  # a profile that would not be the device's: refused before any work
+    if remote is not None:  # a missing linker or a wrong address fails in seconds, not after compiling
+        from ..runtimes.tvm.build import cross_compiler
+        from ..runtimes.tvm.rpc import check_reachable
+
+        cross_compiler(target)
+        check_reachable(remote)
     out = Path(args.out) if args.out else _default_out(target)
     if out.is_dir():
         raise HwpruneError(f"--out {out}: that is a folder; give the profile's file name, e.g. {out / (target.name + '.json')}")
@@ -163,6 +174,10 @@ def run(args) -> int:
     profile.save(out)
     print()
     print(table)
+    if target.profile_path() is None:  # fit would not find it: say how it is used
+        beside = target.path is not None and out.resolve().parent == target.path.resolve().parent
+        note += (f"\nthe target names no latency.profile: pass --profile {out} to hwprune fit, or add "
+                 f"'latency: {{profile: {out.name if beside else out.resolve()}}}' to the target file")
     print(f"\nwrote {out}{note}")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..report.table import text_table
 
 
@@ -22,15 +24,15 @@ def _shapes(t) -> str:
     return ", ".join(parts)
 
 
-def _profile_state(path, target_name: str) -> str:
+def _profile_state(path, target) -> str:
     """Whether the profile exists and on which machine it was measured (a profile copied from another
     machine says "this machine: ..." of that one)."""
     from ..errors import ProfileError
-    from ..latency.budget import profile_measured_where
+    from ..latency.budget import profile_command, profile_measured_where
     from ..latency.profile import Profile
 
     if not path or not path.exists():
-        return f"not measured yet: hwprune profile --target {target_name}"
+        return f"not measured yet: {profile_command(target)}"
     try:
         return f"measured on {profile_measured_where(Profile.load(path))}"
     except ProfileError as e:
@@ -44,7 +46,8 @@ def run(args) -> int:
         t = load_target(args.name)
         print(f"{t.name}: {t.description}")
         print(f"  file:     {t.path}")
-        print(f"  device:   {t.device.name} ({t.device.arch}){' - this machine' if t.is_local else ''}")
+        where = " - this machine" if t.is_local else (f" - NOT this machine: {t.not_here()}" if t.device.local else "")
+        print(f"  device:   {t.device.name} ({t.device.arch}){where}")
         print(f"  shapes:   {_shapes(t)}")
         threads = t.onnxruntime.threads or "default"
         print(f"  runtime:  onnxruntime {list(t.onnxruntime.providers)}, {threads} thread{'' if threads == 1 else 's'}; "
@@ -52,13 +55,23 @@ def run(args) -> int:
         rpc = t.rpc
         print(f"  remote:   {'RPC ' + rpc.host + ':' + str(rpc.port) if rpc else 'none configured'}")
         p = t.profile_path()
-        print(f"  profile:  {p} ({_profile_state(p, t.name)})")
+        print(f"  profile:  {p} ({_profile_state(p, t)})")
         return 0
-    rows = [("name", "device", "shapes", "profile")]
+    from ..errors import TargetError
+
+    rows, broken = [("name", "device", "shapes", "profile")], []
     for name in list_targets():
-        t = load_target(name)
+        try:
+            t = load_target(name)
+        except TargetError as e:  # one broken file in $HWPRUNE_TARGETS does not hide the others
+            broken.append(str(e))
+            continue
         p = t.profile_path()
-        rows.append((t.name, f"{t.device.name}{' (this machine)' if t.is_local else ''}", _shapes(t),
+        # the name that --target takes is the file's; a file whose 'name:' differs says both
+        shown = name if t.name == name else f"{name} (name: {t.name})"
+        rows.append((shown, f"{t.device.name}{' (this machine)' if t.is_local else ''}", _shapes(t),
                      "measured" if p and p.exists() else "none"))
     print(text_table(rows, rule=False))
-    return 0
+    for problem in broken:
+        print(f"hwprune: not listed: {problem}", file=sys.stderr)
+    return 1 if broken else 0

@@ -47,23 +47,37 @@ def measurement_runtime(requested: str | None, remote: RemoteSpec | None) -> str
     return "onnxruntime"
 
 
+def profile_command(target: Target, *extra: str) -> str:
+    """The command that measures ``target``'s profile, runnable as printed: ``--target`` names the target's
+    file unless it is a shipped one, and a device that is not this machine is profiled over RPC."""
+    remote = () if target.is_local else ("--rpc HOST:PORT",) + (() if "--runtime" in extra else ("--runtime tvm",))
+    return " ".join(("hwprune profile --target", target.ref) + remote + extra)
+
+
 def load_profile(target: Target, path: str | os.PathLike | None, runtime: str) -> Profile:
     """The profile for a latency budget: ``path``, or the target's ``latency.profile``; checked against the
     target and the runtime that will measure the run."""
     p = Path(path) if path else target.profile_path()
     if p is None:
         raise ProfileError(f"target '{target.name}' names no latency profile (latency.profile) and no --profile was "
-                           f"given; measure one: hwprune profile --target {target.name}")
+                           f"given; measure one: {profile_command(target, '--out', target.name + '.json')}, then "
+                           f"pass --profile {target.name}.json (or name it in the target's latency.profile)")
+    if path and not p.is_file():
+        out = p / f"{target.name}.json" if p.is_dir() else p
+        raise ProfileError(f"--profile {path}: " + ("a folder, not a profile file" if p.is_dir() else "no such file")
+                           + f"; give a profile measured for target '{target.name}', or measure one: "
+                           + profile_command(target, "--out", str(out)))
     if not p.is_file():
         raise ProfileError(f"{p}: target '{target.name}' has no measured profile yet; measure one: "
-                           f"hwprune profile --target {target.name}" + (" --rpc HOST:PORT --runtime tvm" if not target.is_local else ""))
+                           + profile_command(target))
     prof = Profile.load(p)
     if prof.target != target.name:
         raise ProfileError(f"{p}: measured for target '{prof.target}', not '{target.name}'; a profile of one device "
-                           "does not predict another")
+                           f"does not predict another. Measure this target's: {profile_command(target, '--out my-profile.json')}"
+                           ", then --profile my-profile.json")
     if prof.runtime.get("name") != runtime:
         raise ProfileError(f"{p}: measured with {prof.runtime.get('name')}, but this run measures latency with {runtime}; "
-                           f"profile with the same runtime (hwprune profile --target {target.name} --runtime {runtime})")
+                           f"profile with the same runtime ({profile_command(target, '--runtime', runtime)})")
     return prof
 
 
@@ -112,7 +126,7 @@ def profile_measured_where(profile: Profile) -> str:
     return f"{where}, not this machine (this one: {ours})"
 
 
-def profile_from_elsewhere(profile: Profile, remote: RemoteSpec | None) -> str | None:
+def profile_from_elsewhere(profile: Profile, remote: RemoteSpec | None, target: Target | None = None) -> str | None:
     """A sentence when ``profile`` was measured on another CPU than this one (a run timed here), else None.
 
     The latency model is re-anchored on two models timed here (dense and narrowest), but the shape of
@@ -133,8 +147,8 @@ def profile_from_elsewhere(profile: Profile, remote: RemoteSpec | None) -> str |
         return None
     return (f"the latency profile was measured on {theirs}, not on this machine ({ours}): its two anchors (dense and "
             "narrowest model) are re-measured here, but the per-layer shape that guides the allocation is the other "
-            f"CPU's; measure this machine's: hwprune profile --target {profile.target} --out my-profile.json, then "
-            "--profile my-profile.json")
+            f"CPU's; measure this machine's: hwprune profile --target {target.ref if target else profile.target} "
+            "--out my-profile.json, then --profile my-profile.json")
 
 
 def latency_model_for(template: torch.nn.Module, example: torch.Tensor, groups, target: Target, *, runtime: str,
@@ -145,7 +159,7 @@ def latency_model_for(template: torch.nn.Module, example: torch.Tensor, groups, 
     from ..apply.slicing import slice_model
 
     profile = load_profile(target, profile_path, runtime)
-    elsewhere = profile_from_elsewhere(profile, remote)
+    elsewhere = profile_from_elsewhere(profile, remote, target)
     if elsewhere and progress:
         progress(f"[latency model] note: {elsewhere}")
     lm = LatencyModel.build(profile, template, example, groups)
@@ -198,13 +212,19 @@ def close_the_loop(plan_at: Callable[[float], dict], time_plan: Callable[[dict],
     # the band accepted: within ``tolerance`` under the budget, with a third of it kept as a margin for
     # the clock's noise (a plan measured right at the budget misses it half the time when timed again)
     ceiling = budget_ms * (1 - tolerance / 3)
-    factor, tried = 1.0, []
+    factor, tried, plans = 1.0, [], []
     for _ in range(rounds):
         try:
             keep = plan_at(budget_ms * factor)
         except BudgetError:
             break  # below the reachable floor: keep what was measured
+        same = next((r for r, k in zip(tried, plans) if _same_plan(k, keep)), None)
+        if same is not None and factor > same["factor"] and same["measured_ms"] < budget_ms * (1 - tolerance):
+            # planning wider gave the same widths, already timed under the budget: nothing wider is left to keep
+            # (a budget above the dense model's latency); scaling the budget on would only grow it without end
+            break
         measured = float(time_plan(keep))
+        plans.append(keep)
         tried.append({"factor": factor, "planned_ms": budget_ms * factor, "measured_ms": measured})
         if progress:
             progress(f"[latency loop] planned at {budget_ms * factor:.4f} ms, measured {measured:.4f} ms "
@@ -228,3 +248,10 @@ def close_the_loop(plan_at: Callable[[float], dict], time_plan: Callable[[dict],
             min(tried, key=lambda r: r["measured_ms"]) if tried else {"factor": 1.0})
     return {"factor": best["factor"], "budget_ms": budget_ms, "tolerance": tolerance, "rounds": tried}
 
+
+
+def _same_plan(a, b) -> bool:
+    """Whether two plans (``{group: kept unit indices}``) keep the same units."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_plan(a[k], b[k]) for k in a)
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))

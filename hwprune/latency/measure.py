@@ -303,6 +303,22 @@ def machine_info(remote: RemoteSpec | None, target: Target) -> dict:
             "hostname": platform.node(), "os": platform.platform()}
 
 
+def check_where(target: Target, runtime: str, remote: RemoteSpec | None):
+    """Refuse a profile that would not be the target device's (before anything is loaded or measured);
+    returns the runtime's spec."""
+    rt_spec = runtime_named(runtime)
+    if not target.is_local and remote is None:
+        raise ProfileError(
+            f"target '{target.name}' ({target.path or 'no file'}): {target.not_here()}, and no RPC device is given: a "
+            f"profile measured here would be this machine's, not the target's. Profile on the device with "
+            f"--rpc HOST:PORT (or --tracker HOST:PORT --key KEY) and --runtime tvm"
+            + (", or, if this machine is the device, correct device.arch" if target.device.local else ""))
+    if remote is not None and not rt_spec.remote:
+        raise ProfileError(f"an RPC device runs TVM libraries only: --runtime {runtime} cannot be used with --rpc / "
+                           "--tracker (use --runtime tvm)")
+    return rt_spec
+
+
 def measure_profile(models, target: Target, *, runtime: str = "onnxruntime", remote: RemoteSpec | None = None,
                     settings: ProfileSettings | None = None, existing: Profile | None = None, progress=print) -> Profile:
     """Measure the layer tables of ``models`` (``[(model, example, model_name, data_name)]``) on the target.
@@ -311,15 +327,7 @@ def measure_profile(models, target: Target, *, runtime: str = "onnxruntime", rem
     writes a profile of one machine under another's name.
     """
     settings = settings or ProfileSettings()
-    rt_spec = runtime_named(runtime)
-    if not target.is_local and remote is None:
-        raise ProfileError(
-            f"target '{target.name}' is the device '{target.device.name}', not this machine, and no RPC device is "
-            f"given: a profile measured here would be this machine's, not the target's. Profile on the device with "
-            f"--rpc HOST:PORT (or --tracker HOST:PORT --key KEY) and --runtime tvm")
-    if remote is not None and not rt_spec.remote:
-        raise ProfileError(f"an RPC device runs TVM libraries only: --runtime {runtime} cannot be used with --rpc / "
-                           "--tracker (use --runtime tvm)")
+    rt_spec = check_where(target, runtime, remote)
     batch = settings.batch_size or target.latency.batch_size
     if existing is not None:
         _check_compatible(existing, target, runtime, batch, remote)

@@ -243,7 +243,7 @@ def measure_block_profile(models, target: Target, *, densities=DEFAULT_DENSITIES
 
     settings = settings or ProfileSettings()
     if not target.is_local:
-        raise ProfileError(f"target '{target.name}' is the device '{target.device.name}', not this machine: block "
+        raise ProfileError(f"target '{target.name}': {target.not_here()}: block "
                            "profiles are measured here only (no RPC path yet), so one measured here would be mislabelled")
     if not tvm_build.runs_here(target):
         raise ProfileError(f"target '{target.name}' builds {tvm_build.target_arch(target)} code, which cannot run here")

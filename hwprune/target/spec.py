@@ -158,11 +158,62 @@ class Target:
 
     @property
     def is_local(self) -> bool:
-        """True when the target's device is this machine (latency measured here is the device's)."""
-        return self.device.local
+        """True when the target's device is this machine (latency measured here is the device's): it says
+        ``local: true`` and its ``arch`` is this machine's (an aarch64 board is never this x86-64 one)."""
+        return self.device.local and self.device.arch == host_arch()
 
-    def profile_path(self) -> Path | None:
-        """Where this target's latency profile is (or would be written); None if it names none."""
+    def not_here(self) -> str:
+        """Why a measurement here is not the device's ('' when the device is this machine)."""
+        if self.is_local:
+            return ""
+        if self.device.local:
+            return (f"the target declares 'device.local: true', but its arch is {self.device.arch} and this machine "
+                    f"is {host_arch()}")
+        return f"the device '{self.device.name}' is not this machine"
+
+    @property
+    def ref(self) -> str:
+        """How to name this target on a command line (``--target REF``): a shipped target's name, else its file.
+
+        Example:
+            >>> load_target("jetson").ref
+            'jetson'
+        """
+        if self.path is None:
+            return self.name
+        try:
+            if find_target(self.path.stem).resolve() == self.path.resolve():
+                return self.path.stem
+        except TargetError:
+            pass
+        try:
+            return str(self.path.resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return str(self.path)
+
+    @property
+    def is_shipped(self) -> bool:
+        """True for a target file in one of :func:`target_dirs` (shipped with hwprune or in
+        ``$HWPRUNE_TARGETS``); False for a user's own file elsewhere, or a target parsed from text."""
+        if self.path is None:
+            return False
+        folder = self.path.resolve().parent
+        return any(folder == d.resolve() for d in target_dirs())
+
+    def profile_path(self, *, writing: bool = False) -> Path | None:
+        """Where this target's latency profile is read from (``writing=True``: where ``hwprune profile``
+        writes it); None if the target names none.
+
+        A path with a folder (``./boards/pi.json``) is taken relative to the target file. A bare name
+        (``host-cpu``) is looked up in :func:`profile_dirs` for a shipped target. A user's own target file
+        keeps its profile *beside the file*: measuring it must never replace a shipped profile that happens
+        to have the same name (a copied ``host-cpu.yaml`` keeps ``profile: host-cpu``); until it has one
+        there, a shipped profile of that name is read.
+
+        Example:
+            >>> load_target("host-cpu").profile_path().name
+            'host-cpu.json'
+        """
         ref = self.latency.profile
         if ref is None:
             return None
@@ -171,10 +222,14 @@ class Target:
             return p if p.is_absolute() else ((self.path.parent if self.path else Path.cwd()) / p).resolve()
         name = ref if ref.endswith(".json") else ref + ".json"
         dirs = profile_dirs()
-        for d in dirs:
-            if (d / name).is_file():
-                return d / name
-        return (dirs[0] if dirs else Path.cwd()) / name
+        beside = self.path.resolve().parent / name if self.path is not None and not self.is_shipped else None
+        if beside is not None and (writing or beside.is_file()):
+            return beside
+        if not writing:
+            for d in dirs:
+                if (d / name).is_file():
+                    return d / name
+        return beside or (dirs[0] if dirs else Path.cwd()) / name
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,7 +257,7 @@ class _Reader:
         self.source = source
         self.where = where
         if not isinstance(data, Mapping):
-            self.fail(where, "a mapping", data)
+            self.fail(where or "(top level)", "a mapping", data)
         self.data = data
 
     def fail(self, key: str, expected: str, got: Any = None, *, message: str | None = None):
@@ -291,6 +346,23 @@ def _read_groups(r: _Reader) -> dict[str, tuple[GroupShape, ...]]:
     return groups
 
 
+def _check_provider_names(r: _Reader, providers: list[str]) -> None:
+    """A provider name one typo away from one onnxruntime knows is a mistake (it would be skipped as "not
+    available here"); a name unlike all of them may be a newer onnxruntime's and is left to the runtime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    known = list(onnxruntime.get_all_providers())
+    import difflib
+
+    for i, name in enumerate(providers):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if name not in known and close:
+            r.fail(f"{r.key('providers')}[{i}]", "", message=f"unknown onnxruntime provider '{name}'; did you mean "
+                   f"'{close[0]}'?")
+
+
 def _read_target(data: Any, source: str, path: Path | None) -> Target:
     r = _Reader(source, data, "")
     r.check_keys({"name", "description", "device", "groups", "runtime", "latency"}, {"name", "device", "groups", "runtime"})
@@ -317,6 +389,7 @@ def _read_target(data: Any, source: str, path: Path | None) -> Target:
         providers = o.data.get("providers", list(ort.providers))
         if not isinstance(providers, list) or not providers or not all(isinstance(p, str) and p for p in providers):
             o.fail(o.key("providers"), "a non-empty list of provider names such as [CPUExecutionProvider]", providers)
+        _check_provider_names(o, providers)
         ort = OrtRuntime(providers=tuple(providers), threads=o.int("threads", 1, 0, 1024))
     tvm = TvmRuntime()
     if (t := rt.sub("tvm")) is not None:
@@ -470,8 +543,15 @@ def list_targets() -> list[str]:
     seen: dict[str, Path] = {}
     for d in target_dirs():
         for f in sorted(d.glob("*.y*ml")):
-            seen.setdefault(f.stem, f)
+            if f.is_file():  # a folder named x.yaml is not a target
+                seen.setdefault(f.stem, f)
     return sorted(seen)
+
+
+def host_arch() -> str:
+    """This machine's architecture in a target's ``device.arch`` terms ('x86_64', 'aarch64', 'armv7', ...)."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv7l": "armv7"}.get(machine, machine)
 
 
 def host_description() -> str:

@@ -26,6 +26,9 @@ from ...errors import HwpruneError, RuntimeUnavailable
 from ...target import RpcEndpoint, Target
 
 
+# Seconds to wait for the RPC handshake: a device answers in well under a second on a LAN.
+CONNECT_TIMEOUT_S = 30.0
+
 # Where the device is: an RPC server, or a tracker and the device key to request from it. One class for
 # the target's ``runtime.rpc`` block and the --rpc / --tracker flags: they describe the same thing.
 RemoteSpec = RpcEndpoint
@@ -68,9 +71,12 @@ def resolve_remote(target: Target, *, rpc: str | None = None, tracker: str | Non
 class RemoteSession:
     """An open RPC session (a context manager): upload libraries, build VMs, time them there."""
 
-    def __init__(self, spec: RemoteSpec, *, timeout_s: float = 600.0):
+    def __init__(self, spec: RemoteSpec, *, timeout_s: float = 600.0, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 check_only: bool = False):
         self.spec = spec
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.check_only = check_only  # a tracker: check the key, request no device (it may be busy for long)
         self.sess = None
 
     def __enter__(self) -> "RemoteSession":
@@ -82,15 +88,22 @@ class RemoteSession:
         s = self.spec
         try:
             if s.tracker:
-                client = rpc.connect_tracker(s.host, s.port)
-                keys = _tracker_keys(client)
+                client, keys = _within(self.connect_timeout_s, lambda: _tracker_and_keys(rpc, s))
                 if s.key not in keys:
                     raise RuntimeUnavailable(
                         f"the tracker at {s.host}:{s.port} has no device with key '{s.key}' "
                         f"(registered keys: {', '.join(sorted(keys)) or 'none'})")
-                self.sess = client.request(s.key, priority=1, session_timeout=self.timeout_s, max_retry=2)
+                if not self.check_only:
+                    self.sess = client.request(s.key, priority=1, session_timeout=self.timeout_s, max_retry=2)
             else:
-                self.sess = rpc.connect(s.host, s.port, key=s.key or "", session_timeout=self.timeout_s)
+                self.sess = _within(self.connect_timeout_s, lambda: rpc.connect(
+                    s.host, s.port, key=s.key or "", session_timeout=self.timeout_s))
+        except TimeoutError:
+            how = (f"start the server on the device with: python -m tvm.exec.rpc_server --host 0.0.0.0 --port {s.port}"
+                   if not s.tracker else "check that the tracker runs at that address (python -m tvm.exec.rpc_tracker)")
+            raise RuntimeUnavailable(
+                f"cannot reach the {s.describe()}: no TVM RPC answer within {self.connect_timeout_s:g} s (a firewall, "
+                f"a wrong address, or another service on port {s.port}); {how}") from None
         except RuntimeUnavailable:
             raise
         except Exception as e:  # TVM raises RuntimeError / TVMError with a long C++ trace
@@ -137,6 +150,41 @@ class RemoteSession:
         import tvm
 
         return tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
+
+
+def _within(seconds: float, fn):
+    """``fn()``, or TimeoutError after ``seconds``: TVM's connect blocks without end on a peer that accepts the
+    connection and never answers (its C++ socket has no timeout). The call is left running in a daemon thread."""
+    import threading
+
+    box: dict = {}
+
+    def call():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=call, name="hwprune-rpc-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(seconds)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def check_reachable(spec: RemoteSpec, *, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Open and close a session with the device (a tracker: check that it has the key), so that a wrong
+    address fails in seconds, before minutes of compiling. Raises :class:`RuntimeUnavailable`."""
+    with RemoteSession(spec, connect_timeout_s=connect_timeout_s, check_only=True):
+        pass
+
+
+def _tracker_and_keys(rpc, spec: RemoteSpec):
+    client = rpc.connect_tracker(spec.host, spec.port)
+    return client, _tracker_keys(client)
 
 
 def _tracker_keys(client) -> set[str]:
