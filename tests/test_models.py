@@ -97,8 +97,11 @@ def test_names_are_forgiving_and_unknown_names_list_the_valid_ones():
 def test_reference_form_calls_the_user_function():
     m = build_model("helpers_models:tiny_net", in_channels=1, num_classes=7, input_size=8)
     assert m(torch.randn(2, 1, 8, 8)).shape == (2, 7)
-    m = build_model("helpers_models:fixed_net", in_channels=1, num_classes=10, input_size=8)
+    m = build_model("helpers_models:fixed_net", in_channels=1, num_classes=3, input_size=8)
     assert m(torch.randn(2, 1, 8, 8)).shape == (2, 3)  # called with no arguments
+    m = build_model("helpers_models:fixed_net", in_channels=1, num_classes=2, input_size=8)  # more logits than classes
+    with pytest.raises(ModelError, match="returns 3 logits per input, but the data has 10 classes"):
+        build_model("helpers_models:fixed_net", in_channels=1, num_classes=10, input_size=8)  # fewer: training would crash
     m = build_model("helpers_models:wide_net", in_channels=1, num_classes=5, input_size=8, width=0.5)
     assert m(torch.randn(2, 1, 8, 8)).shape == (2, 5) and m[1].out_features == 4
 

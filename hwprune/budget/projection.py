@@ -189,6 +189,20 @@ def no_prunable_groups_message(groups) -> str:
             + explain(unpruned) + "\nRemove the cause named for a layer (or stop excluding it) to prune it")
 
 
+def _layers_that_stay(groups) -> str:
+    """For a budget the model cannot meet: the layers that keep their width and why ('' when none do),
+    since those, not the budget, are often what the user can change."""
+    from ..graph.diagnose import explain
+
+    # the classifier's output is the model's in every model: naming it would only hide the layers that matter
+    unpruned = {k: v for k, v in (getattr(groups, "unpruned", None) or {}).items()
+                if v != "its output is the model output"}
+    if not unpruned:
+        return ""
+    return ("\nThese layers keep their output width:\n" + explain(unpruned)
+            + "\nRemove the cause named for a layer to prune it too, or ask for less")
+
+
 def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = None) -> None:
     """Reject a budget the model cannot meet, before any training, with the reachable range."""
     prunable = [g for g in groups if g.prunable]
@@ -209,18 +223,18 @@ def check_budget(groups: list[Group], budget: Budget, cost: CostModel | None = N
     if measure == "units" and budget.value > hi + 1e-9:
         raise BudgetError(
             f"--sparsity {budget.value:g} cannot be met: every layer keeps at least one hardware multiple, so at "
-            f"most {hi:.4f} of the units can go. Reachable range: [0, {hi:.4f}]"
+            f"most {hi:.4f} of the units can go. Reachable range: [0, {hi:.4f}]" + _layers_that_stay(groups)
         )
     if measure == "fraction" and budget.value < lo - 1e-9:
         raise BudgetError(
             f"--{budget.kind} {budget.value:g} cannot be met: with every layer at its minimum width the model keeps "
-            f"{lo:.4f} of its {budget.kind}. Reachable range: [{lo:.4f}, 1]"
+            f"{lo:.4f} of its {budget.kind}. Reachable range: [{lo:.4f}, 1]" + _layers_that_stay(groups)
         )
     if measure == "ms" and budget.value < lo:
         raise BudgetError(
             f"--latency-ms {budget.value:.4g} cannot be met: the predicted floor (every layer at its minimum width) is "
             f"{lo:.4g} ms; the dense model is {hi:.4g} ms. Reachable range: [{lo:.4g}, {hi:.4g}] ms "
-            f"(a speedup of at most {hi / lo:.2f}x)"
+            f"(a speedup of at most {hi / lo:.2f}x)" + _layers_that_stay(groups)
         )
     if measure == "ms" and budget.value >= hi:
         raise BudgetError(

@@ -56,8 +56,10 @@ def check_image_size(image_size) -> None:
                         f"(the side of the square images, e.g. 32), or None for the dataset's own size.")
 
 
-def stratified_split(n_or_labels: np.ndarray, seed: int, spec: str, test_fraction: float = 0.2):
+def stratified_split(n_or_labels: np.ndarray, seed: int, spec: str, test_fraction: float = 0.2,
+                     classes: list[str] | None = None):
     """Indices ``(train_idx, test_idx)`` of a stratified split (sklearn ``train_test_split``, ``stratify=y``).
+    ``classes``: the class names, for errors (an image folder's class folders).
 
         >>> tr, te = stratified_split(np.repeat(np.arange(2), 5), seed=0, spec="toy")
         >>> len(tr), len(te)
@@ -68,9 +70,11 @@ def stratified_split(n_or_labels: np.ndarray, seed: int, spec: str, test_fractio
     y = np.asarray(n_or_labels)
     counts = np.bincount(y)
     if counts.min(initial=2) < 2:
+        few = [int(c) for c in np.flatnonzero(counts < 2)]
+        names = "; ".join(f"class {repr(classes[c]) if classes else f'index {c}'} has {counts[c]}" for c in few[:8])
         raise DataError(
-            f"{spec}: a stratified 80/20 split needs at least 2 examples per class, but class index "
-            f"{int(counts.argmin())} has {int(counts.min())}. Add examples, or give train/ and test/ folders."
+            f"{spec}: a stratified 80/20 split needs at least 2 examples per class, but {names}. Add examples, "
+            f"or give train/ and test/ folders."
         )
     try:
         tr, te = train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed)

@@ -137,7 +137,7 @@ def load_imagefolder(path: str, *, seed: int = 0, image_size: int | None = None)
             raise DataError(f"{spec}: found a single class folder ({classes[0]}); a classifier needs at least "
                             f"two. Put each class in its own sub-folder of {root}.")
         y = np.array(labels, np.int64)
-        tr, te = stratified_split(y, seed, spec)
+        tr, te = stratified_split(y, seed, spec, classes=classes)
         x, mode = _read(paths, size, spec)
         x_train, x_test, y_train, y_test = x[tr], x[te], y[tr], y[te]
         split = f"stratified 80/20 split with seed {seed}"

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 
@@ -23,7 +24,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from ..errors import ModelError
-from .groups import NORMALIZED, PRODUCER, Group, Member
+from .groups import NORMALIZED, PRODUCER, SIZES, Group, Member
 from . import hf, leaves, ops
 from .diagnose import GroupList, unpruned_layers
 from .ops import Ctx, Unsupported, Value
@@ -90,6 +91,7 @@ def _walk(gm: fx.GraphModule, excluded: set[str], model: nn.Module) -> Ctx:
     # The GraphModule holds only the leaves; ops inside a traced-through module need the original.
     ctx.modules = dict(model.named_modules())
     untraced = gm.meta.get("untraced", {})
+    live = _live_nodes(gm)
     for node in gm.graph.nodes:
         out_shape = _out_shape(node)
         if node.op == "placeholder":
@@ -110,14 +112,44 @@ def _walk(gm: fx.GraphModule, excluded: set[str], model: nn.Module) -> Ctx:
         kwargs = fx.node.map_arg(node.kwargs, lambda n: values.get(n))
         where = module_of(node)
         ctx.where = where
+        ctx.live = node in live
         try:
             values[node] = _apply(ctx, node, modules, excluded, args, kwargs, out_shape, untraced)
         except Unsupported as e:
             layer = where or "(top level)"
             fix = f"exclude the layer to keep its channels (--exclude {where})" if where else \
                 "move it into a submodule and exclude that submodule"
-            raise ModelError(f"layer '{layer}': op '{_op_name(node)}' is not supported: {e}; {fix}") from None
+            what = (f"layer '{node.target}' ({type(modules[str(node.target)]).__name__}) is not supported"
+                    if node.op == "call_module" else f"layer '{layer}': op '{_op_name(node)}' is not supported")
+            raise ModelError(f"{what}: {e}; {fix}") from None
     return ctx
+
+
+def _live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes the model's output depends on. The others still run (a layer called for a value that is
+    then dropped must still be sliced consistently), but what they compute cannot block a channel."""
+    live: set[fx.Node] = set()
+    modules = dict(gm.named_modules())
+    # the output, and every in-place op: it may change a tensor the output depends on
+    stack = [n for n in gm.graph.nodes if n.op == "output" or _in_place(n, modules)]
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+    return live
+
+
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    if node.op == "call_function":
+        return node.target in _IN_PLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_") \
+            or node.kwargs.get("inplace") is True
+    return node.op == "call_module" and getattr(modules.get(str(node.target)), "inplace", False) is True
 
 
 def _unsplit(ctx, node, args, kwargs):
@@ -241,9 +273,29 @@ def discover_groups(model: nn.Module, example_inputs, *, exclude=(), target=None
     groups = GroupList(_build_groups(ctx))
     if target is not None:
         for g in groups:
-            g.multiple = target.group_multiple(g.layer_kinds)
+            g.multiple = _units_multiple(g, target.group_multiple(g.layer_kinds))
     groups.unpruned = unpruned_layers(model, groups, ctx.notes, excluded)
     return groups
+
+
+def _units_multiple(g: Group, channels: int) -> int:
+    """The target's channel multiple in units of ``g``. A unit of a grouped conv is a whole conv group (12
+    channels with 4 groups of 48): keeping k units keeps 12k channels, a multiple of 8 when k is even, so the
+    multiple is 2 units, not 8. Heads and units of unequal widths keep the multiple as it is."""
+    if channels <= 1 or g.kind == "heads":
+        return channels
+    units = 1
+    for m in g.members:
+        if m.role == SIZES:
+            continue
+        widths = np.bincount(m.unit_of[m.unit_of >= 0], minlength=g.size)
+        widths = widths[widths > 0]
+        if len(widths) == 0:
+            continue
+        if widths.min() != widths.max():
+            return channels
+        units = math.lcm(units, channels // math.gcd(channels, int(widths[0])))
+    return units
 
 
 def _build_groups(ctx: Ctx) -> list[Group]:

@@ -87,6 +87,7 @@ class Ctx:
         self.notes: dict[str, str] = {}  # layer -> what hwprune inferred or could not follow there
         self.where: str = ""  # the module the op being walked was traced inside
         self.modules: dict[str, nn.Module] = {}  # the model's modules by name
+        self.live: bool = True  # whether the op being walked feeds the model's output
 
     @property
     def owner(self) -> nn.Module | None:
@@ -257,6 +258,8 @@ def _binary(ctx, name, module, args, kwargs, out_shape):
     for v in values:
         if not v.tracked:
             continue
+        if len(v.ids) == 1 and out_shape[v.axis + nd - len(v.shape)] > 1:
+            continue  # one channel broadcast over all of the other's (a spatial attention map): it couples none
         pos = v.axis + nd - len(v.shape)
         if first is None:
             first = (pos, v.ids)
@@ -272,8 +275,21 @@ def _binary(ctx, name, module, args, kwargs, out_shape):
         if not v.tracked:
             off = pos - (nd - len(v.shape))
             if 0 <= off < len(v.shape) and v.shape[off] == len(ids) and len(ids) > 1:
-                ctx.block(ids, f"'{name}' combines the channels with an untracked per-channel tensor")
+                if isinstance(v, Param) and all(n == 1 for i, n in enumerate(v.shape) if i != off):
+                    _per_channel_param(ctx, name, v, off, ids)
+                else:
+                    ctx.block(ids, f"'{name}' combines the channels with an untracked per-channel tensor")
     return Value(tuple(out_shape), pos, ids)
+
+
+def _per_channel_param(ctx, name, v: "Param", dim: int, ids: np.ndarray) -> None:
+    """``x * self.gamma`` / ``x + self.beta`` with one entry per channel (a learnable scale, a layer
+    scale, a bias of the user's own layer): the parameter is sliced with the channels along ``dim``."""
+    layer, param = v.owner_and_param
+    owner = ctx.modules.get(layer)
+    is_buffer = owner is not None and param in getattr(owner, "_buffers", {})
+    ctx.member(layer, param, dim, ids, BUFFER if is_buffer else PRODUCER)
+    ctx.functional_layer(layer, name)
 
 
 def _reduce(x: Value, dims, keepdim: bool, out_shape, ctx, name) -> Value:
@@ -285,7 +301,8 @@ def _reduce(x: Value, dims, keepdim: bool, out_shape, ctx, name) -> Value:
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [_norm_dim(d, nd) for d in dims]
     if x.axis in dims:
-        ctx.block(x.ids, f"'{name}' reduces over the channel axis")
+        if ctx.live:  # a result the model's output never uses (a discarded statistic) blocks nothing
+            ctx.block(x.ids, f"'{name}' reduces over the channel axis")
         return Value(tuple(out_shape), None, None)
     axis = x.axis if keepdim else x.axis - sum(d < x.axis for d in dims)
     return Value(tuple(out_shape), axis, x.ids)

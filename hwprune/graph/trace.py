@@ -159,17 +159,62 @@ def trace(model: nn.Module, example_inputs: tuple, exclude: set[str] = frozenset
     return gm
 
 
-def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> None:
-    from torch.fx.passes.shape_prop import ShapeProp
+class _ShapeProp(fx.Interpreter):
+    """torch.fx's ShapeProp without its printed traceback: records ``tensor_meta`` on every node, and
+    names the node that failed."""
 
+    failed: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        from torch.fx.node import map_aggregate
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        try:
+            result = super().run_node(n)
+        except Exception:
+            self.failed = n
+            raise
+        found = []
+
+        def meta(obj):
+            if isinstance(obj, torch.Tensor):
+                found.append(True)
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        m = map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = m
+        return result
+
+
+def _describe_node(node: fx.Node, model: nn.Module) -> str:
+    """Where a node is, for a user: the layer it calls or was traced inside, and its op."""
+    if node.op == "call_module":
+        return f"layer '{node.target}' ({type(model.get_submodule(str(node.target))).__name__})"
+    where = module_of(node)
+    op = f"Tensor.{node.target}" if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    return f"op '{op}' in layer '{where}'" if where else f"op '{op}' in the model's own forward"
+
+
+def _propagate_shapes(gm: fx.GraphModule, model: nn.Module, example_inputs: tuple) -> None:
     was_training = [(m, m.training) for m in model.modules()]
     model.eval()  # BN must not update its running statistics during the shape pass
+    interp = _ShapeProp(gm)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            interp.run(*example_inputs)
     except Exception as e:
-        node = getattr(e, "node", None)
-        raise ModelError(f"running the model on the example input failed{f' at {node}' if node else ''}: {e}") from None
+        shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs if isinstance(x, torch.Tensor))
+        where = f" at {_describe_node(interp.failed, model)}" if interp.failed is not None else ""
+        # fx adds "While executing %node ..." to the message: the layer is named above instead
+        detail = " ".join(str(e).split("While executing")[0].split()) or type(e).__name__
+        raise ModelError(
+            f"running the model on an example input of shape {shapes} (one input from the data) failed{where}: "
+            f"{type(e).__name__}: {detail}. The model must accept the data's inputs: build it for this shape "
+            f"(a model function gets in_channels, num_classes and input_size from the data when it accepts "
+            f"them; --image-size changes the images' side), or choose data that fits the model"
+        ) from None
     finally:
         for m, t in was_training:
             m.train(t)

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import ModelError
@@ -29,7 +30,7 @@ from .mobilenet import MobileNetV2, mobilenetv2
 from .resnet import ResNet, resnet20, resnet56, small_resnet
 from .vgg import VGG, vgg16_bn
 
-__all__ = ["build_model", "list_models", "ResNet", "VGG", "MobileNetV2"]
+__all__ = ["build_model", "check_classifier", "list_models", "ResNet", "VGG", "MobileNetV2"]
 
 _BUILTINS: dict[str, Callable[..., nn.Module]] = {
     "small-resnet": small_resnet,
@@ -207,6 +208,8 @@ def _call_model_function(ref: str, module, where: str, attr: str, kwargs: dict) 
             f"model reference {ref!r}: {attr!r} in {where} is a {type(obj).__name__}, not a function; "
             f"it must be a function (or class) that returns an nn.Module."
         )
+    example = torch.zeros(2, kwargs["in_channels"], kwargs["input_size"], kwargs["input_size"])
+    num_classes = kwargs["num_classes"]
     call_kwargs = _accepted_kwargs(ref, obj, kwargs)
     try:
         model = obj(**call_kwargs)
@@ -222,17 +225,95 @@ def _call_model_function(ref: str, module, where: str, attr: str, kwargs: dict) 
             f"model reference {ref!r}: function {attr!r} in {where} returned a {type(model).__name__}, expected a "
             f"torch.nn.Module. Return the model itself (not a state dict or a tuple)."
         )
+    # A classifier for the data's inputs. A function given num_classes must build exactly that many outputs;
+    # one that takes no num_classes may have more (an ImageNet head trained on 10 classes), never fewer
+    check_classifier(model, example, num_classes, exact="num_classes" in call_kwargs,
+                     what=f"model reference {ref!r}: the model")
     return model
 
 
+def check_classifier(model: nn.Module, x: torch.Tensor, num_classes: int | None = None, *, exact: bool = True,
+                     what: str = "the model") -> None:
+    """Run ``model`` (evaluation mode, no gradients) on the input batch ``x`` and check that it returns
+    what classification trains on: one tensor of logits ``(N, num_classes)`` (``exact=False``: at least
+    ``num_classes`` logits). Raises :class:`ModelError` naming what it returned and what to change.
+
+        >>> check_classifier(nn.Linear(4, 3), torch.zeros(2, 4), 3)
+        >>> check_classifier(nn.Linear(4, 5), torch.zeros(2, 4), 3)
+        Traceback (most recent call last):
+        ...
+        hwprune.errors.ModelError: the model returns a tensor of shape (2, 5) for a batch of 2 inputs of shape (4,); expected (2, 3): one logit per class of the data (3 classes). Give the last layer num_classes outputs (a model function that takes a num_classes parameter gets the data's count)
+    """
+    shape = tuple(x.shape[1:])
+    was = [(m, m.training) for m in model.modules()]
+    running: list[str] = []  # the modules whose forward is running, innermost last: where a failure is
+    names = {m: n for n, m in model.named_modules()}
+
+    def enter(m, args) -> None:
+        running.append(names[m])
+
+    def leave(m, args, out) -> None:  # returns None: the output stays the module's own
+        running.pop()
+
+    hooks = [m.register_forward_pre_hook(enter) for m in names] + [m.register_forward_hook(leave) for m in names]
+    model.eval()  # BatchNorm's running statistics stay as they are
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        layer = running[-1] if running else ""
+        at = f" at layer '{layer}' ({type(model.get_submodule(layer)).__name__})" if layer else ""
+        raise ModelError(
+            f"{what} fails on a batch of {len(x)} inputs of shape {shape} (the data's){at}: {type(e).__name__}: "
+            f"{detail}.{_user_frames(e)}The model must accept the data's inputs: build it for them (a model "
+            f"function gets in_channels, num_classes and input_size from the data when it accepts them; "
+            f"--image-size changes the images' side), or choose data that fits the model."
+        ) from e
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, t in was:
+            m.train(t)
+    if not isinstance(out, torch.Tensor):
+        if isinstance(out, dict):
+            found = f"a {type(out).__name__} with keys {', '.join(map(repr, list(out)[:8]))}"
+        elif isinstance(out, (tuple, list)):
+            found = f"a {type(out).__name__} of {len(out)} items"
+        else:
+            found = f"a {type(out).__name__}"
+        raise ModelError(
+            f"{what} returns {found}; a classifier must return one tensor of logits, shape (N, "
+            f"{num_classes if num_classes is not None else 'classes'}). Return the logits from forward (e.g. "
+            f"`return out['logits']` or `return logits`), or wrap the model in a module whose forward does."
+        )
+    too_few = num_classes is not None and out.dim() == 2 and not exact and out.shape[1] < num_classes
+    if too_few:
+        raise ModelError(
+            f"{what} returns {out.shape[1]} logits per input, but the data has {num_classes} classes: training "
+            f"needs one logit per class. Give the last layer at least {num_classes} outputs (a model function that "
+            f"takes a num_classes parameter gets the data's count)")
+    if out.dim() != 2 or out.shape[0] != len(x) or (num_classes is not None and exact and out.shape[1] != num_classes):
+        expected = f"({len(x)}, {num_classes})" if num_classes is not None else f"({len(x)}, classes)"
+        raise ModelError(
+            f"{what} returns a tensor of shape {tuple(out.shape)} for a batch of {len(x)} inputs of shape "
+            f"{shape}; expected {expected}: one logit per class of the data"
+            + (f" ({num_classes} classes)" if num_classes is not None else "")
+            + ". Give the last layer num_classes outputs (a model function that takes a num_classes parameter "
+            "gets the data's count)" + ("" if out.dim() == 2 else ", and flatten the features before it")
+        )
+
+
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
+_TORCH_DIR = Path(torch.__file__).resolve().parent
 
 
 def _user_frames(e: BaseException, limit: int = 6) -> str:
     """The traceback lines of ``e`` that are in the user's code (not hwprune's, not the import machinery's),
     innermost last, as an indented block on lines of its own; a single space when there are none."""
     frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if not f.filename.startswith("<") and not Path(f.filename).resolve().is_relative_to(_PACKAGE_DIR)]
+              if not f.filename.startswith("<") and not any(Path(f.filename).resolve().is_relative_to(d)
+                                                            for d in (_PACKAGE_DIR, _TORCH_DIR))]
     if not frames:
         return " "
     lines = "".join(traceback.format_list(frames[-limit:])).rstrip("\n")

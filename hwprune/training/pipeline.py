@@ -213,6 +213,11 @@ class _Run:
                 and task.example.dim() != 4:  # refused now, not when the fine-tune starts
             raise HwpruneError(f"--distill-shift/--distill-flip move and mirror images: the model's input has shape "
                                f"{tuple(task.example.shape)}, not (N, C, H, W); leave them off for this data")
+        if isinstance(task, ClassificationTask) and isinstance(task.example, torch.Tensor):
+            from ..models import check_classifier
+
+            # a model returning a dict or a tuple would fail in the first training step, with torch's traceback
+            check_classifier(model, task.example.repeat(2, *[1] * (task.example.dim() - 1)))
         if self.dist.enabled:  # BN statistics over the global batch, as in one process
             distributed.convert_batchnorm(model, to_synced=True)
             progress = progress if self.dist.is_main else None
