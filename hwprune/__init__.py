@@ -22,6 +22,7 @@ _LAZY = {
     "discover_groups": ("hwprune.graph", "discover_groups"),
     "Plan": ("hwprune.apply.plan", "Plan"),
     "apply_plan": ("hwprune.apply.plan", "apply_plan"),
+    "load_pruned": ("hwprune.apply.reload", "load_pruned"),
     "slice_model": ("hwprune.apply.slicing", "slice_model"),
     "mask_model": ("hwprune.apply.slicing", "mask_model"),
 }

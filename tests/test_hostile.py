@@ -221,7 +221,8 @@ def test_output_into_a_closed_pipe_is_not_a_traceback(command):
 
 
 def test_an_interrupted_export_never_looks_complete(tmp_path, monkeypatch):
-    """manifest.json is written last, and an earlier export's is removed first."""
+    """An interrupted re-export leaves the earlier export whole: it is written aside and moved in last,
+    manifest.json last of all."""
     import hwprune.export.artifacts as artifacts
 
     channel_run_folder(tmp_path)
@@ -229,13 +230,18 @@ def test_an_interrupted_export_never_looks_complete(tmp_path, monkeypatch):
     manifest = tmp_path / "export" / "onnx" / "manifest.json"
     assert manifest.is_file()
 
+    def files():
+        return {f.name: f.read_bytes() for f in manifest.parent.iterdir() if f.is_file() and f.name != ".hwprune.lock"}
+
+    before = files()
+
     def killed(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(artifacts, "_save_reference", killed)
     with pytest.raises(KeyboardInterrupt):
         artifacts.export_run(tmp_path, "onnx", check=False)
-    assert not manifest.exists()
+    assert files() == before and not list(manifest.parent.glob(".hwprune-export-*"))
 
 
 def test_profile_and_export_refuse_an_unwritable_out_before_any_work(tmp_path, capsys):

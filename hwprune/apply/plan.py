@@ -162,8 +162,9 @@ def check_plan(plan: Plan, groups: list[Group]) -> None:
             f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
 
 
-def apply_plan(model: nn.Module, plan: Plan, target=None) -> nn.Module:
-    """Slice ``model`` (in place) to the plan; the model must be the architecture the plan came from.
+def apply_plan(model: nn.Module, plan: "Plan | str | os.PathLike | dict", target=None) -> nn.Module:
+    """Slice ``model`` (in place) to the plan (a :class:`Plan`, a ``plan.json`` path, or a plan dict such as
+    ``pruned.pt``'s ``"plan"``); the model must be the architecture the plan came from.
     A block plan masks instead: the dropped blocks become zeros and the shapes stay.
 
     Example:
@@ -171,4 +172,10 @@ def apply_plan(model: nn.Module, plan: Plan, target=None) -> nn.Module:
     """
     from .granularity import granularity
 
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(plan)
+    elif isinstance(plan, dict):  # pruned.pt's "plan", or a plan.json read by hand
+        plan = Plan.from_dict(plan)
+    elif not isinstance(plan, Plan):
+        raise PlanError(f"apply_plan: expected a Plan, a plan.json path or a plan dict, found {type(plan).__name__}")
     return granularity(plan.granularity).replay(model, plan, target)

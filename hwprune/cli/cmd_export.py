@@ -11,6 +11,9 @@ Every artifact is then loaded in a fresh process with its runtime alone and comp
 
 from __future__ import annotations
 
+import os
+import sys
+
 from ..export import FORMAT_NAMES
 
 
@@ -35,7 +38,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..export.artifacts import export_run
 
-    result = export_run(args.run_dir, args.format, args.out, target=args.target, batch_size=args.batch_size,
-                        check=not args.no_check, measure=args.measure)
+    try:
+        result = export_run(args.run_dir, args.format, args.out, target=args.target, batch_size=args.batch_size,
+                            check=not args.no_check, measure=args.measure)
+    except KeyboardInterrupt:  # the export is written aside and moved in last: nothing of it is in place yet
+        out = args.out or os.path.join(args.run_dir, "export", args.format)
+        print(f"hwprune export: stopped before the export was complete; nothing was written to {out} (an earlier "
+              "export there is as it was)", file=sys.stderr)
+        raise
     print(result)
     return 0

@@ -17,6 +17,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,11 @@ from torch import nn
 
 from .. import __version__
 from . import FORMAT_NAMES
-from ..errors import ExportError, PlanError, TargetError
-from ..io import atomic_write_bytes, atomic_write_json, check_writable_folder
+from ..errors import ExportError, HwpruneError, PlanError, TargetError
+from ..io import atomic_write_bytes, atomic_write_json, check_writable_folder, folder_lock, fsync_dir
 from ..apply.granularity import granularity
 from ..apply.plan import Plan, apply_plan
+from ..apply.reload import load_weights
 from ..runtimes.tvm.build import require_tvm
 from ..training.checkpoint import Checkpointer
 
@@ -48,6 +51,8 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {}
+RUN_FILES = ("plan.json", "pruned.pt", "run.json", "report.json", "report.md", "model.onnx", "dense.onnx", "checkpoint.pt")
+STAGING = ".hwprune-export-"  # the hidden folder inside out_dir an export is written and checked in
 TOLERANCE = 1e-4  # largest |artifact - torch| accepted (float32 sums in another order)
 
 
@@ -120,9 +125,17 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
     from ..target import load_target
 
     run = Path(run_dir)
+    if run.is_file():
+        hint = f", here {run.parent}" if run.name in RUN_FILES else ""
+        raise ExportError(f"{run}: a file, not a run folder; give the folder hwprune fit wrote{hint}")
     if not run.is_dir():
         raise ExportError(f"{run}: no such run folder (expected a folder written by hwprune fit)")
-    plan = Plan.load(run / "plan.json") if (run / "plan.json").is_file() else None
+    try:
+        plan = Plan.load(run / "plan.json") if (run / "plan.json").is_file() else None
+    except PlanError as e:
+        raise ExportError(f"{e}; plan.json was changed or cut short after hwprune fit wrote it (pruned.pt keeps a copy "
+                          f"of the plan: hwprune.Plan.from_dict(torch.load('{run / 'pruned.pt'}', weights_only=True)"
+                          f"['plan']).save('{run / 'plan.json'}') restores it), or run the fit again (another --out)") from None
     if plan is None:
         if not Checkpointer(run).exists():
             # stopped before its first checkpoint (a budget found unreachable once the model was measured, or
@@ -135,9 +148,18 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
         raise PlanError(f"{run}: --format {need_blocks} writes block-sparse layers, but this run pruned channels (its "
                         "model is already a smaller dense model: use --format onnx), or run hwprune fit --granularity blocks")
     weights = run / "pruned.pt"
+    if not weights.is_file() and (run / "report.json").is_file():  # finished: --resume would change nothing
+        raise ExportError(f"{run}: no pruned.pt, though its run finished (report.json is there): the file was moved or "
+                          "removed; put it back, or run the fit again (another --out)")
     if not weights.is_file():
         raise ExportError(f"{run}: no pruned.pt; the run has not finished fine-tuning (hwprune fit --resume {run})")
-    args = _read_json(run / "run.json", "run.json").get("args", {}) if (run / "run.json").is_file() else {}
+    args = _read_json(run / "run.json", "run.json") if (run / "run.json").is_file() else {}
+    if not isinstance(args, dict) or not isinstance(args.get("args", {}), dict):
+        raise ExportError(f"{run / 'run.json'}: expected an object with an 'args' object (the fit's settings), found "
+                          f"{type(args.get('args') if isinstance(args, dict) else args).__name__}; it was changed after "
+                          "hwprune fit wrote it: remove it (export then uses the target named in plan.json) or run the "
+                          "fit again (another --out)")
+    args = args.get("args", {})
     name, model_args = plan.meta.get("model"), plan.meta.get("model_args")
     if not name or not isinstance(model_args, dict):
         raise ExportError(f"{run / 'plan.json'}: meta has no 'model'/'model_args', so the model cannot be rebuilt "
@@ -150,19 +172,27 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
 
         model, tokenizer = load_minilm()
     else:
-        model = build_model(name, **model_args)
-    apply_plan(model, plan)
+        try:
+            model = build_model(name, **model_args)
+        except TypeError as e:  # model_args that the builder does not take (or lacks)
+            raise ExportError(f"{run / 'plan.json'}: meta.model_args {model_args} do not build model '{name}' ({e}); "
+                              "plan.json was changed after hwprune fit wrote it: run the fit again (another --out)") from None
+    try:
+        apply_plan(model, plan)
+    except HwpruneError as e:
+        raise ExportError(f"{run / 'plan.json'}: the plan does not replay onto a fresh '{name}': {e}. plan.json was "
+                          "changed after hwprune fit wrote it, or comes from another run: run the fit again (another --out)") from None
     try:
         saved = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, a pickle that asks for code (refused by weights_only), ...
         raise ExportError(f"{weights}: not a readable hwprune weights file ({type(e).__name__}: "
                           f"{(str(e).splitlines() or [''])[0][:120]}); it was changed after hwprune fit wrote it: run the "
                           "fit again (another --out)") from None
-    try:
-        model.load_state_dict(saved["state_dict"])
-    except (RuntimeError, KeyError, TypeError, IndexError) as e:
-        raise ExportError(f"{weights}: does not hold the weights of this plan's model: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise ExportError(f"{weights}: not an hwprune weights file (expected a dict with 'state_dict', found "
+                          f"{type(saved).__name__}{' with keys ' + ', '.join(map(str, saved))[:80] if isinstance(saved, dict) else ''}); "
+                          "it was changed after hwprune fit wrote it: run the fit again (another --out)")
+    load_weights(model, saved["state_dict"], f"{weights} (with {run / 'plan.json'})")
     model.eval()
     refs = [target] if target else [args.get("target"), plan.meta.get("target")]
     tgt, errors = None, []
@@ -172,6 +202,8 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
             break
         except TargetError as e:
             errors.append(str(e))
+    if tgt is None and target:
+        raise ExportError(f"--target {target}: {'; '.join(errors)}")
     if tgt is None:
         raise ExportError(f"{run}: cannot load the run's target ({'; '.join(errors) or 'none recorded'}); give --target")
     if name in TEXT_MODELS:
@@ -273,7 +305,10 @@ def export_onnx_format(run: LoadedRun, out_dir: Path, check: bool = True) -> Exp
     manifest = {"format": "onnx", "file": "model.onnx", "opset": 17,
                 "inputs": {n: [(run.dynamic_axes or {}).get(n, {0: "batch"}).get(d, size) for d, size in enumerate(x.shape)]
                            for n, x in zip(run.input_names, run.inputs)},
-                "granularity": run.plan.granularity, "reference": "reference.npz", "hwprune": __version__}
+                "granularity": run.plan.granularity, "reference": "reference.npz", "hwprune": __version__,
+                "how_to_load": "sess = onnxruntime.InferenceSession('model.onnx'); y = sess.run(None, {"
+                               + ", ".join(f"'{n}': x{i}" for i, n in enumerate(run.input_names))
+                               + "})[0]  # inputs as 'inputs' says (any batch), prepared as reference.npz's"}
     atomic_write_json(out_dir / "manifest.json", manifest)
     result = ExportResult("onnx", out_dir, [path, out_dir / "manifest.json", ref], manifest)
     if granularity(run.plan.granularity).sparse:
@@ -635,14 +670,47 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
         raise ExportError(f"--measure works with --format {', '.join(n for n, f in FORMATS.items() if f.measures)} "
                           f"only (it times the compiled library against onnxruntime here); --format {fmt} writes a "
                           "file that is not timed: drop --measure")
+    if batch_size != 1 and fmt != "tvm":  # likewise: a batch size that changes nothing must not pass unnoticed
+        raise ExportError(f"--batch-size {batch_size}: only --format tvm compiles for a batch size; --format {fmt} "
+                          f"{'has a dynamic batch axis' if fmt == 'onnx' else 'stores weights, with no batch'}: drop --batch-size")
     if spec.needs_tvm:
         require_tvm()  # before the model is rebuilt: a one-line error if the extra is missing
     run = load_run(run_dir, target=target, need_blocks=fmt if spec.sparse_only else None)
     out_dir = check_writable_folder(Path(out) if out else run.run_dir / "export" / fmt)
-    # Every format writes manifest.json last: a folder with one is a complete export. An earlier export's
-    # goes first, so that an export killed half-way never looks complete.
+    # Written and checked in a hidden folder inside out_dir, then moved into place: an export that fails, is
+    # stopped or is killed leaves an earlier export in out_dir as it was.
+    with folder_lock(out_dir, "hwprune export"):
+        for stale in out_dir.glob(STAGING + "*"):  # left by an export killed with SIGKILL
+            shutil.rmtree(stale, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=STAGING, dir=out_dir))
+        try:
+            try:
+                result = spec.write(run, stage, {"check": check, "batch_size": batch_size, "measure": measure})
+            except HwpruneError as e:  # named where it would have been written; the staging folder goes
+                e.args = (f"{str(e).replace(str(stage), str(out_dir))} (nothing was written to {out_dir}: an earlier "
+                          "export there is as it was)",)
+                raise
+            return _publish(result, stage, out_dir)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _publish(result: ExportResult, stage: Path, out_dir: Path) -> ExportResult:
+    """Move a finished, checked export from ``stage`` into ``out_dir``. Every format writes manifest.json: a
+    folder with one is a complete export. An earlier export's goes first and the new one comes last, so the
+    folder never looks complete while it holds files of two exports."""
+    files = sorted((f for f in stage.iterdir() if f.is_file()), key=lambda f: f.name == "manifest.json")
+    for f in files:
+        if (out_dir / f.name).is_dir():
+            raise ExportError(f"{out_dir / f.name}: a folder is in the way of the exported file of that name; move it, "
+                              f"or choose another --out (nothing was written to {out_dir})")
     (out_dir / "manifest.json").unlink(missing_ok=True)
-    return spec.write(run, out_dir, {"check": check, "batch_size": batch_size, "measure": measure})
+    for f in files:
+        os.replace(f, out_dir / f.name)
+    fsync_dir(out_dir)
+    result.files = [out_dir / f.relative_to(stage) if f.is_relative_to(stage) else f for f in result.files]
+    result.out_dir = out_dir
+    return result
 
 
 for _format in (
