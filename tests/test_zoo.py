@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from hwprune.apply.slicing import mask_model, slice_model
 from hwprune.budget import Budget
@@ -168,3 +169,18 @@ def test_export_of_a_custom_autograd_activation_names_the_library_switch(tmp_pat
     with pytest.raises(ExportError) as e:
         export_onnx(model, x, tmp_path / "m.onnx")
     assert "HardSwishJitAutoFn" in str(e.value) and "geffnet.config.set_exportable(True)" in str(e.value)
+
+
+def test_an_op_onnx_lacks_is_one_error_with_no_graph_dump(tmp_path, capfd):
+    """torch's C++ exporter printed the whole TorchScript graph ("Torch IR graph at exception", a line per op)
+    to stdout before raising, even under --quiet; the error itself said nothing of what to do."""
+    from hwprune.errors import ExportError
+
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ChannelShuffle(2)).eval()
+    with pytest.raises(ExportError, match=r"aten::channel_shuffle.*not supported\. Write that step with ops ONNX has"):
+        export_onnx(net, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    out, err = capfd.readouterr()
+    assert "Torch IR graph" not in out + err and "aten::_convolution" not in out + err
+    print("after")  # the descriptor is back
+    assert capfd.readouterr().out == "after\n"
+    assert not (tmp_path / "m.onnx").exists()

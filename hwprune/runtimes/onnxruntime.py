@@ -11,8 +11,10 @@ this machine and every label says so: hwprune never passes one machine off as an
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -146,7 +148,7 @@ def export_onnx(model: nn.Module, example_input, path: str | os.PathLike, *, dyn
     if dynamic_axes is None and dynamic_batch:
         dynamic_axes = {**{n: {0: "batch"} for n in names}, output_name: {0: "batch"}}
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stdout_from_cpp_dropped():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -156,6 +158,27 @@ def export_onnx(model: nn.Module, example_input, path: str | os.PathLike, *, dyn
         except RuntimeError as e:
             raise _export_error(model, e) from None
     return atomic_write_bytes(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def _stdout_from_cpp_dropped():
+    """Drop what torch's C++ exporter writes to file descriptor 1 while it runs: on a failure it prints the
+    whole TorchScript graph ("Torch IR graph at exception", tens of lines per layer) before raising, even
+    under ``--quiet``; the error raised says what failed. Python's own ``sys.stdout`` is flushed first and
+    left alone."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real descriptor 1 (an embedding program): nothing to drop
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # What model libraries offer for export, keyed by the package their layers come from.
@@ -174,6 +197,11 @@ def _export_error(model: nn.Module, e: RuntimeError):
     text = str(e)
     first = text.splitlines()[0] if text else type(e).__name__
     if "Couldn't export Python operator" not in text:
+        if "to ONNX opset version" in first and "is not supported" in first:  # an aten op ONNX has no equivalent for
+            return ExportError(
+                f"ONNX export failed: {first}. Write that step with ops ONNX has (a channel shuffle as view, transpose, "
+                f"view, which hwprune also prunes through), or replace the layer; pruning is not affected, only the "
+                f"export needs it")
         return ExportError(f"ONNX export failed: {first}")
     op = first.rsplit(" ", 1)[-1]
     packages = {type(m).__module__.split(".")[0] for m in model.modules()}
