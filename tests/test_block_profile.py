@@ -166,6 +166,9 @@ def test_export_manifest_gets_a_labelled_prediction(tmp_path, monkeypatch):
     monkeypatch.setenv("HWPRUNE_PROFILES", str(tmp_path))
     pred, why = predicted_sparse_time(target, layers, build.layers, 1)
     assert pred is None and "--granularity blocks" in why  # the repo's profile does not cover sparse_net
+    # a sentence encoder's layers are not what hwprune profile measures: the hint must not send the user there
+    pred, why = predicted_sparse_time(target, layers, build.layers, 1, cnn=False)
+    assert pred is None and "--model MODEL" not in why and "hwprune export --measure" in why
     prof = measure_block_profile([(model, x, "sparse_net", "-")], target, densities=[0.01, 1.0], settings=FAST,
                                  progress=None)
     prof.save(tmp_path / "host-cpu.json")

@@ -140,3 +140,32 @@ def test_append_keeps_the_blocks_section(measured):
                           existing=prof, progress=None)
     assert out.blocks is not None and out.blocks.to_dict() == shipped.blocks.to_dict()
     assert set(prof.layers) <= set(out.layers)
+
+
+def test_a_new_width_profile_over_an_old_one_keeps_its_blocks_section_and_says_what_it_drops(tmp_path, capsys):
+    """`hwprune profile` without --append replaced the whole file: the blocks section (minutes of
+    --granularity blocks measuring) and other models' tables went without a word."""
+    from hwprune.target.files import profile_dirs
+
+    out = tmp_path / "p.json"
+    fast = ["--max-points", "2", "--repeats", "4"]
+    assert main(["profile", "--target", "host-cpu", "--out", str(out)] + fast) == 0
+    mine = Profile.load(out)
+    mine.blocks = Profile.load(profile_dirs()[0] / "host-cpu.json").blocks  # as if measured here, with this machine
+    assert mine.blocks is not None
+    mine.save(out)
+    capsys.readouterr()
+
+    assert main(["profile", "--target", "host-cpu", "--out", str(out), "--model", "helpers_models:tiny_resnet"] + fast) == 0
+    shown = capsys.readouterr().out
+    assert "layer shapes this model does not have are gone (measure with --append" in shown
+    assert "its blocks section (--granularity blocks) is kept" in shown
+    again = Profile.load(out)
+    assert again.blocks.to_dict() == mine.blocks.to_dict()
+    assert not set(mine.layers) <= set(again.layers)  # the default model's own shapes were replaced, as documented
+
+    again.machine = {**again.machine, "hostname": "another-box"}  # a blocks section from another machine
+    again.save(out)
+    assert main(["profile", "--target", "host-cpu", "--out", str(out), "--model", "helpers_models:tiny_resnet"] + fast) == 0
+    assert "its blocks section is dropped: it was measured differently (machine hostname 'another-box'" in capsys.readouterr().out
+    assert Profile.load(out).blocks is None

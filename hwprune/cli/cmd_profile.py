@@ -171,6 +171,8 @@ def run(args) -> int:
     print(f"target {target.name}: {target.description}")
     profile, table, note = kind.measure(args, (model, example, model_name, data_name), target, runtime, remote,
                                         settings, existing)
+    if kind.name == "widths" and not args.append:
+        note += _replacing(out, profile, target, runtime, remote)
     profile.save(out)
     print()
     print(table)
@@ -180,6 +182,34 @@ def run(args) -> int:
                  f"'latency: {{profile: {out.name if beside else out.resolve()}}}' to the target file")
     print(f"\nwrote {out}{note}")
     return 0
+
+
+def _replacing(out: Path, profile, target, runtime, remote) -> str:
+    """A width profile written over an existing one (no --append) replaces its width tables; its blocks section,
+    measured with ``--granularity blocks`` and not re-measured here, is kept when it is this machine's, runtime's
+    and batch's (as a blocks run keeps the width tables), and what is dropped is said, not lost silently."""
+    from ..latency.measure import incompatibilities
+    from ..latency.profile import Profile
+
+    if not out.is_file():
+        return ""
+    try:
+        old = Profile.load(out)
+    except HwpruneError:
+        return f"\n{out} was not a readable profile; replaced"
+    lines = []
+    gone = [t for key, t in old.layers.items() if key not in profile.layers]
+    if gone:
+        lines.append(f"replaced its {len(old.layers)} width tables: {len(gone)} layer shapes this model does not have "
+                     f"are gone (measure with --append to keep another model's tables)")
+    if old.blocks is not None:
+        problems = incompatibilities(old, target, runtime, profile.batch_size, remote)
+        if problems:
+            lines.append(f"its blocks section is dropped: it was measured differently ({'; '.join(problems)})")
+        else:
+            profile.blocks = old.blocks
+            lines.append("its blocks section (--granularity blocks) is kept")
+    return "".join(f"\n{out}: {line}" for line in lines)
 
 
 def summary(profile) -> str:

@@ -557,7 +557,8 @@ def export_tvm_bsr(run: LoadedRun, out_dir: Path, batch_size: int = 1, check: bo
         "how_to_load": "lib = tvm.runtime.load_module('model.so'); vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu()); "
                        "y = vm['main'](*[tvm.runtime.tensor(x) for x in inputs]).numpy()  # in the order and shapes of 'inputs'",
     }
-    prediction, why_not = predicted_sparse_time(run.target, layers, build.layers, batch_size)
+    prediction, why_not = predicted_sparse_time(run.target, layers, build.layers, batch_size,
+                                                cnn=run.pruned is run.model)
     if prediction is not None:
         manifest["predicted_sparse_layers"] = prediction
     measured = None
@@ -595,9 +596,10 @@ def _measured_note(measured: dict, batch_size: int) -> str:
             f"{o_ms:.3f} ms: {measured['ratio']:.3f}x" + (f"; {measured['note']}" if "note" in measured else ""))
 
 
-def predicted_sparse_time(target, layers, rewritten, batch_size: int) -> tuple[dict | None, str]:
+def predicted_sparse_time(target, layers, rewritten, batch_size: int, *, cnn: bool = True) -> tuple[dict | None, str]:
     """The sparse layers' time predicted from the target's latency profile (its ``blocks`` section), for
     ``manifest.json``; or ``(None, why not)``. Nothing here is measured: the export does not time the library.
+    ``cnn``: False for a sentence encoder, whose layers ``hwprune profile`` does not measure (the hint says so).
 
     ``layers``: the :class:`~hwprune.runtimes.tvm.bsr.packing.SparseLayer` list; ``rewritten``: what the build put on
     kernels (:class:`~hwprune.runtimes.tvm.bsr.emit.RewrittenLayer`, with each kernel's stored blocks).
@@ -608,7 +610,8 @@ def predicted_sparse_time(target, layers, rewritten, batch_size: int) -> tuple[d
     from ..latency.profile import Profile
 
     path = target.profile_path()
-    hint = f"hwprune profile --target {target.name} --granularity blocks --model MODEL --append"
+    hint = (f"hwprune profile --target {target.ref} --granularity blocks --model MODEL --append" if cnn else
+            "hwprune profile measures the layers of CNN models only; time this library with hwprune export --measure")
     if path is None or not path.is_file():
         return None, f"target '{target.name}' has no latency profile{f' at {path}' if path else ''} (measure: {hint})"
     try:

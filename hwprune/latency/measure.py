@@ -361,6 +361,16 @@ def measure_profile(models, target: Target, *, runtime: str = "onnxruntime", rem
 
 def _check_compatible(old: Profile, target: Target, runtime: str, batch: int, remote) -> None:
     """Appending to a profile is allowed only for the same target, runtime, batch and machine."""
+    problems = incompatibilities(old, target, runtime, batch, remote)
+    if problems:
+        where = f"{old.path}: " if old.path else ""
+        raise ProfileError(f"{where}cannot append: the profile was measured differently ({'; '.join(problems)}). "
+                           "Write a new profile (without --append) or use --out")
+
+
+def incompatibilities(old: Profile, target: Target, runtime: str, batch: int, remote) -> list[str]:
+    """How ``old`` was measured differently from a measurement of ``target`` here (or on ``remote``) with
+    ``runtime`` at ``batch``: its tables and these would not describe the same thing ([] when they would)."""
     here = machine_info(remote, target)
     problems = []
     if old.target != target.name:
@@ -372,7 +382,4 @@ def _check_compatible(old: Profile, target: Target, runtime: str, batch: int, re
     for k in ("hostname", "cpu", "remote"):
         if old.machine.get(k) != here.get(k):
             problems.append(f"machine {k} {old.machine.get(k)!r} vs {here.get(k)!r}")
-    if problems:
-        where = f"{old.path}: " if old.path else ""
-        raise ProfileError(f"{where}cannot append: the profile was measured differently ({'; '.join(problems)}). "
-                           "Write a new profile (without --append) or use --out")
+    return problems
