@@ -86,10 +86,12 @@ class AllocationConfig:
         unknown = sorted(set(options) - {"floor", "cap"})
         if unknown:
             raise BudgetError(f"--allocation-option {', '.join(unknown)}: unknown; expected floor or cap")
-        try:
-            values = {k: float(v) for k, v in options.items()}
-        except (TypeError, ValueError):
-            raise BudgetError(f"--allocation-option {options}: expected numbers, e.g. floor=0.5 cap=2") from None
+        values = {}
+        for k, v in options.items():
+            try:
+                values[k] = float(v)
+            except (TypeError, ValueError):
+                raise BudgetError(f"--allocation-option {k}={v}: expected numbers, e.g. floor=0.5 cap=2") from None
         return cls(policy, **values)
 
 

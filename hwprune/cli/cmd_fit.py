@@ -223,7 +223,8 @@ def _conflicts(args, saved_args: dict) -> list[str]:
     for key in _SAVED:
         typed = getattr(args, key)
         if key in saved_args and typed not in (None, [], False) and typed != saved_args[key]:
-            out.append(f"--{key.replace('_', '-')} {typed!r} differs from the run's {saved_args[key]!r}")
+            was = "default" if saved_args[key] in (None, [], False) else repr(saved_args[key])
+            out.append(f"--{key.replace('_', '-')} {typed!r} differs from the run's {was}")
     return out
 
 
@@ -337,6 +338,9 @@ def _run(args) -> int:
 
         _torch.set_num_threads(torch_threads)
     check_values(args)
+    if args.remeasure and args.no_latency:  # as typed: a resumed run's own --no-latency is read below
+        raise HwpruneError("--remeasure exports and times a finished run again; --no-latency says not to time it: "
+                           "drop one of them")
     from ..models import model_tag, resolve_file_reference
 
     if args.model:  # file.py:function -> its absolute path: resume and export rebuild it from any directory
@@ -370,6 +374,12 @@ def _run(args) -> int:
                        **{key: getattr(args, key) for key in ("distill", "distill_mixup", "distill_shift", "distill_flip",
                                                                "finetune_average")
                           if getattr(args, key, None) is not None})
+    if args.remeasure and not (args.out and _finished(Path(args.out))):
+        # it would train a whole new run (or finish an interrupted one) where only a re-export was asked for
+        raise HwpruneError("--remeasure exports and times a finished run again: "
+                           + (f"{args.out} holds no finished run (continue an interrupted one with hwprune fit "
+                              f"--resume {args.out}, without --remeasure)" if args.out else
+                              "a new run has nothing to measure yet (leave --remeasure off)"))
     if args.out:  # a folder of another run is refused, a finished one reported, before any data is loaded
         _run_json_is_new(Path(args.out), args)
         if not args.remeasure and _finished(Path(args.out)):
@@ -448,7 +458,7 @@ def _run(args) -> int:
             _write_run_json(out, args, command)
         try:
             result = fit(model, train_data, test_data=test_data, target=target, config=config, out_dir=out,
-                         progress=say, run_info=info, measure=not args.no_latency, remote=remote)
+                         progress=say, run_info=info, measure=args.remeasure or not args.no_latency, remote=remote)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
             print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)
             return getattr(e, "exit_status", 130)

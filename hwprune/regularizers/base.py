@@ -95,6 +95,12 @@ class Regularizer:
     default_allocation: ClassVar[str] = "global"
     allocation_fixed: ClassVar[bool] = False  # True: the method is its allocation (a width multiplier)
 
+    @classmethod
+    def check_allocation(cls, config, policy: str) -> None:
+        """Refuse an allocation policy this method's ``config`` cannot be projected with (a
+        :class:`~hwprune.errors.HwpruneError`); called by :meth:`project` and, before any training, by
+        :class:`~hwprune.training.config.FitConfig` for ``--allocation``. Every policy works by default."""
+
     def project(self, groups, budget, cost=None, allocation=None, sensitivity=None, share_cost=None):
         """The units to keep for ``budget``: ``allocation`` (default :attr:`default_allocation`)
         decides each group's kept count, and within a group the lowest :meth:`scores` go first."""
@@ -223,7 +229,8 @@ def make_config(name: str, overrides: dict[str, Any] | None = None):
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise HwpruneError(f"method '{name}' has no setting {', '.join(unknown)}; its settings: {', '.join(valid)}")
+        raise HwpruneError(f"method '{name}' has no setting {', '.join(unknown)}; "
+                           + (f"its settings: {', '.join(valid)}" if valid else "it has no settings"))
     defaults = cfg_cls()
     for key, value in overrides.items():
         problem = _type_problem(getattr(defaults, key), value, str(valid[key].type))

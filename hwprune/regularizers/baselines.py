@@ -31,6 +31,13 @@ def near_zero_fraction(scores: np.ndarray, keep: int, rel: float = 0.05) -> floa
     return float(np.mean(scores <= rel * ref)) if ref > 0 else 1.0
 
 
+def _positive_strength(method: str, strength: float) -> None:
+    """A strength <= 0 turns the penalty off or into a reward for large units (the controller only
+    multiplies it, so it never changes sign): refused, as every method's."""
+    if not strength > 0:
+        raise HwpruneError(f"{method} strength {strength}: expected a positive number")
+
+
 def _progress(ctx: RegContext) -> SeparationProgress:
     target = ctx.schedule.target if ctx.schedule is not None else 0.0
     return SeparationProgress(target, ctx.keep_units)
@@ -50,6 +57,7 @@ class GroupLassoConfig:
     max_shrink: float = 0.05
 
     def __post_init__(self):
+        _positive_strength("group-lasso", self.strength)
         if not 0 < self.max_shrink < 1:
             raise HwpruneError(f"group-lasso max_shrink {self.max_shrink}: expected a fraction in (0, 1)")
 
@@ -102,6 +110,9 @@ class SlimmingConfig:
     strength: float = 1e-4
     adaptive: bool = True
 
+    def __post_init__(self):
+        _positive_strength("slimming", self.strength)
+
 
 @register
 class Slimming(Regularizer):
@@ -153,6 +164,9 @@ class DeepHoyerConfig:
 
     strength: float = 1e-3
     adaptive: bool = True
+
+    def __post_init__(self):
+        _positive_strength("deephoyer", self.strength)
 
 
 @register

@@ -181,13 +181,15 @@ class Fluctuation(Regularizer):
     def project(self, groups, budget, cost=None, allocation=None, **kwargs):
         """As every method's; standardized scores sum to zero in every group, so only allocations that
         compare scores as they are (``learned``) or not at all (``uniform``) can use them."""
-        if self.config.standardize:
-            policy = getattr(allocation, "policy", allocation) or self.default_allocation
-            if policy not in ("learned", "uniform"):
-                raise HwpruneError(f"--method fluctuation standardize=true with --allocation {policy}: standardized "
-                                   "scores sum to zero in every group, which that allocation cannot weigh; use "
-                                   "--allocation learned (the paper's global ranking) or uniform")
+        self.check_allocation(self.config, getattr(allocation, "policy", allocation) or self.default_allocation)
         return super().project(groups, budget, cost, allocation=allocation, **kwargs)
+
+    @classmethod
+    def check_allocation(cls, config, policy: str) -> None:
+        if config.standardize and policy not in ("learned", "uniform"):
+            raise HwpruneError(f"--method fluctuation standardize=true with --allocation {policy}: standardized "
+                               "scores sum to zero in every group, which that allocation cannot weigh; use "
+                               "--allocation learned (the paper's global ranking) or uniform")
 
     def stats_out_var(self, module: str) -> torch.Tensor:
         """Variance of each output of a reading layer, floored at 1e-6 of the mean (dead outputs)."""

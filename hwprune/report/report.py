@@ -204,7 +204,8 @@ class Report:
             f"{g('onnx.checked_inputs')} real test inputs" if g("onnx.max_abs_diff") is not None else "- no ONNX export",
             f"- latency: median of {g('latency.runs')} runs after {g('latency.warmup')} warm-up runs, dense and pruned "
             f"taking turns in blocks of consecutive calls in one process{_rounds_text(g)}; {g('latency.runtime')}; "
-            f"{g('latency.measured_on')}",
+            f"{g('latency.measured_on')}" if g("latency") else
+            "- latency: not measured (--no-latency)",
         ]
         if g("latency.note"):
             lines += [f"- **{g('latency.note')}**"]

@@ -71,6 +71,10 @@ class FitConfig:
                 raise HwpruneError(f"--method {self.method} is a width multiplier: it takes no --allocation "
                                    f"{self.allocation} (use --method magnitude --allocation {self.allocation} to prune "
                                    "by score)")
+            if method_cls is not None and self.allocation is not None:  # refused now, not after the dense epochs
+                from ..regularizers.base import make_config
+
+                method_cls.check_allocation(make_config(self.method, self.method_options), self.allocation)
             # The curves are measured at the regularized stage's start (budget/sensitivity.py refuses block
             # groups there): refused here, not after the dense epochs have been trained.
             if self.allocation == "sensitivity" and unit.sparse:
