@@ -153,3 +153,15 @@ def test_sigterm_ends_like_ctrl_c_and_the_run_resumes(tmp_path):
     # the first epoch printed next is epoch 2: the message counts epoch 1 as done
     assert "(resumed in stage 'dense' after epoch 1)" in resumed.stdout
     assert "[dense 1/2]" not in resumed.stdout and "[dense 2/2]" in resumed.stdout
+
+
+def test_the_default_run_folder_is_one_folder_whatever_the_data_path_or_model_file():
+    """`--data imagefolder:./photos` made runs/<stamp>-...-imagefolder:. / photos-...: two nested folders, one
+    with a ':' in its name (not a valid file name on Windows, awkward in every shell)."""
+    from hwprune.training.config import FitConfig
+    from hwprune.training.pipeline import _default_dir
+
+    d = _default_dir(FitConfig(budget=Budget("sparsity", 0.7)),
+                     {"model": "./nets/my_net.py:make", "data": "imagefolder:./photos", "target": "host-cpu"})
+    assert d.parent.name == "runs" and len(d.parts) == 2
+    assert d.name.endswith("-nets-my_net-py-make-imagefolder-photos-host-cpu-sparsity0.7"), d.name

@@ -316,3 +316,24 @@ def test_a_budget_the_model_cannot_meet_names_the_layers_that_keep_their_width()
     assert "cannot be met" in text and "These layers keep their output width:" in text
     assert "  - stem: " in text and "reduces over the channel axis" in text
     assert "  - fc:" not in text  # the classifier's output is the model's in every model: not worth naming
+
+
+def test_a_model_onnx_cannot_hold_is_refused_before_training(tmp_path, capsys):
+    """A model with an op ONNX lacks (nn.ChannelShuffle) trained every stage and failed only at the final
+    export; the run ends with model.onnx, so the dense model is exported once before any training."""
+    from hwprune.cli.main import main
+
+    (tmp_path / "shuffle.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def make(in_channels, num_classes):
+            return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),        # prunable
+                                 nn.Conv2d(32, 16, 3, padding=1), nn.ChannelShuffle(2), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+    """))
+    out = tmp_path / "run"
+    assert main(["fit", "--target", "host-cpu", "--sparsity", "0.5", "--model", f"{tmp_path / 'shuffle.py'}:make",
+                 "--exclude", "3", "--no-latency", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "checked before training: ONNX export failed" in captured.err and "aten::channel_shuffle" in captured.err
+    assert "epoch" not in captured.out and not (out / "checkpoint.pt").exists()

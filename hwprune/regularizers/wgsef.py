@@ -3,16 +3,18 @@
 After every optimizer step the parameters of all units go through the prox of ``lr·λ·WGSEF_k``:
 units whose norm per unit weight is below a threshold τ become exactly zero, the largest ``k`` are
 shrunk like ridge, and the band between gets a group soft-threshold. ``k`` is the number of units the
-budget keeps; λ is adapted by the trainer's :class:`StrengthController`.
+budget keeps; λ is solved every step (``adaptive``, :class:`WgsefConfig`): the smallest strength whose prox
+leaves the scheduled number of units at zero.
 
-Unit weights ``w_i`` (the √d_i of §1.3):
+Unit weights ``w_i`` (the √d_i of §1.3); ``auto`` (the default) takes ``allocation`` when the run has an
+allocation plan (channel runs), else ``cost`` with a FLOPs or latency cost, else ``size``:
 
-* ``size`` (default): ``d_i ∝ |G_i|``, the number of entries of the unit, so wide and narrow units are
+* ``size``: ``d_i ∝ |G_i|``, the number of entries of the unit, so wide and narrow units are
   compared per entry, as in group lasso's √|G| scaling;
 * ``uniform``: ``d_i = 1``;
 * ``cost``: ``d_i ∝ |G_i| · cost_i``, with cost_i the FLOPs (or latency) a unit costs: costly units
   are pushed to zero first;
-* ``allocation`` (the default when the run has an allocation plan, :mod:`hwprune.budget.allocation`): every
+* ``allocation`` (:mod:`hwprune.budget.allocation`): every
   unit of a group gets the norm at which the plan cuts that group (between its last kept and first
   removed unit at the start of the stage), so that ``a_i / w_i`` crosses 1 at the planned width in
   every group and the single global threshold of the envelope removes what the plan removes. The

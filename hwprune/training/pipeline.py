@@ -18,6 +18,7 @@ import dataclasses
 import datetime as _dt
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from .config import FitConfig
 from .averaging import WeightAverage, first_averaged_step
 from .state import RunState
 from ..budget.cost import count_flops, count_params, flops_model, params_model
-from ..errors import BudgetError, CheckpointError, DivergedError, HwpruneError
+from ..errors import BudgetError, CheckpointError, DivergedError, ExportError, HwpruneError
 from ..apply.granularity import granularity
 from ..apply.plan import Plan, apply_plan
 from ..regularizers import RegContext, Regularizer, SparsitySchedule, StrengthController, build_regularizer, make_config
@@ -199,6 +200,8 @@ def _default_dir(config: FitConfig, info: dict) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     b = config.budget
     tag = "-".join(str(x) for x in (info.get("model"), info.get("data"), info.get("target")) if x)
+    # one folder name: a data path or a model file ('imagefolder:./photos', './net.py:make') must not nest folders
+    tag = re.sub(r"[^\w+-]+", "-", tag).strip("-")
     return Path("runs") / f"{stamp}-{tag}-{b.kind}{b.value:g}".replace("--", "-")
 
 
@@ -297,6 +300,8 @@ class _Run:
                 raise
             raise BudgetError(f"--speedup {self.config.budget.value:g} (= {self.budget().value:.4g} ms against the measured "
                               f"dense {self._latency.calibration['dense_ms']:.4g} ms): {e}") from None
+        if not resumed and not self.dist.enabled:
+            self._check_exportable()
         _say(self.progress, f"run folder: {self.run_dir}" + (f" ({self._resumed_where()})" if resumed else ""))
         if self.state.stage == "dense":
             self.stage_dense()
@@ -312,6 +317,18 @@ class _Run:
         distributed.barrier()
         plan = Plan.from_dict(self.state.plan)
         return FitResult(self.model, plan, report, self.run_dir)
+
+    def _check_exportable(self) -> None:
+        """Export the untrained model to ONNX once, thrown away: every run ends with model.onnx, and an op ONNX
+        cannot hold (a custom autograd function, an aten op without an ONNX form) would otherwise surface only
+        after all the training. Slicing changes widths, not ops, so the dense model stands for the pruned one."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                self.task.export_onnx(copy.deepcopy(self.template).eval(), Path(folder) / "trial.onnx")
+            except ExportError as e:
+                raise ExportError(f"checked before training: {e}") from None
 
     def _resumed_where(self) -> str:
         """Where a resumed run picks up, for the log; the epoch counted as finished, as the
