@@ -164,14 +164,20 @@ def test_an_rpc_server_that_never_answers_times_out():
         sock.close()
 
 
+def _closed_port() -> int:
+    """A local port nothing listens on (bound, read, closed)."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
 def test_profile_checks_the_rpc_address_before_compiling(tmp_path, capsys):
     pytest.importorskip("tvm")
     if shutil.which("gcc") is None:
         pytest.skip("no C compiler")
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # nothing listens there now
+    port = _closed_port()
     path = _my_target(tmp_path, "host-cpu", "mycpu")
     out = tmp_path / "p.json"
     assert main(["profile", "--target", str(path), "--rpc", f"127.0.0.1:{port}", "--out", str(out)]) == 2
@@ -224,10 +230,7 @@ def test_fit_checks_the_rpc_address_before_training(tmp_path, capsys):
     pytest.importorskip("tvm")
     if shutil.which("gcc") is None:
         pytest.skip("no C compiler")
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # nothing listens there now
+    port = _closed_port()
     out = tmp_path / "run"
     assert main(["fit", "--target", "host-cpu", "--sparsity", "0.3", "--rpc", f"127.0.0.1:{port}",
                  "--out", str(out)]) == 2

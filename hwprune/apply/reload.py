@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, PlanError
+from ..errors import CheckpointError, HwpruneError, PlanError
 
 
 def _saved_count(group, state_dict: Mapping[str, torch.Tensor]) -> int | None:
@@ -96,6 +96,22 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     return model
 
 
+def read_weights_file(weights: Path, error: type[HwpruneError] = CheckpointError) -> dict:
+    """``pruned.pt`` as ``hwprune fit`` wrote it (a dict with ``state_dict`` and ``plan``), read without running
+    code (``weights_only``); anything else raises ``error`` naming the file and what to do."""
+    try:
+        saved = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, a pickle that asks for code (refused by weights_only), ...
+        raise error(f"{weights}: not a readable hwprune weights file ({type(e).__name__}: "
+                    f"{(str(e).splitlines() or [''])[0][:120]}); it was changed after hwprune fit wrote it: "
+                    "run the fit again (another --out)") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        found = type(saved).__name__ + (" with keys " + ", ".join(map(str, saved))[:80] if isinstance(saved, dict) else "")
+        raise error(f"{weights}: not an hwprune weights file (expected a dict with 'state_dict' and 'plan', found "
+                    f"{found}); it was changed after hwprune fit wrote it: run the fit again (another --out)")
+    return saved
+
+
 def load_pruned(model: nn.Module, path: str | os.PathLike, target=None) -> nn.Module:
     """Reload a pruned model saved by ``hwprune fit``: ``path`` is a run folder or its ``pruned.pt`` (the weights
     and the plan). ``model`` is a fresh copy of the dense architecture the run started from (e.g.
@@ -113,14 +129,7 @@ def load_pruned(model: nn.Module, path: str | os.PathLike, target=None) -> nn.Mo
     if not weights.is_file():
         raise CheckpointError(f"{weights}: no such file; give a run folder written by hwprune fit (one that holds "
                               "pruned.pt: the run finished fine-tuning) or its pruned.pt")
-    try:
-        saved = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, a pickle that asks for code (refused by weights_only), ...
-        raise CheckpointError(f"{weights}: not a readable hwprune weights file ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0][:120]}); it was changed after hwprune fit wrote it: "
-                              "run the fit again (another --out)") from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise CheckpointError(f"{weights}: not an hwprune weights file (expected a dict with 'state_dict' and 'plan')")
+    saved = read_weights_file(weights)
     if "plan" in saved:
         plan = Plan.from_dict(saved["plan"], f"{weights} (its 'plan')")
     elif (weights.parent / "plan.json").is_file():

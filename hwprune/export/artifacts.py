@@ -33,7 +33,7 @@ from ..errors import ExportError, HwpruneError, PlanError, TargetError
 from ..io import atomic_write_bytes, atomic_write_json, check_writable_folder, folder_lock, fsync_dir
 from ..apply.granularity import granularity
 from ..apply.plan import Plan, apply_plan
-from ..apply.reload import load_weights
+from ..apply.reload import load_weights, read_weights_file
 from ..runtimes.tvm.build import require_tvm
 from ..training.checkpoint import Checkpointer
 
@@ -182,16 +182,7 @@ def load_run(run_dir: str | os.PathLike, target: str | None = None, n_inputs: in
     except HwpruneError as e:
         raise ExportError(f"{run / 'plan.json'}: the plan does not replay onto a fresh '{name}': {e}. plan.json was "
                           "changed after hwprune fit wrote it, or comes from another run: run the fit again (another --out)") from None
-    try:
-        saved = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, a pickle that asks for code (refused by weights_only), ...
-        raise ExportError(f"{weights}: not a readable hwprune weights file ({type(e).__name__}: "
-                          f"{(str(e).splitlines() or [''])[0][:120]}); it was changed after hwprune fit wrote it: run the "
-                          "fit again (another --out)") from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise ExportError(f"{weights}: not an hwprune weights file (expected a dict with 'state_dict', found "
-                          f"{type(saved).__name__}{' with keys ' + ', '.join(map(str, saved))[:80] if isinstance(saved, dict) else ''}); "
-                          "it was changed after hwprune fit wrote it: run the fit again (another --out)")
+    saved = read_weights_file(weights, ExportError)
     load_weights(model, saved["state_dict"], f"{weights} (with {run / 'plan.json'})")
     model.eval()
     refs = [target] if target else [args.get("target"), plan.meta.get("target")]
