@@ -392,7 +392,8 @@ def _run(args) -> int:
     from ..runtimes.tvm.rpc import resolve_remote
 
     remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
-    if remote is not None and not args.no_latency:  # a missing linker or a wrong address fails now, not after training
+    measure = args.remeasure or not args.no_latency  # a --no-latency run measures when asked to --remeasure
+    if remote is not None and measure:  # a missing linker or a wrong address fails now, not after training
         from ..runtimes.tvm.build import cross_compiler
         from ..runtimes.tvm.rpc import check_reachable
 
@@ -458,7 +459,7 @@ def _run(args) -> int:
             _write_run_json(out, args, command)
         try:
             result = fit(model, train_data, test_data=test_data, target=target, config=config, out_dir=out,
-                         progress=say, run_info=info, measure=args.remeasure or not args.no_latency, remote=remote)
+                         progress=say, run_info=info, measure=measure, remote=remote)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
             print(f"\nhwprune: interrupted. Resume with: hwprune fit --resume {out}", file=sys.stderr)
             return getattr(e, "exit_status", 130)
