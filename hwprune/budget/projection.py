@@ -192,11 +192,10 @@ def no_prunable_groups_message(groups) -> str:
 def _layers_that_stay(groups) -> str:
     """For a budget the model cannot meet: the layers that keep their width and why ('' when none do),
     since those, not the budget, are often what the user can change."""
-    from ..graph.diagnose import explain
+    from ..graph.diagnose import MODEL_OUTPUT, explain
 
     # the classifier's output is the model's in every model: naming it would only hide the layers that matter
-    unpruned = {k: v for k, v in (getattr(groups, "unpruned", None) or {}).items()
-                if v != "its output is the model output"}
+    unpruned = {k: v for k, v in (getattr(groups, "unpruned", None) or {}).items() if v != MODEL_OUTPUT}
     if not unpruned:
         return ""
     return ("\nThese layers keep their output width:\n" + explain(unpruned)

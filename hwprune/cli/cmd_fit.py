@@ -374,7 +374,8 @@ def _run(args) -> int:
                        **{key: getattr(args, key) for key in ("distill", "distill_mixup", "distill_shift", "distill_flip",
                                                                "finetune_average")
                           if getattr(args, key, None) is not None})
-    if args.remeasure and not (args.out and _finished(Path(args.out))):
+    finished = bool(args.out) and _finished(Path(args.out))  # reads the checkpoint: once
+    if args.remeasure and not finished:
         # it would train a whole new run (or finish an interrupted one) where only a re-export was asked for
         raise HwpruneError("--remeasure exports and times a finished run again: "
                            + (f"{args.out} holds no finished run (continue an interrupted one with hwprune fit "
@@ -382,7 +383,7 @@ def _run(args) -> int:
                               "a new run has nothing to measure yet (leave --remeasure off)"))
     if args.out:  # a folder of another run is refused, a finished one reported, before any data is loaded
         _run_json_is_new(Path(args.out), args)
-        if not args.remeasure and _finished(Path(args.out)):
+        if not args.remeasure and finished:
             out = Path(args.out)
             print(f"{out}: this run is finished; its report is {out / 'report.md'} (and report.json). Nothing was "
                   f"changed. To export it again: hwprune export {out}; to export and time it again, replacing "
@@ -394,11 +395,9 @@ def _run(args) -> int:
     remote = resolve_remote(target, rpc=args.rpc, tracker=args.tracker, key=args.key)
     measure = args.remeasure or not args.no_latency  # a --no-latency run measures when asked to --remeasure
     if remote is not None and measure:  # a missing linker or a wrong address fails now, not after training
-        from ..runtimes.tvm.build import cross_compiler
-        from ..runtimes.tvm.rpc import check_reachable
+        from ..runtimes.tvm.rpc import check_device
 
-        cross_compiler(target)
-        check_reachable(remote)
+        check_device(target, remote)
     quiet = args.quiet or not dist.is_main
     say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     say(f"target {target.name}: {target.description}")

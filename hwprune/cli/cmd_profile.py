@@ -56,15 +56,8 @@ def add_parser(sub) -> None:
 
 
 def _default_out(target) -> Path:
-    from ..target.files import REPO_ROOT, profile_dirs
-
-    path = target.profile_path(writing=True)
-    if path is not None:
-        return path
-    if target.path is not None and not target.is_shipped:  # a user's target: beside its file, as profile_path does
-        return target.path.resolve().parent / f"{target.name}.json"
-    dirs = profile_dirs()
-    return (dirs[0] if dirs else REPO_ROOT / "profiles") / f"{target.name}.json"
+    """The profile the target names, or ``<name>.json`` where its profiles go (:meth:`Target.profile_folder`)."""
+    return target.profile_path(writing=True) or target.profile_folder() / f"{target.name}.json"
 
 
 class _Widths:
@@ -150,11 +143,9 @@ def run(args) -> int:
     if kind.name == "widths":
         check_where(target, runtime, remote)  # a profile that would not be the device's: refused before any work
     if remote is not None:  # a missing linker or a wrong address fails in seconds, not after compiling
-        from ..runtimes.tvm.build import cross_compiler
-        from ..runtimes.tvm.rpc import check_reachable
+        from ..runtimes.tvm.rpc import check_device
 
-        cross_compiler(target)
-        check_reachable(remote)
+        check_device(target, remote)
     out = Path(args.out) if args.out else _default_out(target)
     if out.is_dir():
         raise HwpruneError(f"--out {out}: that is a folder; give the profile's file name, e.g. {out / (target.name + '.json')}")

@@ -40,14 +40,15 @@ from ..training.checkpoint import Checkpointer
 @dataclass(frozen=True)
 class Format:
     """One export format: whether it needs TVM installed, whether it takes only block runs (sparse
-    weights), its writer ``write(run, out_dir, options) -> ExportResult``, and whether ``--measure``
-    can time what it writes."""
+    weights), its writer ``write(run, out_dir, options) -> ExportResult``, whether ``--measure`` can time
+    what it writes, and whether it is compiled for a batch size (``--batch-size``)."""
 
     name: str
     needs_tvm: bool
     sparse_only: bool
     write: Any
     measures: bool = False
+    batched: bool = False
 
 
 FORMATS: dict[str, Format] = {}
@@ -664,8 +665,9 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike | No
         raise ExportError(f"--measure works with --format {', '.join(n for n, f in FORMATS.items() if f.measures)} "
                           f"only (it times the compiled library against onnxruntime here); --format {fmt} writes a "
                           "file that is not timed: drop --measure")
-    if batch_size != 1 and fmt != "tvm":  # likewise: a batch size that changes nothing must not pass unnoticed
-        raise ExportError(f"--batch-size {batch_size}: only --format tvm compiles for a batch size; --format {fmt} "
+    if batch_size != 1 and not spec.batched:  # likewise: a batch size that changes nothing must not pass unnoticed
+        raise ExportError(f"--batch-size {batch_size}: only --format "
+                          f"{', '.join(n for n, f in FORMATS.items() if f.batched)} compiles for a batch size; --format {fmt} "
                           f"{'has a dynamic batch axis' if fmt == 'onnx' else 'stores weights, with no batch'}: drop --batch-size")
     if spec.needs_tvm:
         require_tvm()  # before the model is rebuilt: a one-line error if the extra is missing
@@ -711,7 +713,7 @@ for _format in (
     Format("onnx", False, False, lambda run, out, o: export_onnx_format(run, out, o["check"])),
     Format("npz", False, True, lambda run, out, o: export_npz_format(run, out, o["check"])),
     Format("tvm", True, False, lambda run, out, o: export_tvm_format(run, out, o["batch_size"], o["check"], o["measure"]),
-           measures=True),
+           measures=True, batched=True),
 ):
     FORMATS[_format.name] = _format
 assert tuple(FORMATS) == FORMAT_NAMES, "hwprune.export.FORMAT_NAMES lists the registered formats"

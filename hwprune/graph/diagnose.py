@@ -44,10 +44,11 @@ def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+MODEL_OUTPUT = "its output is the model output"  # the reason every classifier's last layer has
+
+
 def _reason(blocked: str) -> str:
-    if blocked == "model output":
-        return "its output is the model output"
-    return blocked
+    return MODEL_OUTPUT if blocked == "model output" else blocked
 
 
 def unpruned_layers(model: nn.Module, groups: list, notes: dict[str, str] | None = None,

@@ -249,7 +249,6 @@ def close_the_loop(plan_at: Callable[[float], dict], time_plan: Callable[[dict],
     return {"factor": best["factor"], "budget_ms": budget_ms, "tolerance": tolerance, "rounds": tried}
 
 
-
 def _same_plan(a, b) -> bool:
     """Whether two plans (``{group: kept unit indices}``) keep the same units."""
     if isinstance(a, dict) and isinstance(b, dict):

@@ -200,15 +200,22 @@ class Target:
         folder = self.path.resolve().parent
         return any(folder == d.resolve() for d in target_dirs())
 
+    def profile_folder(self) -> Path:
+        """Where this target's profiles are written: beside a user's own target file (measuring it must never
+        replace a shipped profile that happens to have the same name: a copied ``host-cpu.yaml`` keeps
+        ``profile: host-cpu``), else the first of :func:`profile_dirs`."""
+        if self.path is not None and not self.is_shipped:
+            return self.path.resolve().parent
+        dirs = profile_dirs()
+        return dirs[0] if dirs else Path.cwd()
+
     def profile_path(self, *, writing: bool = False) -> Path | None:
         """Where this target's latency profile is read from (``writing=True``: where ``hwprune profile``
         writes it); None if the target names none.
 
         A path with a folder (``./boards/pi.json``) is taken relative to the target file. A bare name
-        (``host-cpu``) is looked up in :func:`profile_dirs` for a shipped target. A user's own target file
-        keeps its profile *beside the file*: measuring it must never replace a shipped profile that happens
-        to have the same name (a copied ``host-cpu.yaml`` keeps ``profile: host-cpu``); until it has one
-        there, a shipped profile of that name is read.
+        (``host-cpu``) is written in :meth:`profile_folder` and read from there, or, until it exists there,
+        from the first of :func:`profile_dirs` that has it.
 
         Example:
             >>> load_target("host-cpu").profile_path().name
@@ -221,15 +228,10 @@ class Target:
         if p.suffix == ".json" and (p.is_absolute() or len(p.parts) > 1):
             return p if p.is_absolute() else ((self.path.parent if self.path else Path.cwd()) / p).resolve()
         name = ref if ref.endswith(".json") else ref + ".json"
-        dirs = profile_dirs()
-        beside = self.path.resolve().parent / name if self.path is not None and not self.is_shipped else None
-        if beside is not None and (writing or beside.is_file()):
-            return beside
-        if not writing:
-            for d in dirs:
-                if (d / name).is_file():
-                    return d / name
-        return beside or (dirs[0] if dirs else Path.cwd()) / name
+        own = self.profile_folder() / name
+        if writing or own.is_file():
+            return own
+        return next((d / name for d in profile_dirs() if (d / name).is_file()), own)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Mapping
 
 from ...errors import RuntimeUnavailable, TvmUnavailable
 from ...io import atomic_path
+from ...target import host_arch
 
 TVM_PIN = "apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1"
 _ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x28: "arm", 0xF3: "riscv", 0x03: "x86"}
@@ -66,7 +66,7 @@ def target_arch(target) -> str:
     triple = str(target_dict(target).get("mtriple", "") or "")
     if triple:
         return triple.split("-")[0]
-    return platform.machine()
+    return host_arch()
 
 
 def vector_lanes(target) -> int:
@@ -84,7 +84,7 @@ def vector_lanes(target) -> int:
 
 def runs_here(target) -> bool:
     """True when code built for ``target`` can run on this machine (same architecture)."""
-    return target_arch(target) == platform.machine()
+    return target_arch(target) == host_arch()  # in a target's arch terms: arm64 (macOS) is aarch64
 
 
 def compile_relax(mod, target, *, relax_pipeline="default"):

@@ -182,6 +182,15 @@ def check_reachable(spec: RemoteSpec, *, connect_timeout_s: float = CONNECT_TIME
         pass
 
 
+def check_device(target: Target, spec: RemoteSpec) -> None:
+    """Everything a run or a profile on the RPC device needs from here, checked in seconds before any training
+    or compiling: the target's cross compiler, and the device answering (:func:`check_reachable`)."""
+    from .build import cross_compiler
+
+    cross_compiler(target)
+    check_reachable(spec)
+
+
 def _tracker_and_keys(rpc, spec: RemoteSpec):
     client = rpc.connect_tracker(spec.host, spec.port)
     return client, _tracker_keys(client)
